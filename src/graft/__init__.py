@@ -1,0 +1,51 @@
+"""graft: teach a pretrained image network new classes from a small folder of labelled pictures.
+
+>>> import graft
+>>> run = graft.train("data/demo")  # doctest: +SKIP
+>>> graft.load(run.run_dir).predict(["image.png"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from .backbones import Backbone, create_backbone, list_backbones
+from .config import TrainConfig, make_config
+from .data import discover, load_image, verify
+from .errors import (
+    BackboneError,
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    GraftError,
+    ImageError,
+)
+from .predict import Classifier
+from .run import Run, train
+
+__version__ = "0.1.0"
+
+
+def load(run_dir, **kwargs) -> Classifier:
+    """Load a trained classifier from a run folder (no training data needed)."""
+    return Classifier.load(run_dir, **kwargs)
+
+
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "CheckpointError",
+    "Classifier",
+    "ConfigError",
+    "DatasetError",
+    "GraftError",
+    "ImageError",
+    "Run",
+    "TrainConfig",
+    "create_backbone",
+    "discover",
+    "list_backbones",
+    "load",
+    "load_image",
+    "make_config",
+    "train",
+    "verify",
+]

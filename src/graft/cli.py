@@ -1,0 +1,336 @@
+"""The `graft` command: each command parses its flags, calls one library function, renders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import GraftError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Teach a pretrained image network new classes from a folder of images.",
+)
+datasets_app = typer.Typer(no_args_is_help=True, help="Fetch public example datasets.")
+app.add_typer(datasets_app, name="datasets")
+log = logging.getLogger("graft")
+
+
+def _out(text: str = "") -> None:
+    typer.echo(text)
+
+
+def _progress(it: Iterable, desc: str, total: int) -> Iterable:
+    """A bar with ETA on a terminal; nothing on a pipe (the per-epoch lines say enough)."""
+    if not sys.stderr.isatty():
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=f"{desc:>8}", total=total, leave=False, dynamic_ncols=True)
+
+
+def _epoch_line(row: dict) -> None:
+    _out(
+        f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
+        f"  |  val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  |  lr {row['lr']:.2e}"
+        f"  {row['seconds']:.1f}s"
+    )
+
+
+@app.command()
+def train(
+    data_dir: Annotated[
+        Path | None, typer.Argument(help="Folder of class folders, or with train/ and val/.")
+    ] = None,  # noqa: E501
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file of options; flags override it.")
+    ] = None,  # noqa: E501
+    backbone: Annotated[
+        str | None, typer.Option(help="Backbone name (graft backbones) or timm:<name>.")
+    ] = None,  # noqa: E501
+    strategy: Annotated[str | None, typer.Option(help="extract | finetune | partial")] = None,
+    unfreeze: Annotated[
+        str | None, typer.Option(help="partial: blocks to train, e.g. layer3,layer4")
+    ] = None,  # noqa: E501
+    unfreeze_last: Annotated[
+        int | None, typer.Option(help="partial: train the last N blocks")
+    ] = None,  # noqa: E501
+    weights: Annotated[
+        Path | None, typer.Option(help="Local weights file for the backbone.")
+    ] = None,  # noqa: E501
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd | adam | adamw")] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    momentum: Annotated[float | None, typer.Option()] = None,
+    weight_decay: Annotated[float | None, typer.Option()] = None,
+    schedule: Annotated[str | None, typer.Option(help="step | cosine | none")] = None,
+    step_size: Annotated[int | None, typer.Option()] = None,
+    gamma: Annotated[float | None, typer.Option()] = None,
+    label_smoothing: Annotated[float | None, typer.Option()] = None,
+    warmup_epochs: Annotated[
+        int | None, typer.Option(help="finetune: head-only epochs first")
+    ] = None,  # noqa: E501
+    backbone_lr_mult: Annotated[float | None, typer.Option()] = None,
+    patience: Annotated[int | None, typer.Option(help="Early stopping; 0 = off.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    image_size: Annotated[int | None, typer.Option()] = None,
+    rotation: Annotated[float | None, typer.Option(help="Random rotation in degrees.")] = None,
+    val_fraction: Annotated[float | None, typer.Option()] = None,
+    workers: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder.")] = None,
+    cache_views: Annotated[
+        int | None, typer.Option(help="extract: augmented views per image")
+    ] = None,  # noqa: E501
+    skip_bad: Annotated[
+        bool | None, typer.Option("--skip-bad", help="Train without unreadable files.")
+    ] = None,  # noqa: E501
+    balance: Annotated[str | None, typer.Option(help="none | weights | sampler")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder (default runs/<time>-<backbone>).")
+    ] = None,  # noqa: E501
+) -> None:
+    """Train a classifier and save it in a run folder."""
+    from .run import train as run_train
+
+    options = {k: v for k, v in locals().items() if k not in ("data_dir", "config", "run_train")}
+    for key in ("weights", "cache_dir", "out"):
+        if options[key] is not None:
+            options[key] = str(options[key])
+    run = run_train(
+        data_dir, config_file=config, progress=_progress, on_epoch=_epoch_line, **options
+    )
+    best = run.best
+    _out(
+        f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}, val loss "
+        f"{best['val_loss']:.4f}  ({run.trainable_params:,} of {run.total_params:,} parameters "
+        f"trained, {run.wall_seconds:.1f}s)"
+    )
+    if run.test:
+        lo, hi = run.test["accuracy_ci95"]
+        _out(f"test acc {run.test['accuracy']:.4f} (95% CI {lo:.3f}-{hi:.3f}, n={run.test['n']})")
+    if run.skipped:
+        _out(f"skipped {len(run.skipped)} unreadable file(s)")
+    if run.stopped:
+        _out(f"stopped early: {run.stopped}")
+    _out(f"saved {run.run_dir}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    top_k: Annotated[int, typer.Option(help="Classes per image (at most the class count).")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list on stdout.")] = False,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", help="CSV: path,rank,class,probability.")
+    ] = False,  # noqa: E501
+    batch_size: Annotated[int, typer.Option()] = 32,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Class probabilities for images; unreadable files are reported, not fatal."""
+    from .predict import Classifier, expand_inputs
+
+    clf = Classifier.load(run_dir, device=device)
+    results = clf.predict_files(expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
+    if as_json:
+        _out(
+            json.dumps(
+                [{"path": r.path, "probabilities": r.probs, "error": r.error} for r in results],
+                indent=2,
+            )
+        )
+    elif as_csv:
+        _out("path,rank,class,probability,error")
+        for r in results:
+            if r.error:
+                _out(f"{_csv(r.path)},,,,{_csv(r.error)}")
+            for rank, (c, p) in enumerate((r.probs or {}).items(), 1):
+                _out(f"{_csv(r.path)},{rank},{_csv(c)},{p:.6f},")
+    else:
+        for r in results:
+            shown = (
+                r.error
+                and f"error: {r.error}"
+                or ", ".join(f"{c} {p:.2f}" for c, p in r.probs.items())
+            )
+            _out(f"{r.path}\t{shown}")
+    if any(r.error for r in results):
+        typer.echo(f"{sum(bool(r.error) for r in results)} file(s) could not be read", err=True)
+        raise typer.Exit(1)
+
+
+def _csv(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"' if any(ch in value for ch in ',"\n') else value
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    data_dir: Annotated[
+        Path, typer.Argument(help="Class folders (or a folder with test/ or val/).")
+    ],  # noqa: E501
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled images."""
+    from .predict import Classifier
+
+    report = Classifier.load(run_dir, device=device).evaluate(data_dir)
+    if as_json:
+        _out(json.dumps(report, indent=2))
+        return
+    lo, hi = report["accuracy_ci95"]
+    _out(f"accuracy {report['accuracy']:.4f}  (95% CI {lo:.3f}-{hi:.3f}, n={report['n']})")
+    _out(f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for name, m in report["per_class"].items():
+        _out(
+            f"{name:<20} {m['precision']:>9.3f} {m['recall']:>9.3f} {m['f1']:>9.3f} "
+            f"{m['support']:>8}"
+        )
+    _out("\nconfusion matrix (rows: true, columns: predicted)")
+    classes = report["classes"]
+    width = max(6, *(len(c) for c in classes)) + 1
+    _out(" " * width + "".join(f"{c[: width - 1]:>{width}}" for c in classes))
+    for name, row in zip(classes, report["confusion_matrix"]):
+        _out(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row))
+    for s in report["skipped"]:
+        _out(f"skipped {s['path']}: {s['reason']}")
+
+
+@app.command()
+def verify(
+    data_dir: Annotated[Path, typer.Argument(help="Data folder to check.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check a data folder's layout and decode every image; list each bad file and why."""
+    from .data import verify as verify_data
+    from .runtime import default_workers
+
+    split, bad = verify_data(data_dir, workers=default_workers() + 1)
+    counts = split.counts()
+    if as_json:
+        _out(
+            json.dumps(
+                {
+                    "classes": split.classes,
+                    "counts": counts,
+                    "layout": split.layout,
+                    "bad": [{"path": b.path, "reason": b.reason} for b in bad],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for name, per_class in counts.items():
+            _out(
+                f"{name}: {sum(per_class.values())} images  "
+                + ", ".join(f"{c} {n}" for c, n in per_class.items())
+            )
+        for b in bad:
+            _out(f"bad: {b.path}: {b.reason}")
+        _out(f"{len(bad)} bad file(s)" if bad else "all images decode")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def backbones(
+    name: Annotated[str | None, typer.Argument(help="Show one backbone.")] = None,
+    blocks: Annotated[
+        bool, typer.Option("--blocks", help="List block names for --unfreeze.")
+    ] = False,  # noqa: E501
+) -> None:
+    """List the backbones (parameters, input size, weights offline) or one backbone's blocks."""
+    from .backbones import create_backbone, list_backbones
+
+    if name is not None:
+        bb = create_backbone(name, num_classes=2, pretrained=False)
+        _out(f"{bb.name}: input {bb.spec.input_size}px, mean {bb.spec.mean}, std {bb.spec.std}")
+        if blocks:
+            _out("blocks (first to last), for --unfreeze:")
+            for b in bb.blocks:
+                n = sum(p.numel() for p in bb.block(b).parameters())
+                _out(f"  {b:<24} {n:>12,} params")
+        return
+    _out(f"{'name':<22} {'source':<12} {'params':>12} {'input':>6}  weights offline")
+    for i in list_backbones():
+        _out(
+            f"{i.name:<22} {i.source:<12} {i.params:>12,} {i.input_size:>6}  "
+            f"{'yes' if i.offline else 'no (downloads on first use)'}"
+        )
+    _out("any timm model: timm:<name>  (weights download on first use, or --weights PATH)")
+
+
+@datasets_app.command("fetch")
+def datasets_fetch(
+    name: Annotated[str, typer.Argument(help="hymenoptera")],
+    dest: Annotated[Path, typer.Argument(help="Folder to unpack into.")] = Path("data"),
+    url: Annotated[str | None, typer.Option(help="Download from this URL instead.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the zip.")] = None,
+) -> None:
+    """Download and unpack a public example dataset."""
+    from .datasets import fetch_dataset
+
+    bar = None
+
+    def progress(done: int, total: int | None) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=total, unit="B", unit_scale=True, desc=name, disable=not sys.stderr.isatty()
+            )
+        bar.update(done - bar.n)
+
+    fetched = fetch_dataset(name, dest, url=url, sha256=sha256, progress=progress)
+    if bar is not None:
+        bar.close()
+    _out(f"{fetched.path}  ({fetched.bytes:,} bytes, sha256 {fetched.sha256})")
+
+
+def main() -> None:
+    """Entry point: known errors become one line and exit code 2; GRAFT_DEBUG=1 shows tracebacks."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(levelname)s %(message)s" if os.environ.get("GRAFT_DEBUG") else "%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code = app(standalone_mode=False)  # click returns an Exit's code rather than raising
+    except GraftError as exc:
+        if os.environ.get("GRAFT_DEBUG"):
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors and Exit carry their own code
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

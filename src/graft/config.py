@@ -1,0 +1,199 @@
+"""Training configuration: one frozen dataclass, defaults with their reasons, YAML in and out."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, did_you_mean
+
+STRATEGIES = ("extract", "finetune", "partial")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("step", "cosine", "none")
+BALANCE = ("none", "weights", "sampler")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run. `None` means "the strategy's default" (see
+    `resolve()`), so a saved config always shows the values that were really used."""
+
+    data_dir: str
+    backbone: str = "efficientnet_lite0"  # embedded weights: works offline on any machine
+    pretrained: bool = True
+    weights: str | None = None  # local state dict (safetensors or torch file) instead of a download
+    strategy: str = "extract"  # cheapest, and within a few points of fine-tuning on small data
+    unfreeze: tuple[str, ...] = ()  # block names for strategy=partial
+    unfreeze_last: int = 0  # or: the last N blocks for strategy=partial
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float = 0.9  # the tutorial's SGD momentum
+    weight_decay: float | None = None
+    schedule: str | None = None
+    step_size: int = 7  # the tutorial's StepLR(step_size=7, gamma=0.1)
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    warmup_epochs: int = 0  # finetune: train the head alone this many epochs first
+    backbone_lr_mult: float = 0.1  # finetune/partial: backbone LR = lr * this, after warm-up
+    patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
+    seed: int = 0
+    image_size: int | None = None  # None: the backbone's pretrained input size
+    rotation: float = 0.0  # train augmentation: random rotation up to this many degrees
+    val_fraction: float = 0.2  # flat layout: share of each class held out for validation
+    workers: int | None = None  # None: cores - 1, at most 8
+    device: str = "auto"
+    precision: str = "auto"
+    cache_dir: str | None = None  # feature cache; None: ~/.cache/graft (or $GRAFT_CACHE_DIR)
+    cache_views: int = 0  # extract: extra augmented views per training image in the cache
+    skip_bad: bool = False  # train without unreadable files instead of stopping
+    dedupe: bool = False  # drop validation/test images that are also in train
+    balance: str = "none"  # imbalanced classes: loss weights or a balanced sampler
+    out: str | None = None  # run folder; None: runs/<timestamp>-<backbone>
+    report: bool = True  # write report.html at the end of training
+
+    def __post_init__(self) -> None:
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("balance", self.balance, BALANCE)
+        if self.optimizer is not None:
+            _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.schedule is not None:
+            _check_choice("schedule", self.schedule, SCHEDULES)
+        if self.strategy == "partial" and not (self.unfreeze or self.unfreeze_last):
+            raise ConfigError(
+                "strategy 'partial' needs the blocks to train: --unfreeze layer3,layer4 or "
+                "--unfreeze-last N (list them with: graft backbones NAME --blocks)"
+            )
+        if self.strategy != "partial" and (self.unfreeze or self.unfreeze_last):
+            raise ConfigError("--unfreeze/--unfreeze-last need --strategy partial")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        for name in ("epochs", "batch_size", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+    def resolve(self) -> TrainConfig:
+        """Fill every `None` with the strategy's default: the config that actually runs.
+
+        extract trains a linear head on cached features: full-batch-like AdamW, many cheap epochs.
+        finetune/partial keep the tutorial's SGD(0.9) + StepLR(7, 0.1), with a batch of 32 and the
+        LR scaled linearly from the tutorial's 1e-3 at batch 4 to keep the same step per image.
+        """
+        if self.strategy == "extract":
+            defaults = dict(
+                epochs=60,
+                batch_size=64,
+                optimizer="adamw",
+                lr=3e-3,
+                weight_decay=1e-2,
+                schedule="cosine",
+            )
+        else:
+            defaults = dict(
+                epochs=10,
+                batch_size=32,
+                optimizer="sgd",
+                lr=5e-3,
+                weight_decay=1e-4,
+                schedule="step",
+            )
+        updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **updates)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["unfreeze"] = list(self.unfreeze)
+        return d
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of "
+            f"{', '.join(choices)}"
+        )
+
+
+def make_config(
+    data_dir: str | Path | None = None, config_file: str | Path | None = None, **options: Any
+) -> TrainConfig:
+    """Build a config from an optional YAML file, overridden by keyword options (None = unset).
+
+    >>> make_config("data", strategy="finetune").strategy
+    'finetune'
+    """
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(load_yaml(config_file))
+    values.update({k: v for k, v in options.items() if v is not None})
+    if data_dir is not None:
+        values["data_dir"] = str(data_dir)
+    known = {f.name for f in fields(TrainConfig)}
+    for key in values:
+        if key not in known:
+            where = f" in {config_file}" if config_file else ""
+            raise ConfigError(f"unknown config key {key!r}{where}{did_you_mean(key, known)}")
+    if "data_dir" not in values:
+        raise ConfigError("no data folder given: pass DATA_DIR or set data_dir in the config file")
+    if isinstance(values.get("unfreeze"), str):
+        values["unfreeze"] = tuple(b.strip() for b in values["unfreeze"].split(",") if b.strip())
+    elif values.get("unfreeze") is not None:
+        values["unfreeze"] = tuple(values["unfreeze"])
+    _check_types(values, config_file)
+    return TrainConfig(**values)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+
+
+def _check_types(values: dict[str, Any], source: Any) -> None:
+    """Reject values of the wrong type with the key named (YAML gives strings, ints, floats...)."""
+    for key, value in values.items():
+        expected = str(_FIELD_TYPES[key])
+        if value is None:
+            continue
+        ok = True
+        if expected.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif expected.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif expected.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok:
+                values[key] = float(value)
+        elif expected.startswith("str"):
+            ok = isinstance(value, (str, Path))
+            if ok:
+                values[key] = str(value)
+        elif expected.startswith("tuple"):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"config key {key!r}{where} must be {expected}, got {value!r}")

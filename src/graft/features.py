@@ -1,0 +1,225 @@
+"""Cached backbone features: a frozen backbone sees each image once, ever.
+
+Entries are keyed by the backbone's weights, its preprocessing and precision (the model key) and
+by each file's content hash, so an edited or added file is recomputed and nothing stale is reused.
+Each entry is a small safetensors file with a checksum; a damaged entry is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .data import BadFile, Sample, load_image
+from .engine import Progress, no_progress
+from .errors import ImageError
+from .runtime import Runtime, atomic_path
+from .transforms import build_transforms
+
+log = logging.getLogger(__name__)
+
+STORE_DTYPE = torch.float16  # pooled features are well inside fp16's range; halves the cache
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("GRAFT_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "graft" / "features"
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_key(backbone: Backbone, runtime: Runtime) -> str:
+    """Hash of everything that changes a feature: weights, preprocessing, precision, format."""
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            {
+                "backbone": backbone.name,
+                "spec": backbone.spec.to_dict(),
+                "precision": runtime.precision,
+                "v": 1,
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    for name, tensor in backbone.model.features.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+class FeatureCache:
+    """One folder per model key; one checksummed safetensors file per image content."""
+
+    def __init__(self, root: str | Path, key: str):
+        self.dir = Path(root) / key
+
+    def _path(self, digest: str) -> Path:
+        return self.dir / digest[:2] / f"{digest}.safetensors"
+
+    def get(self, digest: str, views: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(eval (D,), aug (views, D)) or None when absent, damaged or holding fewer views."""
+        from safetensors import safe_open
+
+        path = self._path(digest)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                checksum = (f.metadata() or {}).get("sha256")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if checksum != _checksum(tensors):
+                raise ValueError("checksum mismatch")
+        except Exception as exc:  # truncated header, bad bytes, wrong dtype...
+            log.warning("feature cache entry %s is damaged (%s): recomputing", path, exc)
+            return None
+        aug = tensors.get("aug", tensors["eval"].new_zeros(0, tensors["eval"].numel()))
+        if aug.shape[0] < views:
+            return None
+        return tensors["eval"], aug[:views]
+
+    def put(self, digest: str, eval_feat: torch.Tensor, aug: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"eval": eval_feat.to(STORE_DTYPE).contiguous()}
+        if aug.shape[0]:
+            tensors["aug"] = aug.to(STORE_DTYPE).contiguous()
+        with atomic_path(self._path(digest)) as tmp:
+            save_file(tensors, str(tmp), metadata={"sha256": _checksum(tensors)})
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _ViewsDataset(torch.utils.data.Dataset):
+    """Eval view plus `views` augmented views of each file; augmentations seeded by content hash,
+    so the same file always gets the same cached views whatever the worker order."""
+
+    def __init__(
+        self, paths: Sequence[str], digests: Sequence[str], backbone: Backbone, views: int
+    ):
+        self.paths, self.digests, self.views = list(paths), list(digests), views
+        self.eval_tf = build_transforms(backbone.spec, train=False)
+        self.train_tf = build_transforms(backbone.spec, train=True)
+        self.min_side = backbone.spec.resize_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = load_image(self.paths[i], self.min_side if not self.views else None)
+        except ImageError as exc:
+            return i, None, exc.reason
+        x = [self.eval_tf(img)]
+        if self.views:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(self.digests[i][:15], 16))
+                x.extend(self.train_tf(img) for _ in range(self.views))
+        return i, torch.stack(x), None
+
+
+def _collate(batch):
+    return batch
+
+
+@dataclass
+class FeatureSet:
+    """Features of the samples that loaded, in input order; `bad` lists the ones that did not."""
+
+    features: torch.Tensor  # (N, D) float32, eval view
+    aug: torch.Tensor  # (N, views, D) float32
+    labels: torch.Tensor  # (N,)
+    samples: list[Sample]
+    bad: list[BadFile] = field(default_factory=list)
+    hits: int = 0
+    computed: int = 0
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: Backbone,
+    samples: Sequence[Sample],
+    runtime: Runtime,
+    cache_dir: str | Path | None = None,
+    views: int = 0,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: Progress = no_progress,
+) -> FeatureSet:
+    """Pooled features of every sample, from the cache where possible, computed once otherwise."""
+    net: nn.Module = backbone.model.features.to(runtime.device)
+    if runtime.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    net.eval()
+    cache = FeatureCache(cache_dir or default_cache_dir(), model_key(backbone, runtime))
+    digests, feats, augs, bad = {}, {}, {}, {}
+    for i, (path, _) in enumerate(samples):
+        try:
+            digests[i] = file_digest(path)
+        except OSError as exc:
+            bad[i] = exc.strerror or str(exc)
+            continue
+        hit = cache.get(digests[i], views)
+        if hit is not None:
+            feats[i], augs[i] = hit
+    todo = [i for i in digests if i not in feats]
+    hits = len(feats)
+    if todo:
+        ds = _ViewsDataset(
+            [samples[i][0] for i in todo], [digests[i] for i in todo], backbone, views
+        )
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=max(1, batch_size // (1 + views)),
+            num_workers=workers,
+            collate_fn=_collate,
+        )
+        for batch in progress(loader, "features", len(loader)):
+            ok = [(j, x) for j, x, _ in batch if x is not None]
+            for j, _, reason in batch:
+                if reason is not None:
+                    bad[todo[j]] = reason
+            if not ok:
+                continue
+            x = torch.cat([x for _, x in ok]).to(runtime.device)
+            if runtime.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast():
+                out = net(x).float().cpu()
+            out = out.view(len(ok), 1 + views, -1)
+            for (j, _), f in zip(ok, out):
+                i = todo[j]
+                feats[i], augs[i] = f[0].to(STORE_DTYPE), f[1:].to(STORE_DTYPE)
+                cache.put(digests[i], feats[i], augs[i])
+    keep = [i for i in range(len(samples)) if i in feats]
+    dim = backbone.model.num_features
+    return FeatureSet(
+        features=torch.stack([feats[i] for i in keep]).float() if keep else torch.zeros(0, dim),
+        aug=torch.stack([augs[i] for i in keep]).float() if keep else torch.zeros(0, views, dim),
+        labels=torch.tensor([samples[i][1] for i in keep], dtype=torch.long),
+        samples=[samples[i] for i in keep],
+        bad=[BadFile(samples[i][0], r) for i, r in sorted(bad.items())],
+        hits=hits,
+        computed=len(keep) - hits,
+    )

@@ -1,0 +1,170 @@
+"""Prediction: a `Classifier` loaded from a run folder gives class probabilities for images."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .backbones import Backbone
+from .checkpoint import load_model
+from .data import Sample, find_images, is_hidden, load_image, prepare_image
+from .errors import DatasetError, ImageError
+from .metrics import classification_report, confusion_matrix, most_confused
+from .runtime import Runtime, resolve_runtime
+from .transforms import build_transforms
+
+log = logging.getLogger(__name__)
+
+ImageLike = str | Path | Image.Image
+
+
+@dataclass
+class Prediction:
+    """One file's result: probabilities (highest first) or the reason it could not be read."""
+
+    path: str
+    probs: dict[str, float] | None
+    error: str | None = None
+
+
+class Classifier:
+    """A trained network with its classes and preprocessing.
+
+    >>> clf = graft.load("runs/demo")  # doctest: +SKIP
+    >>> clf.predict(["shirt.png"], top_k=2)
+    [{'tshirt_top': 0.91, 'dress': 0.05}]
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classes: list[str],
+        runtime: Runtime,
+        meta: dict[str, Any] | None = None,
+    ):
+        self.backbone = backbone
+        self.classes = list(classes)
+        self.runtime = runtime
+        self.meta = meta or {}
+        self.spec = backbone.spec
+        self.model = backbone.model.to(runtime.device).eval()
+        self._transform = build_transforms(self.spec, train=False)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "auto", precision: str = "fp32") -> Classifier:
+        """Load from a run folder alone. fp32 by default so probabilities are reproducible."""
+        backbone, meta = load_model(run_dir)
+        return cls(backbone, meta["classes"], resolve_runtime(device, precision), meta)
+
+    def _tensor(self, image: ImageLike) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            return self._transform(prepare_image(image))
+        return self._transform(load_image(image, self.spec.resize_size))
+
+    @torch.inference_mode()
+    def probabilities(self, images: Sequence[ImageLike], batch_size: int = 32) -> torch.Tensor:
+        """(N, C) probabilities; raises `ImageError` for a file that cannot be read."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([self._tensor(im) for im in images[i : i + batch_size]])
+            x = x.to(self.runtime.device)
+            with self.runtime.autocast():
+                logits = self.model(x)
+            out.append(logits.float().softmax(1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.classes))
+
+    def predict(
+        self, images: Sequence[ImageLike], top_k: int | None = None, batch_size: int = 32
+    ) -> list[dict[str, float]]:
+        """For each image, {class: probability}, highest first (all classes, or the top k)."""
+        probs = self.probabilities(images, batch_size)
+        return [self._top(p, top_k) for p in probs]
+
+    def _top(self, p: torch.Tensor, top_k: int | None) -> dict[str, float]:
+        k = len(self.classes) if top_k is None else max(1, min(top_k, len(self.classes)))
+        values, idx = p.topk(k)
+        return {self.classes[i]: float(v) for v, i in zip(values.tolist(), idx.tolist())}
+
+    def predict_files(
+        self, paths: Sequence[str | Path], top_k: int | None = None, batch_size: int = 32
+    ) -> list[Prediction]:
+        """Like `predict`, but a file that cannot be read gets its error instead of stopping."""
+        results: list[Prediction] = []
+        for i in range(0, len(paths), batch_size):
+            chunk, tensors, errors = paths[i : i + batch_size], [], {}
+            for j, p in enumerate(chunk):
+                try:
+                    tensors.append(self._tensor(p))
+                except ImageError as exc:
+                    errors[j] = exc.reason
+            probs = iter(self._forward(tensors))
+            for j, p in enumerate(chunk):
+                if j in errors:
+                    results.append(Prediction(str(p), None, errors[j]))
+                else:
+                    results.append(Prediction(str(p), self._top(next(probs), top_k)))
+        return results
+
+    @torch.inference_mode()
+    def _forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros(0, len(self.classes))
+        with self.runtime.autocast():
+            logits = self.model(torch.stack(tensors).to(self.runtime.device))
+        return logits.float().softmax(1).cpu()
+
+    def evaluate(self, data_dir: str | Path) -> dict[str, Any]:
+        """Accuracy, per-class report and confusion matrix on a folder of class folders
+        (or on its test/ or val/ split when it has one)."""
+        return self.evaluate_samples(labelled_samples(data_dir, self.classes))
+
+    def evaluate_samples(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        preds = self.predict_files([p for p, _ in samples])
+        good = [(s, p) for s, p in zip(samples, preds) if p.probs is not None]
+        targets = [y for (_, y), _ in good]
+        predicted = [self.classes.index(next(iter(p.probs))) for _, p in good]
+        cm = confusion_matrix(targets, predicted, len(self.classes))
+        report = classification_report(cm, self.classes)
+        report["most_confused"] = most_confused(cm, self.classes)
+        report["skipped"] = [{"path": p.path, "reason": p.error} for p in preds if p.error]
+        return report
+
+
+def labelled_samples(data_dir: str | Path, classes: list[str]) -> list[Sample]:
+    """(path, label) for every image of a labelled folder, using the model's class indices."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DatasetError(f"{root} does not exist or is not a folder")
+    for sub in ("test", "val"):
+        if (root / sub).is_dir():
+            root = root / sub
+            break
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
+    unknown = [f for f in folders if f not in classes]
+    if unknown:
+        raise DatasetError(
+            f"{root}: class folder(s) the model does not know: {', '.join(unknown)}; "
+            f"the model's classes are {', '.join(classes)}"
+        )
+    if not folders:
+        raise DatasetError(f"{root} has no class folders; expected {root}/<class>/<image>")
+    samples = [(p, classes.index(c)) for c in folders for p in find_images(root / c, root)]
+    if not samples:
+        raise DatasetError(f"{root}: no images found in its class folders")
+    return samples
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
+    """Files as given, folders expanded to the images inside them (sorted, hidden skipped)."""
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        # a missing file stays in the list and is reported as "file not found" on its own row
+        out.extend(find_images(p) if p.is_dir() else [str(p)])
+    return out

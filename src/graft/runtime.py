@@ -1,0 +1,169 @@
+"""Runtime: device and precision resolved once, seeding, run folders and atomic file writes."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, GraftError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_TMP_PREFIX = ".graft-tmp-"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where tensors live and in which precision the forward pass runs; the loop never branches."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: plain fp32
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def channels_last(self) -> bool:
+        # oneDNN and cuDNN convolutions are fastest in NHWC; MPS gains nothing from it.
+        return self.device.type in ("cpu", "cuda")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has native bf16 (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    return False
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """Pick the device (cuda, then mps, then cpu) and the autocast dtype it supports.
+
+    >>> resolve_runtime("cpu", "fp32").device.type
+    'cpu'
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use cpu")
+    dev = torch.device(device)
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif dev.type == "cpu" and cpu_has_fast_bf16():
+            precision = "bf16"
+        else:
+            precision = "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if dtype is torch.float16 and dev.type == "cpu":
+        raise ConfigError("fp16 autocast is not supported on the CPU; use --precision bf16 or fp32")
+    return Runtime(dev, dtype)
+
+
+def default_workers() -> int:
+    """DataLoader workers: leave one core to the main process, at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
+
+    A crash or an error leaves the previous file untouched and no half-written file behind.
+    A full disk is reported as "disk full while writing <path>", not as a library's internals.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        if _is_disk_full(exc):
+            raise GraftError(f"disk full while writing {path}; free some space and retry") from exc
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def clean_temp_files(folder: str | os.PathLike) -> int:
+    """Remove temp files an interrupted atomic write left in `folder`; return how many."""
+    removed = 0
+    for p in Path(folder).glob(_TMP_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed += 1
+    return removed
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "File too large" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,98 @@
+"""Preprocessing: the spec that travels with the weights, and the train/eval transforms from it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+INTERPOLATIONS = {
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+    "nearest": v2.InterpolationMode.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What the pretrained weights expect: read from their config, never typed twice."""
+
+    input_size: int  # square crop fed to the network
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float = 0.875  # eval: resize the shorter side to input_size / crop_pct, then crop
+    interpolation: str = "bilinear"
+
+    @property
+    def resize_size(self) -> int:
+        return int(math.floor(self.input_size / self.crop_pct))
+
+    def with_size(self, input_size: int | None) -> PreprocessSpec:
+        if input_size is None or input_size == self.input_size:
+            return self
+        return PreprocessSpec(input_size, self.mean, self.std, self.crop_pct, self.interpolation)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        return cls(
+            input_size=int(d["input_size"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            crop_pct=float(d.get("crop_pct", 0.875)),
+            interpolation=str(d.get("interpolation", "bilinear")),
+        )
+
+
+def _interp(spec: PreprocessSpec) -> v2.InterpolationMode:
+    return INTERPOLATIONS.get(spec.interpolation, v2.InterpolationMode.BILINEAR)
+
+
+def build_transforms(spec: PreprocessSpec, train: bool, rotation: float = 0.0) -> Callable:
+    """PIL image or uint8 CHW tensor -> normalised float tensor, as in the transfer tutorial.
+
+    train: RandomResizedCrop + horizontal flip (+ rotation); eval: resize + center crop.
+
+    >>> spec = PreprocessSpec(224, (0.5,) * 3, (0.5,) * 3)
+    >>> build_transforms(spec, train=False)(torch.zeros(3, 300, 400, dtype=torch.uint8)).shape
+    torch.Size([3, 224, 224])
+    """
+    return v2.Compose([*geometry_transforms(spec, train, rotation), *tensor_transforms(spec)])
+
+
+def geometry_transforms(spec: PreprocessSpec, train: bool, rotation: float = 0.0) -> list:
+    if train:
+        ops: list = [
+            v2.RandomResizedCrop(spec.input_size, interpolation=_interp(spec), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+        if rotation:
+            ops.append(v2.RandomRotation(rotation, interpolation=_interp(spec)))
+        return ops
+    return [
+        v2.Resize(spec.resize_size, interpolation=_interp(spec), antialias=True),
+        v2.CenterCrop(spec.input_size),
+    ]
+
+
+def tensor_transforms(spec: PreprocessSpec) -> list:
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(spec.mean), list(spec.std)),
+    ]
+
+
+def denormalize(x: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """Undo Normalize for display: (..., 3, H, W) float in [0, 1]."""
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
