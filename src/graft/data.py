@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -232,7 +233,10 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """
     path = str(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # our own pixel check below says it better
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise ImageError(
@@ -257,7 +261,8 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageError(path, _unidentified_reason(path)) from exc
     except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"decompression-bomb guard: {exc}") from exc
+        raise ImageError(path, f"over the limit of {MAX_PIXELS:,} pixels (decompression-bomb "
+                               f"guard: {exc}); downscale it") from exc
     except (
         OSError,
         ValueError,

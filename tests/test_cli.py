@@ -1,0 +1,96 @@
+"""End to end through the `graft` command: train, evaluate, predict, verify, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import make_shapes
+
+
+def graft(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "graft.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict_end_to_end(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=20, n_val=10, seed=1)
+    run = tmp_path / "run"
+    r = graft("train", data, "--out", run, "--workers", "0", "--epochs", "30")
+    assert r.returncode == 0, r.stderr
+    assert f"saved {run}" in r.stdout
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 30 and set(rows[0]) == {
+        "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    best = max(float(row["val_acc"]) for row in rows)
+    assert best >= 0.9
+
+    r = graft("evaluate", run, data, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["n"] == 30 and report["accuracy"] == pytest.approx(best)
+    assert sum(map(sum, report["confusion_matrix"])) == 30
+
+    (tmp_path / "broken.jpg").write_bytes(b"")
+    r = graft("predict", run, data / "val" / "circle" / "000.png", tmp_path / "broken.jpg",
+              "--json", "--top-k", "2")
+    assert r.returncode == 1
+    out = json.loads(r.stdout)
+    assert out[0]["error"] is None and len(out[0]["probabilities"]) == 2
+    assert out[1] == {"path": str(tmp_path / "broken.jpg"), "probabilities": None,
+                      "error": "empty file (0 bytes)"}
+    assert "1 file(s) could not be read" in r.stderr
+
+
+def test_bad_files_stop_training_before_the_first_epoch(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=4, n_val=2)
+    (data / "train" / "circle" / "trunc.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    r = graft("train", data, "--out", tmp_path / "run", "--workers", "0", "--epochs", "2")
+    assert r.returncode == 2
+    assert "error: 1 file(s) cannot be used:" in r.stderr
+    assert (f"{data / 'train' / 'circle' / 'trunc.png'}: not a recognised image format"
+            in r.stderr)
+    assert "--skip-bad" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+    r = graft("train", data, "--out", tmp_path / "run", "--workers", "0", "--epochs", "2",
+              "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 unreadable file(s)" in r.stdout
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["skipped_files"] == [str(data / "train" / "circle" / "trunc.png")]
+
+
+def test_verify_and_backbones(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=3, n_val=1)
+    r = graft("verify", data)
+    assert r.returncode == 0 and "all images decode" in r.stdout
+    (data / "val" / "square" / "x.png").write_text("not an image")
+    r = graft("verify", data)
+    assert r.returncode == 1
+    assert f"bad: {data / 'val' / 'square' / 'x.png'}: a text file, not an image" in r.stdout
+    r = graft("backbones", "resnet18", "--blocks")
+    assert r.returncode == 0 and "layer4" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "/no/such/folder"], "error: data folder /no/such/folder does not exist"),
+        (["train", "{data}", "--backbone", "resnet81"], "did you mean: resnet18"),
+        (["train", "{data}", "--strategy", "partial"], "strategy 'partial' needs the blocks"),
+        (["train", "{data}", "--optimizer", "sgdd"], "unknown optimizer 'sgdd' (did you mean"),
+        (["predict", "/no/run", "x.png"], "is not a graft run folder"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(tmp_path, args, message):
+    data = make_shapes(tmp_path, n_train=2, n_val=1)
+    r = graft(*[a.replace("{data}", str(data)) for a in args])
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,82 @@
+"""The feature cache: reused when valid, recomputed when a file or the cache entry changes."""
+
+from __future__ import annotations
+
+import torch
+
+from graft.backbones import create_backbone
+from graft.data import discover
+from graft.features import FeatureCache, extract_features, model_key
+from graft.runtime import resolve_runtime
+
+from .conftest import draw_shape, make_shapes
+
+
+def _setup(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=3, n_val=1)
+    split = discover(data)
+    bb = create_backbone("efficientnet_lite0", len(split.classes))
+    return data, split, bb, resolve_runtime("cpu", "fp32")
+
+
+def test_cached_features_equal_fresh_ones(tmp_path):
+    data, split, bb, rt = _setup(tmp_path)
+    first = extract_features(bb, split.train, rt, cache_dir=tmp_path / "c")
+    assert (first.hits, first.computed) == (0, 9)
+    again = extract_features(bb, split.train, rt, cache_dir=tmp_path / "c")
+    assert (again.hits, again.computed) == (9, 0)
+    fresh = extract_features(bb, split.train, rt, cache_dir=tmp_path / "other")
+    # cache stores fp16: equal to fresh features at that precision
+    assert torch.equal(again.features, first.features)
+    assert torch.allclose(again.features, fresh.features, rtol=1e-3, atol=1e-3)
+    with torch.inference_mode():
+        from graft.data import load_image
+        from graft.transforms import build_transforms
+
+        x = build_transforms(bb.spec, False)(load_image(split.train[0][0]))
+        direct = bb.model.features.eval()(x[None])[0]
+    assert torch.allclose(first.features[0], direct, rtol=1e-2, atol=1e-2)
+
+
+def test_changed_file_is_recomputed(tmp_path):
+    import random
+
+    data, split, bb, rt = _setup(tmp_path)
+    before = extract_features(bb, split.train, rt, cache_dir=tmp_path / "c")
+    draw_shape("circle", random.Random(99)).save(split.train[0][0])
+    after = extract_features(bb, split.train, rt, cache_dir=tmp_path / "c")
+    assert (after.hits, after.computed) == (8, 1)
+    assert not torch.allclose(after.features[0], before.features[0])
+
+
+def test_corrupt_entry_is_detected_and_rebuilt(tmp_path):
+    data, split, bb, rt = _setup(tmp_path)
+    first = extract_features(bb, split.train[:2], rt, cache_dir=tmp_path / "c")
+    entries = sorted((tmp_path / "c").rglob("*.safetensors"))
+    assert len(entries) == 2
+    raw = bytearray(entries[0].read_bytes())
+    raw[-5] ^= 0xFF  # flip bits inside the tensor data: only the checksum can tell
+    entries[0].write_bytes(bytes(raw))
+    entries[1].write_bytes(entries[1].read_bytes()[:40])  # truncated
+    again = extract_features(bb, split.train[:2], rt, cache_dir=tmp_path / "c")
+    assert (again.hits, again.computed) == (0, 2)
+    assert torch.equal(again.features, first.features)
+
+
+def test_key_changes_with_weights_and_precision(tmp_path):
+    bb = create_backbone("efficientnet_lite0", 2)
+    k = model_key(bb, resolve_runtime("cpu", "fp32"))
+    assert k != model_key(bb, resolve_runtime("cpu", "bf16"))
+    with torch.no_grad():
+        bb.model.features.conv_stem.weight[0, 0, 0, 0] += 1
+    assert k != model_key(bb, resolve_runtime("cpu", "fp32"))
+    assert FeatureCache(tmp_path, k).get("ab" * 32, 0) is None
+
+
+def test_augmented_views_are_cached_and_deterministic(tmp_path):
+    data, split, bb, rt = _setup(tmp_path)
+    a = extract_features(bb, split.train[:2], rt, cache_dir=tmp_path / "c1", views=2)
+    b = extract_features(bb, split.train[:2], rt, cache_dir=tmp_path / "c2", views=2)
+    assert a.aug.shape == (2, 2, bb.model.num_features)
+    assert torch.allclose(a.aug, b.aug, atol=1e-3)
+    assert not torch.allclose(a.aug[:, 0], a.aug[:, 1])
