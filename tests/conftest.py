@@ -28,8 +28,9 @@ def draw_shape(shape: str, rng: random.Random, size: int = 64) -> Image.Image:
     return im
 
 
-def make_shapes(root: Path, n_train: int = 16, n_val: int = 8, seed: int = 0,
-                classes=SHAPES, flat: bool = False) -> Path:
+def make_shapes(
+    root: Path, n_train: int = 16, n_val: int = 8, seed: int = 0, classes=SHAPES, flat: bool = False
+) -> Path:
     """root/train/<shape>/*.png and root/val/<shape>/*.png (or root/<shape>/ when flat)."""
     rng = random.Random(seed)
     splits = {"": n_train + n_val} if flat else {"train": n_train, "val": n_val}
@@ -60,5 +61,6 @@ def trained_run(shapes_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run") / "shapes"
     cache = tmp_path_factory.getbasetemp() / "feature-cache"
-    return graft.train(shapes_dir, out=str(out), cache_dir=str(cache), workers=0, seed=0,
-                       report=False)
+    return graft.train(
+        shapes_dir, out=str(out), cache_dir=str(cache), workers=0, seed=0, report=False
+    )

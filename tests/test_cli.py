@@ -15,8 +15,14 @@ from .conftest import make_shapes
 
 def graft(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "graft.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "graft.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -28,7 +34,14 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
     assert f"saved {run}" in r.stdout
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 30 and set(rows[0]) == {
-        "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "lr",
+        "seconds",
+    }
     best = max(float(row["val_acc"]) for row in rows)
     assert best >= 0.9
 
@@ -39,13 +52,23 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
     assert sum(map(sum, report["confusion_matrix"])) == 30
 
     (tmp_path / "broken.jpg").write_bytes(b"")
-    r = graft("predict", run, data / "val" / "circle" / "000.png", tmp_path / "broken.jpg",
-              "--json", "--top-k", "2")
+    r = graft(
+        "predict",
+        run,
+        data / "val" / "circle" / "000.png",
+        tmp_path / "broken.jpg",
+        "--json",
+        "--top-k",
+        "2",
+    )
     assert r.returncode == 1
     out = json.loads(r.stdout)
     assert out[0]["error"] is None and len(out[0]["probabilities"]) == 2
-    assert out[1] == {"path": str(tmp_path / "broken.jpg"), "probabilities": None,
-                      "error": "empty file (0 bytes)"}
+    assert out[1] == {
+        "path": str(tmp_path / "broken.jpg"),
+        "probabilities": None,
+        "error": "empty file (0 bytes)",
+    }
     assert "1 file(s) could not be read" in r.stderr
 
 
@@ -55,12 +78,12 @@ def test_bad_files_stop_training_before_the_first_epoch(tmp_path):
     r = graft("train", data, "--out", tmp_path / "run", "--workers", "0", "--epochs", "2")
     assert r.returncode == 2
     assert "error: 1 file(s) cannot be used:" in r.stderr
-    assert (f"{data / 'train' / 'circle' / 'trunc.png'}: not a recognised image format"
-            in r.stderr)
+    assert f"{data / 'train' / 'circle' / 'trunc.png'}: not a recognised image format" in r.stderr
     assert "--skip-bad" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "metrics.csv").exists()
-    r = graft("train", data, "--out", tmp_path / "run", "--workers", "0", "--epochs", "2",
-              "--skip-bad")
+    r = graft(
+        "train", data, "--out", tmp_path / "run", "--workers", "0", "--epochs", "2", "--skip-bad"
+    )
     assert r.returncode == 0, r.stderr
     assert "skipped 1 unreadable file(s)" in r.stdout
     meta = json.loads((tmp_path / "run" / "model.json").read_text())

@@ -13,13 +13,19 @@ def test_defaults_resolved_per_strategy():
     assert (extract.strategy, extract.optimizer, extract.schedule) == ("extract", "adamw", "cosine")
     ft = make_config("d", strategy="finetune").resolve()
     assert (ft.optimizer, ft.momentum, ft.schedule, ft.step_size, ft.gamma) == (
-        "sgd", 0.9, "step", 7, 0.1)
+        "sgd",
+        0.9,
+        "step",
+        7,
+        0.1,
+    )
     assert make_config("d", strategy="finetune", lr=0.01).resolve().lr == 0.01
 
 
 def test_yaml_overridden_by_flags_and_round_trip(tmp_path):
-    (tmp_path / "c.yaml").write_text("data_dir: data\nepochs: 3\nlr: 0.5\nunfreeze: [layer4]\n"
-                                     "strategy: partial\n")
+    (tmp_path / "c.yaml").write_text(
+        "data_dir: data\nepochs: 3\nlr: 0.5\nunfreeze: [layer4]\nstrategy: partial\n"
+    )
     cfg = make_config(None, tmp_path / "c.yaml", epochs=7)
     assert (cfg.data_dir, cfg.epochs, cfg.lr, cfg.unfreeze) == ("data", 7, 0.5, ("layer4",))
     (tmp_path / "saved.yaml").write_text(dump_yaml(cfg))

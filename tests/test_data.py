@@ -125,8 +125,11 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
         ("zero.jpg", b"", "empty file (0 bytes)"),
         ("text.png", b"hello, this is not an image\n", "a text file, not an image"),
         ("doc.jpg", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", "a PDF document, not an image"),
-        ("noise.jpg", bytes(range(7, 255)) * 4,
-         "not a recognised image format (wrong extension or corrupt data)"),
+        (
+            "noise.jpg",
+            bytes(range(7, 255)) * 4,
+            "not a recognised image format (wrong extension or corrupt data)",
+        ),
     ],
 )
 def test_unreadable_files_name_the_reason(tmp_path, name, content, reason):

@@ -81,6 +81,10 @@ def train(
         int | None, typer.Option(help="finetune: head-only epochs first")
     ] = None,  # noqa: E501
     backbone_lr_mult: Annotated[float | None, typer.Option()] = None,
+    progressive: Annotated[
+        bool | None,
+        typer.Option("--progressive/--no-progressive", help="finetune: first half at ~70% size"),
+    ] = None,
     patience: Annotated[int | None, typer.Option(help="Early stopping; 0 = off.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     image_size: Annotated[int | None, typer.Option()] = None,

@@ -261,8 +261,11 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageError(path, _unidentified_reason(path)) from exc
     except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"over the limit of {MAX_PIXELS:,} pixels (decompression-bomb "
-                               f"guard: {exc}); downscale it") from exc
+        raise ImageError(
+            path,
+            f"over the limit of {MAX_PIXELS:,} pixels (decompression-bomb "
+            f"guard: {exc}); downscale it",
+        ) from exc
     except (
         OSError,
         ValueError,

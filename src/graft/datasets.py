@@ -31,7 +31,7 @@ KNOWN = {
         "hymenoptera_data",
         None,
         "ants vs bees from the PyTorch transfer-learning tutorial (about 120 train + 75 val each)",
-    ),
+    )
 }
 
 

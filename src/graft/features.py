@@ -99,7 +99,7 @@ class FeatureCache:
         tensors = {"eval": eval_feat.to(STORE_DTYPE).contiguous()}
         if aug.shape[0]:
             tensors["aug"] = aug.to(STORE_DTYPE).contiguous()
-        with atomic_path(self._path(digest)) as tmp:
+        with atomic_path(self._path(digest), durable=False) as tmp:  # checksummed on reading
             save_file(tensors, str(tmp), metadata={"sha256": _checksum(tensors)})
 
 

@@ -21,18 +21,12 @@ from torch import nn
 from . import checkpoint
 from .backbones import Backbone, create_backbone
 from .config import TrainConfig, dump_yaml, make_config
-from .data import (
-    DatasetSplit,
-    ImageDataset,
-    discover,
-    format_bad_files,
-    verify_files,
-    write_split,
-)
+from .data import DatasetSplit, ImageDataset, discover, format_bad_files, write_split
 from .engine import FitState, Progress, fit, make_optimizer, make_scheduler, no_progress
 from .errors import DatasetError
 from .features import extract_features
 from .freezing import apply_freezing, count_parameters, param_groups, trainable_blocks
+from .loaders import build_datasets
 from .runtime import (
     Runtime,
     atomic_write_text,
@@ -85,7 +79,7 @@ def train(
     """
     start = time.perf_counter()
     cfg = make_config(data_dir, config_file, **options).resolve()
-    runtime = resolve_runtime(cfg.device, cfg.precision)
+    runtime = resolve_runtime(cfg.device, cfg.precision, training=cfg.strategy != "extract")
     seed_everything(cfg.seed)
     split = discover(cfg.data_dir, cfg.val_fraction, cfg.seed)
     backbone = create_backbone(cfg.backbone, len(split.classes), cfg.pretrained, cfg.weights)
@@ -229,33 +223,33 @@ def _fit_images(
     """finetune / partial: the recipe runs as stages: the head alone for `warmup_epochs`, then
     the chosen blocks at `lr * backbone_lr_mult` with the head at `lr`."""
     workers = default_workers() if cfg.workers is None else cfg.workers
-    skipped = _check_bad(cfg, verify_files([p for p, _ in split.train + split.val], workers + 1))
-    train_s = [s for s in split.train if s[0] not in set(skipped)]
-    val_s = [s for s in split.val if s[0] not in set(skipped)]
+    train_ds, val_ds, bad = build_datasets(
+        split.train, split.val, backbone.spec, cfg.rotation, workers=workers + 1
+    )
+    skipped = _check_bad(cfg, bad)
+    # decoded datasets augment small uint8 tensors: worker processes would cost more than they save
+    workers = workers if isinstance(train_ds, ImageDataset) else 0
     g = torch.Generator().manual_seed(cfg.seed)
-    labels = torch.tensor([y for _, y in train_s])
+    labels = torch.tensor(_labels(train_ds))
     train_loader = torch.utils.data.DataLoader(
-        ImageDataset(train_s, build_transforms(backbone.spec, True, cfg.rotation)),
+        train_ds,
         batch_size=cfg.batch_size,
         num_workers=workers,
         generator=g,
-        persistent_workers=workers > 0,
-        drop_last=len(train_s) > cfg.batch_size,
+        drop_last=len(train_ds) > cfg.batch_size,
         **_sampler_kwargs(cfg, labels, g),
     )
     val_loader = torch.utils.data.DataLoader(
-        ImageDataset(val_s, build_transforms(backbone.spec, False), backbone.spec.resize_size),
-        batch_size=cfg.batch_size,
-        num_workers=workers,
-        persistent_workers=workers > 0,
+        val_ds, batch_size=cfg.batch_size, num_workers=workers, persistent_workers=workers > 0
     )
     model = backbone.model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     criterion = _criterion(cfg, labels, len(split.classes))
-    stages = [([], cfg.warmup_epochs), (blocks, cfg.epochs - cfg.warmup_epochs)]
+    full = backbone.spec.input_size
+    low = progressive_size(full) if cfg.progressive else full
     state = FitState()
-    for stage_blocks, epochs in stages:
+    for stage_blocks, epochs in [([], cfg.warmup_epochs), (blocks, cfg.epochs - cfg.warmup_epochs)]:
         if epochs <= 0 or state.stopped:
             continue
         apply_freezing(backbone, stage_blocks)
@@ -268,21 +262,39 @@ def _fit_images(
             cfg.weight_decay,
         )
         sched = make_scheduler(opt, cfg.schedule, epochs, cfg.step_size, cfg.gamma)
-        state = fit(
-            model,
-            train_loader,
-            val_loader,
-            optimizer=opt,
-            scheduler=sched,
-            criterion=criterion,
-            runtime=runtime,
-            epochs=epochs,
-            state=state,
-            patience=cfg.patience,
-            progress=progress,
-            on_epoch=record,
-        )
+        low_epochs = epochs // 2 if low < full else 0
+        for size, n in ((low, low_epochs), (full, epochs - low_epochs)):
+            if n <= 0 or state.stopped:
+                continue
+            if low < full:
+                log.info("training at %dpx for %d epoch(s)", size, n)
+            spec = backbone.spec.with_size(size)
+            train_ds.transform = build_transforms(spec, True, cfg.rotation)
+            state = fit(
+                model,
+                train_loader,
+                val_loader,
+                optimizer=opt,
+                scheduler=sched,
+                criterion=criterion,
+                runtime=runtime,
+                epochs=n,
+                state=state,
+                patience=cfg.patience,
+                progress=progress,
+                on_epoch=record,
+            )
     return state, skipped
+
+
+def progressive_size(full: int) -> int:
+    """About 70% of the input size, a multiple of 32 (224 -> 160): half the pixels, so the first
+    epochs cost about 2.5x less on a CPU (bench/speed.py), as in fastai's progressive resizing."""
+    return max(32, round(full * 0.7 / 32) * 32)
+
+
+def _labels(ds: torch.utils.data.Dataset) -> list[int]:
+    return list(ds.labels) if hasattr(ds, "labels") else [y for _, y in ds.samples]
 
 
 def _evaluate_test(

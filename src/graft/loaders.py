@@ -1,0 +1,130 @@
+"""Training and validation loaders over images: decoded once, augmented every epoch.
+
+Decoding a JPEG costs more than augmenting it, so each image is decoded once per run into a compact
+uint8 tensor (shorter side = the eval resize size, a little larger than the crop) kept in memory;
+RandomResizedCrop and flips then run on those tensors each epoch. Validation images are stored
+already center-cropped. Past a memory budget, images are decoded from disk every epoch instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import BadFile, ImageDataset, Sample, load_image
+from .errors import ImageError
+from .transforms import PreprocessSpec, build_transforms, geometry_transforms, tensor_transforms
+
+log = logging.getLogger(__name__)
+
+MEMORY_BUDGET = 2 << 30  # bytes of decoded pixels kept in memory, train and val together
+
+
+def decode_to_tensor(path: str, side: int) -> torch.Tensor:
+    """uint8 (3, H, W) with the shorter side resized to `side` (never enlarged past it)."""
+    im = load_image(path, min_side=side)
+    w, h = im.size
+    scale = side / min(w, h)
+    if scale < 1:
+        im = im.resize(
+            (max(1, round(w * scale)), max(1, round(h * scale))),
+            Image.Resampling.BILINEAR,
+            reducing_gap=2.0,
+        )
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class DecodedDataset(torch.utils.data.Dataset):
+    """uint8 images in memory -> `transform` each time an item is read."""
+
+    def __init__(self, images: list[torch.Tensor], labels: list[int], transform: Callable):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), self.labels[i]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() for t in self.images)
+
+
+def decode_all(
+    samples: Sequence[Sample], fn: Callable[[str], torch.Tensor], workers: int
+) -> tuple[list[torch.Tensor], list[int], list[BadFile]]:
+    """Decode every sample with `fn` in threads (Pillow releases the GIL); collect the failures."""
+
+    def one(sample: Sample):
+        try:
+            return fn(sample[0]), None
+        except ImageError as exc:
+            return None, exc.reason
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, samples))
+    images, labels, bad = [], [], []
+    for (path, label), (tensor, reason) in zip(samples, results):
+        if tensor is None:
+            bad.append(BadFile(path, reason))
+        else:
+            images.append(tensor)
+            labels.append(label)
+    return images, labels, bad
+
+
+def build_datasets(
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    spec: PreprocessSpec,
+    rotation: float = 0.0,
+    workers: int = 2,
+    memory_budget: int = MEMORY_BUDGET,
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, list[BadFile]]:
+    """Train and val datasets, decoded once in memory when they fit the budget.
+
+    Every file is decoded here, so the returned bad files are the full list, before any epoch.
+    """
+    side = spec.resize_size
+    estimate = (len(train) * side * side * 4 // 3 + len(val) * spec.input_size**2) * 3
+    if estimate > memory_budget:
+        log.info(
+            "%.1f GB of decoded images is over the %.1f GB budget: decoding every epoch",
+            estimate / 1e9,
+            memory_budget / 1e9,
+        )
+        from .data import verify_files
+
+        bad = verify_files([p for p, _ in [*train, *val]], workers)
+        skip = {b.path for b in bad}
+        return (
+            ImageDataset(
+                [s for s in train if s[0] not in skip], build_transforms(spec, True, rotation), None
+            ),
+            ImageDataset([s for s in val if s[0] not in skip], build_transforms(spec, False), side),
+            bad,
+        )
+    eval_geometry = _compose(geometry_transforms(spec, train=False))
+    tr_images, tr_labels, tr_bad = decode_all(train, lambda p: decode_to_tensor(p, side), workers)
+    va_images, va_labels, va_bad = decode_all(
+        val, lambda p: eval_geometry(decode_to_tensor(p, side)), workers
+    )
+    train_tf = build_transforms(spec, True, rotation)
+    val_tf = _compose(tensor_transforms(spec))
+    return (
+        DecodedDataset(tr_images, tr_labels, train_tf),
+        DecodedDataset(va_images, va_labels, val_tf),
+        tr_bad + va_bad,
+    )
+
+
+def _compose(ops: list) -> Callable:
+    from torchvision.transforms import v2
+
+    return v2.Compose(ops)
