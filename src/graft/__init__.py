@@ -19,6 +19,7 @@ from .errors import (
     ImageError,
 )
 from .predict import Classifier
+from .report import build_report as report
 from .run import Run, train
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "load",
     "load_image",
     "make_config",
+    "report",
     "train",
     "verify",
 ]

@@ -88,6 +88,11 @@ def read_meta(run_dir: str | Path) -> dict[str, Any]:
         and all(isinstance(c, str) and c for c in classes)
     ):
         raise CheckpointError(f"{path}: 'classes' must be a list of at least two names")
+    unsafe = [c for c in classes if c in (".", "..") or any(ch in c for ch in "/\\\0")]
+    if unsafe:
+        raise CheckpointError(
+            f"{path}: class name(s) {unsafe} cannot be folder names; the file is not graft's"
+        )
     if not isinstance(meta.get("backbone"), str):
         raise CheckpointError(f"{path}: 'backbone' must be a backbone name (a string)")
     try:
@@ -139,3 +144,97 @@ def _check_state(
                 f"{path}: tensor {key} has shape {tuple(got[key].shape)}, expected "
                 f"{tuple(value.shape)}{hint}"
             )
+
+
+# ---------------------------------------------------------------- the `last` checkpoint (resume)
+
+LAST_WEIGHTS = "last.safetensors"
+LAST_META = "last.json"
+
+
+def save_last(
+    run_dir: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    stage: int,
+    fit_state: Any,
+    rng: dict[str, Any],
+) -> None:
+    """Everything needed to continue after the epoch just finished, without pickle: tensors
+    (model, best weights, optimizer buffers, RNG states) in safetensors, the rest in JSON.
+    Weights first, JSON second: the JSON names the epoch only once its tensors are on disk."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for k, v in (fit_state.best_state or {}).items():
+        tensors[f"best.{k}"] = v
+    opt = optimizer.state_dict()
+    opt_scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in opt["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                opt_scalars.setdefault(str(pid), {})[k] = v
+    for name, value in rng.items():
+        if torch.is_tensor(value):
+            tensors[f"rng.{name}"] = value
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(Path(run_dir) / LAST_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    meta = {
+        "format": FORMAT + "-last",
+        "epoch": fit_state.epoch,
+        "stage": stage,
+        "history": fit_state.history,
+        "best": fit_state.best,
+        "bad_epochs": fit_state.bad_epochs,
+        "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_scalars},
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "rng": {k: v for k, v in rng.items() if not torch.is_tensor(v)},
+    }
+    atomic_write_text(Path(run_dir) / LAST_META, json.dumps(meta) + "\n")
+
+
+def load_last(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON part, tensors) of the `last` checkpoint, or CheckpointError saying what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta_path, weights = Path(run_dir) / LAST_META, Path(run_dir) / LAST_WEIGHTS
+    if not meta_path.is_file() or not weights.is_file():
+        raise CheckpointError(
+            f"{run_dir} has no resumable checkpoint ({LAST_META} + {LAST_WEIGHTS}); "
+            "it finished, or never completed an epoch"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(weights))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(f"the checkpoint in {run_dir} is damaged: {exc}") from exc
+    if meta.get("format") != FORMAT + "-last" or not isinstance(meta.get("epoch"), int):
+        raise CheckpointError(f"{meta_path} is not a graft checkpoint")
+    return meta, tensors
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, scalars in meta["optimizer"]["scalars"].items():
+        state.setdefault(int(pid), {}).update(scalars)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -43,6 +43,9 @@ def _epoch_line(row: dict) -> None:
         f"  |  val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  |  lr {row['lr']:.2e}"
         f"  {row['seconds']:.1f}s"
     )
+    recall = row.get("val_recall") or {}
+    if 1 < len(recall) <= 8:
+        _out("           val recall  " + "  ".join(f"{c} {r:.2f}" for c, r in recall.items()))
 
 
 @app.command()
@@ -100,6 +103,15 @@ def train(
     skip_bad: Annotated[
         bool | None, typer.Option("--skip-bad", help="Train without unreadable files.")
     ] = None,  # noqa: E501
+    dedupe: Annotated[
+        bool | None, typer.Option("--dedupe", help="Drop val/test images identical to train ones.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue an interrupted run folder from its checkpoint.")
+    ] = None,
+    report: Annotated[
+        bool | None, typer.Option("--report/--no-report", help="Write report.html at the end.")
+    ] = None,
     balance: Annotated[str | None, typer.Option(help="none | weights | sampler")] = None,
     out: Annotated[
         Path | None, typer.Option(help="Run folder (default runs/<time>-<backbone>).")
@@ -108,18 +120,32 @@ def train(
     """Train a classifier and save it in a run folder."""
     from .run import train as run_train
 
-    options = {k: v for k, v in locals().items() if k not in ("data_dir", "config", "run_train")}
+    options = {
+        k: v for k, v in locals().items() if k not in ("data_dir", "config", "run_train", "resume")
+    }
     for key in ("weights", "cache_dir", "out"):
         if options[key] is not None:
             options[key] = str(options[key])
-    run = run_train(
-        data_dir, config_file=config, progress=_progress, on_epoch=_epoch_line, **options
-    )
+    if resume is not None:
+        if (
+            data_dir is not None
+            or config is not None
+            or any(v is not None for v in options.values())
+        ):
+            raise typer.BadParameter(
+                "--resume takes the run folder alone: its config.yaml is reused"
+            )
+        run = run_train(resume=resume, progress=_progress, on_epoch=_epoch_line)
+    else:
+        run = run_train(
+            data_dir, config_file=config, progress=_progress, on_epoch=_epoch_line, **options
+        )
     best = run.best
+    lo, hi = run.val_ci95
     _out(
-        f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}, val loss "
-        f"{best['val_loss']:.4f}  ({run.trainable_params:,} of {run.total_params:,} parameters "
-        f"trained, {run.wall_seconds:.1f}s)"
+        f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f} (95% CI {lo:.3f}-{hi:.3f}, "
+        f"n={run.val_images}), val loss {best['val_loss']:.4f}  ({run.trainable_params:,} of "
+        f"{run.total_params:,} parameters trained, {run.wall_seconds:.1f}s)"
     )
     if run.test:
         lo, hi = run.test["accuracy_ci95"]
@@ -211,6 +237,39 @@ def evaluate(
         _out(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row))
     for s in report["skipped"]:
         _out(f"skipped {s['path']}: {s['reason']}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    data: Annotated[
+        Path | None, typer.Option(help="Where the run's images are now, if they moved.")
+    ] = None,
+) -> None:
+    """Write report.html, report.json and the figures (PNG) into the run folder."""
+    from .report import build_report
+
+    result = build_report(run_dir, data)
+    _out(f"{Path(run_dir) / 'report.html'}  ({result['build_seconds']:.1f}s)")
+
+
+@app.command()
+def explain(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    method: Annotated[
+        str, typer.Option(help="gradcam (fast) | shap (signed Shapley values)")
+    ] = "gradcam",
+    classes: Annotated[int, typer.Option(help="Heatmaps for the top K classes.")] = 2,
+    out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("explanations"),
+) -> None:
+    """One figure per image: the image, then a heatmap per top class with its probability."""
+    from .explain import explain_files
+    from .predict import Classifier, expand_inputs
+
+    clf = Classifier.load(run_dir, device="cpu")
+    for path in explain_files(clf, expand_inputs(images), out, method, classes):
+        _out(str(path))
 
 
 @app.command()

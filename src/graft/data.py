@@ -6,6 +6,7 @@ Layouts: `DATA/train/<class>/`, `DATA/val/<class>/` (optional `DATA/test/<class>
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -209,6 +210,34 @@ def stratified_split(
 
 def _order(s: Sample) -> tuple[int, str]:
     return s[1], s[0]
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes: the identity of an image for caching and duplicate checks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_duplicates(split: DatasetSplit) -> list[tuple[str, str]]:
+    """(train file, val/test file) pairs with identical content: leakage that inflates scores."""
+    train: dict[str, str] = {}
+    for path, _ in split.train:
+        try:
+            train.setdefault(file_digest(path), path)
+        except OSError:
+            continue  # unreadable files are reported by verification, not here
+    pairs = []
+    for path, _ in split.val + split.test:
+        try:
+            digest = file_digest(path)
+        except OSError:
+            continue
+        if digest in train:
+            pairs.append((train[digest], path))
+    return pairs
 
 
 def write_split(split: DatasetSplit, folder: str | Path) -> None:

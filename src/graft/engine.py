@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +123,15 @@ def evaluate(
     return EvalResult(loss, acc, all_logits, all_targets)
 
 
+def per_class_recall(ev: EvalResult, classes: Sequence[str]) -> dict[str, float]:
+    preds = ev.preds
+    out = {}
+    for i, name in enumerate(classes):
+        mask = ev.targets == i
+        out[name] = float((preds[mask] == i).float().mean()) if mask.any() else 0.0
+    return out
+
+
 @dataclass
 class FitState:
     """What survives between `fit` calls (warm-up then unfreeze) and across a resume."""
@@ -155,8 +164,11 @@ def fit(
     patience: int = 0,
     progress: Progress = no_progress,
     on_epoch: Callable[[dict[str, Any], FitState], None] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> FitState:
     """Train for `epochs` more epochs, keeping the best weights by val accuracy.
+
+    With `classes`, each row also holds the per-class val recall (imbalanced data hides there).
 
     Ctrl-C stops after the current batch with the best weights so far in `state.best_state`.
     """
@@ -187,6 +199,8 @@ def fit(
             "lr": lr,
             "seconds": time.perf_counter() - start,
         }
+        if classes is not None:
+            row["val_recall"] = per_class_recall(ev, classes)
         state.history.append(row)
         if state.is_better(row):
             state.best, state.bad_epochs = row, 0

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
-from .data import BadFile, Sample, load_image
+from .data import BadFile, Sample, file_digest, load_image
 from .engine import Progress, no_progress
 from .errors import ImageError
 from .runtime import Runtime, atomic_path
@@ -33,14 +33,6 @@ STORE_DTYPE = torch.float16  # pooled features are well inside fp16's range; hal
 def default_cache_dir() -> Path:
     env = os.environ.get("GRAFT_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "graft" / "features"
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_key(backbone: Backbone, runtime: Runtime) -> str:

@@ -119,6 +119,12 @@ class Classifier:
             logits = self.model(torch.stack(tensors).to(self.runtime.device))
         return logits.float().softmax(1).cpu()
 
+    def explain(self, image: ImageLike, method: str = "gradcam", classes: int = 2):
+        """Heatmaps of where the network looked for its top `classes` classes (see explain.py)."""
+        from .explain import explain
+
+        return explain(self, image, method, classes)[1]
+
     def evaluate(self, data_dir: str | Path) -> dict[str, Any]:
         """Accuracy, per-class report and confusion matrix on a folder of class folders
         (or on its test/ or val/ split when it has one)."""

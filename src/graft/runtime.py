@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import random
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -176,3 +177,10 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def safe_filename(name: str, limit: int = 60) -> str:
+    """A file-name part from any text (an image stem, a class name): no path separators, no
+    leading dots, bounded length, so no name can make graft write outside its folder."""
+    cleaned = re.sub(r"[^\w.-]+", "_", name, flags=re.UNICODE).lstrip(".")
+    return cleaned[:limit] or "unnamed"

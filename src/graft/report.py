@@ -1,0 +1,347 @@
+"""The run report: figures (PNG), every number (report.json) and one self-contained report.html.
+
+Built from the run folder alone plus the images its split lists (`data_dir` overrides where they
+are). Images are embedded as data URIs: the page opens offline, anywhere, with no external URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import load_image
+from .errors import DatasetError, GraftError
+from .predict import Classifier
+from .runtime import atomic_path, atomic_write_text
+from .transforms import build_transforms, denormalize
+
+log = logging.getLogger(__name__)
+
+FIGURES = ("curves.png", "confusion_matrix.png", "samples.png", "predictions.png",
+           "top_losses.png", "explanations.png")  # fmt: skip
+DPI = 100
+
+
+def build_report(
+    run_dir: str | Path, data_dir: str | Path | None = None, explain_images: int = 4
+) -> dict[str, Any]:
+    """Write the figures, report.json and report.html into `run_dir`; return report.json's data.
+
+    >>> graft.report("runs/demo")["evaluation"]["accuracy"]  # doctest: +SKIP
+    0.958
+    """
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    clf = Classifier.load(run_dir)
+    meta = clf.meta
+    root = Path(data_dir or meta.get("data_dir", ""))
+    val = _read_split(run_dir / "split" / "val.txt", root, clf.classes)
+    train = _read_split(run_dir / "split" / "train.txt", root, clf.classes)
+    history = _read_metrics(run_dir / "metrics.csv")
+    preds = clf.predict_files([p for p, _ in val])
+    ok = [(s, p) for s, p in zip(val, preds) if p.probs is not None]
+    probs = torch.tensor([[p.probs[c] for c in clf.classes] for _, p in ok])
+    targets = torch.tensor([y for (_, y), _ in ok])
+    evaluation = clf.evaluate_samples(val)  # the numbers `graft evaluate` gives on this split
+    losses = -torch.log(probs[torch.arange(len(ok)), targets].clamp_min(1e-12))
+    order = losses.argsort(descending=True).tolist()
+    wrong = [i for i in order if probs[i].argmax() != targets[i]]
+    top_losses = [{"path": ok[i][0][0], "true": clf.classes[int(targets[i])],
+                   "predicted": clf.classes[int(probs[i].argmax())],
+                   "confidence": float(probs[i].max()), "loss": float(losses[i])}
+                  for i in wrong[:8]]  # fmt: skip
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figures: dict[str, Any] = {}
+    _save(run_dir, "curves.png", _curves(history), figures)
+    _save(run_dir, "confusion_matrix.png", _confusion(evaluation, clf.classes), figures)
+    _save(run_dir, "samples.png", _samples(clf, train), figures)
+    shown = [(ok[i][0][0], int(targets[i]), probs[i]) for i in range(min(16, len(ok)))]
+    _save(run_dir, "predictions.png", _predictions(clf, shown, "Validation predictions"), figures)
+    lossy = [(ok[i][0][0], int(targets[i]), probs[i]) for i in wrong[:8]]
+    _save(run_dir, "top_losses.png", _predictions(clf, lossy, "Top losses"), figures)
+    explanations_note = None
+    try:
+        _save(run_dir, "explanations.png", _explanations(clf, shown[:explain_images]), figures)
+    except GraftError as exc:
+        explanations_note = str(exc)
+        log.warning("no explanations in the report: %s", exc)
+
+    report = {
+        "run": _summary(meta, run_dir, root), "history": history, "evaluation": evaluation,
+        "most_confused": evaluation["most_confused"], "top_losses": top_losses,
+        "figures": figures, "explanations_note": explanations_note,
+        "build_seconds": round(time.perf_counter() - start, 2),
+    }  # fmt: skip
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(run_dir / "report.html", _html(report, run_dir))
+    log.info("report written to %s in %.1fs", run_dir / "report.html", report["build_seconds"])
+    return report
+
+
+def _read_split(path: Path, root: Path, classes: list[str]) -> list[tuple[str, int]]:
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: the run folder has no split to report on")
+    samples = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, _, rel = line.partition("\t")
+        if name in classes:
+            samples.append((str(root / rel), classes.index(name)))
+    if samples and not Path(samples[0][0]).exists():
+        raise DatasetError(
+            f"the images of this run are not under {root} any more; pass "
+            "--data DIR with the data folder the run was trained on"
+        )
+    return samples
+
+
+def _read_metrics(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+
+
+def _summary(meta: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
+    keys = (
+        "backbone",
+        "strategy",
+        "trainable_params",
+        "total_params",
+        "precision",
+        "wall_seconds",
+        "best",
+        "test",
+        "class_counts",
+        "stopped",
+        "skipped_files",
+    )
+    return {"run_dir": str(run_dir), "data_dir": str(root), "classes": meta["classes"],
+            **{k: meta.get(k) for k in keys}}  # fmt: skip
+
+
+def _save(run_dir: Path, name: str, fig, figures: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(run_dir / name) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    w, h = fig.get_size_inches() * DPI
+    figures[name] = [int(round(w)), int(round(h))]
+    plt.close(fig)
+
+
+def _curves(history: list[dict[str, float]]):
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ep = [r["epoch"] for r in history]
+    for key, ax in (("loss", a), ("acc", b)):
+        ax.plot(ep, [r[f"train_{key}"] for r in history], label=f"train {key}")
+        ax.plot(ep, [r[f"val_{key}"] for r in history], label=f"val {key}")
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    a.set_title("loss")
+    b.set_title("accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def _confusion(evaluation: dict[str, Any], classes: list[str]):
+    import matplotlib.pyplot as plt
+
+    cm = np.array(evaluation["confusion_matrix"], dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.6 * len(classes) + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
+    for ax, data, title, fmt in (
+        (axes[0], cm, "counts", "{:.0f}"),
+        (axes[1], norm, "row-normalised (recall)", "{:.2f}"),
+    ):
+        ax.imshow(data, cmap="Blues")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        peak = data.max() or 1
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if data[i, j] > peak / 2 else "black")  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
+def _grid(n: int, cols: int = 4, cell: float = 2.4):
+    import matplotlib.pyplot as plt
+
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * (cell + 0.3)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def _samples(clf: Classifier, train: list[tuple[str, int]]):
+    """Training images as the network sees them (augmented), de-normalised correctly."""
+    tf = build_transforms(clf.spec, train=True)
+    picks = train[:: max(1, len(train) // 16)][:16]
+    fig, axes = _grid(len(picks))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for ax, (path, y) in zip(axes, picks):
+            x = tf(load_image(path))
+            ax.imshow(denormalize(x, clf.spec).permute(1, 2, 0).numpy())
+            ax.set_title(clf.classes[y], fontsize=9)
+    fig.suptitle("Augmented training samples")
+    fig.tight_layout()
+    return fig
+
+
+def _predictions(clf: Classifier, items: list, title: str):
+    tf = build_transforms(clf.spec, train=False)
+    fig, axes = _grid(max(1, len(items)))
+    for ax, (path, y, p) in zip(axes, items):
+        x = tf(load_image(path))
+        ax.imshow(denormalize(x, clf.spec).permute(1, 2, 0).numpy())
+        k = int(p.argmax())
+        right = k == y
+        ax.set_title(f"{clf.classes[k]} {float(p[k]):.2f}\ntrue: {clf.classes[y]}", fontsize=8,
+                     color="black" if right else "red")  # fmt: skip
+        if not right:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_color("red")
+                s.set_linewidth(3)
+    if not items:
+        axes[0].text(0.5, 0.5, "none", ha="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _explanations(clf: Classifier, items: list):
+    import matplotlib.pyplot as plt
+
+    from .explain import explain
+
+    rows = max(1, len(items))
+    fig, axes = plt.subplots(rows, 3, figsize=(8, 2.8 * rows), squeeze=False)
+    for row, (path, y, _) in zip(axes, items):
+        x, maps = explain(clf, path, "gradcam", 2)
+        rgb = denormalize(x, clf.spec).permute(1, 2, 0).numpy()
+        row[0].imshow(rgb)
+        row[0].set_title(f"true: {clf.classes[y]}", fontsize=9)
+        for ax, m in zip(row[1:], maps):
+            ax.imshow(rgb)
+            ax.imshow(m.heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(f"{m.class_name} {m.probability:.2f}", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("Grad-CAM: where the network looked for its top-2 classes")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- HTML
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}h1{margin-bottom:0}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid
+#ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{
+text-align:left}img{max-width:100%;border:1px solid #eee}section{margin:2em 0}.muted{color:#777}"""
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)  # fmt: skip
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _img(run_dir: Path, name: str) -> str:
+    if not (run_dir / name).is_file():
+        return '<p class="muted">not available</p>'
+    data = base64.b64encode((run_dir / name).read_bytes()).decode()
+    return f'<img alt="{name}" src="data:image/png;base64,{data}">'
+
+
+def _html(r: dict[str, Any], run_dir: Path) -> str:
+    run, ev = r["run"], r["evaluation"]
+    best = run.get("best") or {}
+    lo, hi = ev["accuracy_ci95"]
+    counts = run.get("class_counts") or {}
+    summary = [
+        ["data folder", run["data_dir"]],
+        ["backbone", run["backbone"]],
+        ["strategy", run["strategy"]],
+        [
+            "trainable / total parameters",
+            f"{run['trainable_params'] or 0:,} / {run['total_params'] or 0:,}",
+        ],
+        ["precision", run["precision"]],
+        ["wall time (s)", run["wall_seconds"]],
+        ["best epoch", best.get("epoch")],
+        ["best val accuracy", best.get("val_acc")],
+        ["best val loss", best.get("val_loss")],
+        ["val accuracy, 95% CI", f"{ev['accuracy']:.4f} ({lo:.3f}-{hi:.3f}, n={ev['n']})"],
+    ]
+    if run.get("test"):
+        t = run["test"]
+        summary.append(["test accuracy (once, at the end)",
+                        f"{t['accuracy']:.4f} (n={t['n']})"])  # fmt: skip
+    class_rows = [[c, *[counts.get(s, {}).get(c, 0) for s in counts]] for c in run["classes"]]
+    per_class = [[c, m["precision"], m["recall"], m["f1"], m["support"]]
+                 for c, m in ev["per_class"].items()]  # fmt: skip
+    confused = [[a, b, n] for a, b, n in r["most_confused"]] or [["none", "", ""]]
+    losses = [[Path(t["path"]).name, t["true"], t["predicted"], t["confidence"], t["loss"]]
+              for t in r["top_losses"]] or [["none", "", "", "", ""]]  # fmt: skip
+    note = r.get("explanations_note")
+    sections = [
+        ("summary", "Run summary", _table(["", ""], summary)
+         + _table(["class", *counts.keys()], class_rows)),
+        ("curves", "Training curves", _img(run_dir, "curves.png")),
+        ("confusion", "Confusion matrix", _img(run_dir, "confusion_matrix.png")),
+        ("per-class", "Per-class metrics",
+         _table(["class", "precision", "recall", "f1", "support"], per_class)),
+        ("samples", "Training samples", _img(run_dir, "samples.png")),
+        ("predictions", "Validation predictions", _img(run_dir, "predictions.png")),
+        ("top-losses", "Top losses (most confidently wrong)",
+         _img(run_dir, "top_losses.png")
+         + _table(["image", "true", "predicted", "confidence", "loss"], losses)),
+        ("most-confused", "Most confused classes",
+         _table(["true", "predicted as", "images"], confused)),
+        ("explanations", "Explanations",
+         f'<p class="muted">{html.escape(note)}</p>' if note
+         else _img(run_dir, "explanations.png")),
+    ]  # fmt: skip
+    body = "".join(f'<section id="{sid}"><h2>{title}</h2>{content}</section>'
+                   for sid, title, content in sections)  # fmt: skip
+    title = html.escape(f"graft report: {run['backbone']} on {Path(run['data_dir']).name}")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{title}</h1>"
+        f"<p class='muted'>{html.escape(str(run['run_dir']))}</p>{body}</body></html>\n"
+    )
