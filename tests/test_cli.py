@@ -34,14 +34,10 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
     assert f"saved {run}" in r.stdout
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 30 and set(rows[0]) == {
-        "epoch",
-        "train_loss",
-        "train_acc",
-        "val_loss",
-        "val_acc",
-        "lr",
-        "seconds",
-    }
+        "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+        "val_recall/circle", "val_recall/square", "val_recall/triangle",
+    }  # fmt: skip
+    assert (run / "report.html").exists() and (run / "report.json").exists()
     best = max(float(row["val_acc"]) for row in rows)
     assert best >= 0.9
 
