@@ -46,14 +46,22 @@ def server(tmp_path):
 
 def test_fetch_unpacks_and_reports_checksum(server, tmp_path):
     www, base = server
-    members = {f"hymenoptera_data/{s}/{c}/{i}.png": _png()
-               for s in ("train", "val") for c in ("ants", "bees") for i in range(2)}
+    members = {
+        f"hymenoptera_data/{s}/{c}/{i}.png": _png()
+        for s in ("train", "val")
+        for c in ("ants", "bees")
+        for i in range(2)
+    }
     data = _zip_bytes(members)
     (www / "h.zip").write_bytes(data)
     seen = []
-    got = fetch_dataset("hymenoptera", tmp_path / "data", url=f"{base}/h.zip",
-                        sha256=hashlib.sha256(data).hexdigest(),
-                        progress=lambda done, total: seen.append((done, total)))
+    got = fetch_dataset(
+        "hymenoptera",
+        tmp_path / "data",
+        url=f"{base}/h.zip",
+        sha256=hashlib.sha256(data).hexdigest(),
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert got.path == tmp_path / "data" / "hymenoptera_data"
     assert got.sha256 == hashlib.sha256(data).hexdigest() and got.bytes == len(data)
     assert sorted(p.name for p in (got.path / "train").iterdir()) == ["ants", "bees"]

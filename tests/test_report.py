@@ -79,10 +79,12 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
     try:
         driver.get((run / "report.html").resolve().as_uri())
         widths = driver.execute_script(
-            "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+            "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)"
+        )
         assert len(widths) == len(FIGURES) and all(w > 0 for w in widths), widths
         ids = driver.execute_script(
-            "return Array.from(document.querySelectorAll('section')).map(s => s.id)")
+            "return Array.from(document.querySelectorAll('section')).map(s => s.id)"
+        )
         assert tuple(ids) == SECTIONS
         driver.save_screenshot(str(tmp_path / "report.png"))
     finally:
@@ -101,11 +103,12 @@ def _patch_dataset(root: Path, n_train: int, n_test: int) -> None:
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 arr = np.random.default_rng(rng.randrange(2**31)).integers(
-                    90, 170, (224, 224, 3), dtype=np.uint8)
+                    90, 170, (224, 224, 3), dtype=np.uint8
+                )
                 s = 56
                 # inside the eval view: the center crop drops 14px of each border
                 x0, y0 = rng.randrange(16, 208 - s), rng.randrange(16, 208 - s)
-                arr[y0:y0 + s, x0:x0 + s] = colour
+                arr[y0 : y0 + s, x0 : x0 + s] = colour
                 path = root / split / name / f"{i:03d}.png"
                 Image.fromarray(arr).save(path)
 
@@ -128,7 +131,7 @@ def test_attribution_concentrates_on_the_deciding_patch(tmp_path_factory, method
         assert maps[0].class_name == true
         heat = maps[0].heatmap
         inside = np.zeros_like(heat, dtype=bool)
-        inside[max(0, y0):y1, max(0, x0):x1] = True
+        inside[max(0, y0) : y1, max(0, x0) : x1] = True
         ratios.append(heat[inside].mean() / max(heat[~inside].mean(), 1e-6))
     good = sum(r >= 2 for r in ratios)
     assert good >= 0.75 * len(ratios), ratios
@@ -138,9 +141,17 @@ def _box_of(path: Path) -> tuple[int, int, int, int]:
     """The patch's box in the network's input: found from the pixels themselves, mapped through
     the eval transform (resize 224 -> 256, center crop 224)."""
     arr = np.asarray(Image.open(path))
-    colour = arr.reshape(-1, 3)[np.argmax((arr.reshape(-1, 3) == [230, 20, 20]).all(1)
-                                          | (arr.reshape(-1, 3) == [20, 40, 230]).all(1))]
+    colour = arr.reshape(-1, 3)[
+        np.argmax(
+            (arr.reshape(-1, 3) == [230, 20, 20]).all(1)
+            | (arr.reshape(-1, 3) == [20, 40, 230]).all(1)
+        )
+    ]
     ys, xs = np.nonzero((arr == colour).all(2))
     scale, off = 256 / 224, (256 - 224) // 2
-    return (int(xs.min() * scale) - off, int(ys.min() * scale) - off,
-            int((xs.max() + 1) * scale) - off, int((ys.max() + 1) * scale) - off)
+    return (
+        int(xs.min() * scale) - off,
+        int(ys.min() * scale) - off,
+        int((xs.max() + 1) * scale) - off,
+        int((ys.max() + 1) * scale) - off,
+    )

@@ -21,8 +21,12 @@ ARGS = ["--strategy", "finetune", "--image-size", "64", "--epochs", "8", "--warm
 
 
 def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "graft.cli", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "graft.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _metrics(run) -> list[dict]:
@@ -66,15 +70,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data, reference, tmp_p
     done = json.loads((run / "last.json").read_text())["epoch"]
     assert 2 <= done < 8
 
-    r = subprocess.run([sys.executable, "-m", "graft.cli", "train", "--resume", str(run)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "graft.cli", "train", "--resume", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert _metrics(run) == _metrics(reference)
     got, want = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert json.loads((run / "model.json").read_text())["best"]["epoch"] == json.loads(
-        (reference / "model.json").read_text())["best"]["epoch"]
+    assert (
+        json.loads((run / "model.json").read_text())["best"]["epoch"]
+        == json.loads((reference / "model.json").read_text())["best"]["epoch"]
+    )
     assert not list(run.glob(".graft-tmp-*"))  # the crashed write's leftover is cleaned
     assert not (run / "last.json").exists()  # finished: nothing left to resume
 
@@ -90,15 +100,22 @@ def test_sigterm_stops_cleanly_and_resume_finishes(data, reference, tmp_path):
     assert "stopped early: interrupted" in out and "Traceback" not in err
     meta = json.loads((run / "model.json").read_text())
     assert meta["stopped"] == "interrupted" and (run / "last.json").exists()
-    r = subprocess.run([sys.executable, "-m", "graft.cli", "train", "--resume", str(run)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "graft.cli", "train", "--resume", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert len(_metrics(run)) == 8
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "graft.cli", "train", "--resume", str(tmp_path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "graft.cli", "train", "--resume", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert f"error: {tmp_path} has no resumable checkpoint" in r.stderr
 
@@ -122,8 +139,9 @@ def test_disk_full_keeps_previous_model(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run.run_dir, run)
     before = (run / "model.safetensors").read_bytes()
-    r = subprocess.run([sys.executable, "-c", DISK_FULL, str(run)], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, str(run)], capture_output=True, text=True, timeout=300
+    )
     assert f"disk full while writing {run / 'model.safetensors'}" in r.stdout, r.stderr
     assert (run / "model.safetensors").read_bytes() == before
     assert not list(run.glob(".graft-tmp-*"))

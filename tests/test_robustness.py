@@ -45,7 +45,8 @@ def build_corpus(folder: Path) -> tuple[dict[str, str], list[str]]:
     good = {
         "cmyk.jpg": lambda p: base.convert("CMYK").save(p),
         "gray16.png": lambda p: Image.fromarray(
-            np.asarray(base.convert("L"), dtype=np.uint16) * 257).save(p),
+            np.asarray(base.convert("L"), dtype=np.uint16) * 257
+        ).save(p),
         "onebit.png": lambda p: base.convert("1").save(p),
         "palette_transparent.png": lambda p: base.convert("P").save(p, transparency=0),
         "rgba.png": lambda p: base.convert("RGBA").save(p),
@@ -90,8 +91,12 @@ def _orientation(value: int) -> bytes:
 
 
 def graft_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "graft.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "graft.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow

@@ -54,7 +54,10 @@ class Classifier:
         self.meta = meta or {}
         self.spec = backbone.spec
         self.model = backbone.model.to(runtime.device).eval()
+        if runtime.channels_last:  # about 2x faster convolutions on CPU (oneDNN) and cuDNN
+            self.model = self.model.to(memory_format=torch.channels_last)
         self._transform = build_transforms(self.spec, train=False)
+        self._layout = torch.channels_last if runtime.channels_last else torch.contiguous_format
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto", precision: str = "fp32") -> Classifier:
@@ -73,7 +76,7 @@ class Classifier:
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.stack([self._tensor(im) for im in images[i : i + batch_size]])
-            x = x.to(self.runtime.device)
+            x = x.to(self.runtime.device, memory_format=self._layout)
             with self.runtime.autocast():
                 logits = self.model(x)
             out.append(logits.float().softmax(1).cpu())
@@ -116,7 +119,9 @@ class Classifier:
         if not tensors:
             return torch.zeros(0, len(self.classes))
         with self.runtime.autocast():
-            logits = self.model(torch.stack(tensors).to(self.runtime.device))
+            logits = self.model(
+                torch.stack(tensors).to(self.runtime.device, memory_format=self._layout)
+            )
         return logits.float().softmax(1).cpu()
 
     def explain(self, image: ImageLike, method: str = "gradcam", classes: int = 2):
@@ -130,8 +135,12 @@ class Classifier:
         (or on its test/ or val/ split when it has one)."""
         return self.evaluate_samples(labelled_samples(data_dir, self.classes))
 
-    def evaluate_samples(self, samples: Sequence[Sample]) -> dict[str, Any]:
-        preds = self.predict_files([p for p, _ in samples])
+    def evaluate_samples(
+        self, samples: Sequence[Sample], preds: Sequence[Prediction] | None = None
+    ) -> dict[str, Any]:
+        """The evaluation report for labelled samples (`preds`: their predictions, if known)."""
+        if preds is None:
+            preds = self.predict_files([p for p, _ in samples])
         good = [(s, p) for s, p in zip(samples, preds) if p.probs is not None]
         targets = [y for (_, y), _ in good]
         predicted = [self.classes.index(next(iter(p.probs))) for _, p in good]

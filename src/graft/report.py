@@ -52,7 +52,7 @@ def build_report(
     ok = [(s, p) for s, p in zip(val, preds) if p.probs is not None]
     probs = torch.tensor([[p.probs[c] for c in clf.classes] for _, p in ok])
     targets = torch.tensor([y for (_, y), _ in ok])
-    evaluation = clf.evaluate_samples(val)  # the numbers `graft evaluate` gives on this split
+    evaluation = clf.evaluate_samples(val, preds)  # what `graft evaluate` gives on this split
     losses = -torch.log(probs[torch.arange(len(ok)), targets].clamp_min(1e-12))
     order = losses.argsort(descending=True).tolist()
     wrong = [i for i in order if probs[i].argmax() != targets[i]]
@@ -68,13 +68,15 @@ def build_report(
     _save(run_dir, "curves.png", _curves(history), figures)
     _save(run_dir, "confusion_matrix.png", _confusion(evaluation, clf.classes), figures)
     _save(run_dir, "samples.png", _samples(clf, train), figures)
-    shown = [(ok[i][0][0], int(targets[i]), probs[i]) for i in range(min(16, len(ok)))]
+    spread = list(range(len(ok)))[:: max(1, len(ok) // 16)][:16]  # every class, not the first
+    shown = [(ok[i][0][0], int(targets[i]), probs[i]) for i in spread]
     _save(run_dir, "predictions.png", _predictions(clf, shown, "Validation predictions"), figures)
     lossy = [(ok[i][0][0], int(targets[i]), probs[i]) for i in wrong[:8]]
     _save(run_dir, "top_losses.png", _predictions(clf, lossy, "Top losses"), figures)
     explanations_note = None
     try:
-        _save(run_dir, "explanations.png", _explanations(clf, shown[:explain_images]), figures)
+        picks = shown[:: max(1, len(shown) // explain_images)][:explain_images]
+        _save(run_dir, "explanations.png", _explanations(clf, picks), figures)
     except GraftError as exc:
         explanations_note = str(exc)
         log.warning("no explanations in the report: %s", exc)
