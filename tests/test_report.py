@@ -155,3 +155,17 @@ def _box_of(path: Path) -> tuple[int, int, int, int]:
         int((xs.max() + 1) * scale) - off,
         int((ys.max() + 1) * scale) - off,
     )
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11", "timm:resnet10t"])
+def test_gradcam_works_for_other_backbones(name):
+    from graft.backbones import create_backbone
+    from graft.predict import Classifier
+    from graft.runtime import resolve_runtime
+
+    bb = create_backbone(name, 3, pretrained=False)
+    clf = Classifier(bb, ["a", "b", "c"], resolve_runtime("cpu", "fp32"))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), np.uint8))
+    maps = clf.explain(img, method="gradcam", classes=2)
+    assert len(maps) == 2 and maps[0].heatmap.shape == (bb.spec.input_size,) * 2
+    assert maps[0].probability >= maps[1].probability

@@ -29,6 +29,12 @@ def _start(*args) -> subprocess.Popen:
     )
 
 
+def _resume(run) -> None:
+    r = subprocess.run([sys.executable, "-m", "graft.cli", "train", "--resume", str(run)],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
 def _metrics(run) -> list[dict]:
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -70,13 +76,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data, reference, tmp_p
     done = json.loads((run / "last.json").read_text())["epoch"]
     assert 2 <= done < 8
 
-    r = subprocess.run(
-        [sys.executable, "-m", "graft.cli", "train", "--resume", str(run)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr
+    _resume(run)
     assert _metrics(run) == _metrics(reference)
     got, want = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
     assert got.keys() == want.keys()
@@ -100,13 +100,7 @@ def test_sigterm_stops_cleanly_and_resume_finishes(data, reference, tmp_path):
     assert "stopped early: interrupted" in out and "Traceback" not in err
     meta = json.loads((run / "model.json").read_text())
     assert meta["stopped"] == "interrupted" and (run / "last.json").exists()
-    r = subprocess.run(
-        [sys.executable, "-m", "graft.cli", "train", "--resume", str(run)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr
+    _resume(run)
     assert len(_metrics(run)) == 8
 
 

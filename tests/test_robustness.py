@@ -221,3 +221,28 @@ def test_hostile_class_names_refused(trained_run, tmp_path, name):
     (run / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="cannot be folder names"):
         graft.load(run)
+
+
+def test_test_split_scored_once_and_apart(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=6, n_val=3)
+    make_shapes(tmp_path / "extra", n_train=4, n_val=1, seed=9)
+    shutil.move(tmp_path / "extra" / "train", data / "test")
+    run = graft.train(data, out=str(tmp_path / "run"), workers=0, epochs=10, report=False)
+    assert run.test["n"] == 12 and 0.0 <= run.test["accuracy"] <= 1.0
+    lo, hi = run.test["accuracy_ci95"]
+    assert lo <= run.test["accuracy"] <= hi
+    meta = json.loads((run.run_dir / "model.json").read_text())
+    assert meta["test"]["n"] == 12 and meta["best"]["val_acc"] == run.best["val_acc"]
+    assert (run.run_dir / "split" / "test.txt").read_text().count("\n") == 12
+
+
+@pytest.mark.parametrize("balance", ["weights", "sampler"])
+def test_balance_on_imbalanced_classes(tmp_path, balance):
+    data = make_shapes(tmp_path / "data", n_train=12, n_val=4)
+    for p in sorted((data / "train" / "square").glob("*.png"))[2:]:
+        p.unlink()  # 12 circles, 2 squares, 12 triangles
+    run = graft.train(data, out=str(tmp_path / "run"), workers=0, epochs=20, balance=balance,
+                      report=False)  # fmt: skip
+    recall = run.history[-1]["val_recall"]
+    assert set(recall) == {"circle", "square", "triangle"}
+    assert f"balance: {balance}" in (run.run_dir / "config.yaml").read_text()

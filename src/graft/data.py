@@ -241,12 +241,47 @@ def find_duplicates(split: DatasetSplit) -> list[tuple[str, str]]:
 
 
 def write_split(split: DatasetSplit, folder: str | Path) -> None:
-    """`folder/{train,val,test}.txt`: one `class<TAB>path relative to the data folder` per line."""
+    """`folder/{train,val,test}.txt`: one `class<TAB>path relative to the data folder` per line,
+    and `folder/source.json` (data folder, layout, classes): enough to rebuild the split."""
+    import json
+
     from .runtime import atomic_write_text
 
     for name, samples in split.splits().items():
         lines = [f"{split.classes[y]}\t{os.path.relpath(p, split.root)}\n" for p, y in samples]
         atomic_write_text(Path(folder) / f"{name}.txt", "".join(lines))
+    source = {"root": split.root, "layout": split.layout, "classes": split.classes}
+    atomic_write_text(Path(folder) / "source.json", json.dumps(source, indent=2) + "\n")
+
+
+def load_split(folder: str | Path, root: str | Path | None = None) -> DatasetSplit:
+    """The split a run recorded (`write_split`), with the images under `root` (default: where
+    they were), so a resume or a report sees the same files even if the folder gained some."""
+    import json
+
+    folder = Path(folder)
+    try:
+        source = json.loads((folder / "source.json").read_text(encoding="utf-8"))
+        classes = list(source["classes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{folder}/source.json is missing or damaged: {exc}") from exc
+    base = Path(root) if root is not None else Path(source["root"])
+    out = DatasetSplit(str(base), classes, [], [], [], source.get("layout", "split"))
+    for name in SPLITS:
+        path = folder / f"{name}.txt"
+        if not path.is_file():
+            continue
+        samples = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            cls, _, rel = line.partition("\t")
+            if cls not in classes:
+                raise DatasetError(f"{path}: class {cls!r} is not in {folder}/source.json")
+            samples.append((str(base / rel), classes.index(cls)))
+        setattr(out, name, samples)
+    if out.train and not Path(out.train[0][0]).exists():
+        raise DatasetError(f"the images of this run are not under {base} any more; pass the "
+                           "data folder the run was trained on (--data DIR)")  # fmt: skip
+    return out
 
 
 # ---------------------------------------------------------------- loading

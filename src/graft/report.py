@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import load_image
+from .data import load_image, load_split
 from .errors import DatasetError, GraftError
 from .predict import Classifier
 from .runtime import atomic_path, atomic_write_text
@@ -44,9 +44,10 @@ def build_report(
     run_dir = Path(run_dir)
     clf = Classifier.load(run_dir)
     meta = clf.meta
-    root = Path(data_dir or meta.get("data_dir", ""))
-    val = _read_split(run_dir / "split" / "val.txt", root, clf.classes)
-    train = _read_split(run_dir / "split" / "train.txt", root, clf.classes)
+    split = load_split(run_dir / "split", data_dir)
+    if split.classes != clf.classes:
+        raise DatasetError(f"{run_dir}/split lists other classes than the model; re-train")
+    root, val, train = Path(split.root), split.val, split.train
     history = _read_metrics(run_dir / "metrics.csv")
     preds = clf.predict_files([p for p, _ in val])
     ok = [(s, p) for s, p in zip(val, preds) if p.probs is not None]
@@ -91,22 +92,6 @@ def build_report(
     atomic_write_text(run_dir / "report.html", _html(report, run_dir))
     log.info("report written to %s in %.1fs", run_dir / "report.html", report["build_seconds"])
     return report
-
-
-def _read_split(path: Path, root: Path, classes: list[str]) -> list[tuple[str, int]]:
-    if not path.is_file():
-        raise DatasetError(f"{path} not found: the run folder has no split to report on")
-    samples = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        name, _, rel = line.partition("\t")
-        if name in classes:
-            samples.append((str(root / rel), classes.index(name)))
-    if samples and not Path(samples[0][0]).exists():
-        raise DatasetError(
-            f"the images of this run are not under {root} any more; pass "
-            "--data DIR with the data folder the run was trained on"
-        )
-    return samples
 
 
 def _read_metrics(path: Path) -> list[dict[str, float]]:

@@ -34,6 +34,7 @@ from .data import (
     discover,
     find_duplicates,
     format_bad_files,
+    load_split,
     write_split,
 )
 from .engine import FitState, Progress, fit, make_optimizer, make_scheduler, no_progress
@@ -112,7 +113,7 @@ def train(
         cfg = make_config(data_dir, config_file, **options).resolve()
     runtime = resolve_runtime(cfg.device, cfg.precision, training=cfg.strategy != "extract")
     seed_everything(cfg.seed)
-    split = _discover(cfg)
+    split = load_split(Path(resume) / "split") if resume is not None else _discover(cfg)
     backbone = create_backbone(cfg.backbone, len(split.classes), cfg.pretrained, cfg.weights)
     backbone.spec = backbone.spec.with_size(cfg.image_size)
     blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
