@@ -116,7 +116,7 @@ def throughput(data: Path, backbone: str, cache: Path) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description="graft vs the tutorial recipe")
     ap.add_argument("--data", default="demo", help="demo, shapes, or an ImageFolder path")
-    ap.add_argument("--modes", default="extract,finetune")
+    ap.add_argument("--modes", default="extract,finetune", help="'' for the ceiling only")
     ap.add_argument("--epochs", type=int, default=25, help="tutorial epochs (and graft finetune)")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     args = ap.parse_args()
@@ -135,7 +135,7 @@ def main() -> None:
           f"{len(split.classes)} classes); backbone {args.backbone}; "
           f"torch threads {torch.get_num_threads()}; graft precision {resolve_runtime().precision}")
     rows = []
-    for mode in args.modes.split(","):
+    for mode in filter(None, args.modes.split(",")):
         t_time, t_acc = tutorial_train(data, mode, args.epochs, args.backbone)
         rows.append((mode, "tutorial", args.epochs, t_time, t_acc, 1.0))
         g_epochs = None if mode == "extract" else args.epochs
