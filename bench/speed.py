@@ -40,16 +40,28 @@ def tutorial_train(data: Path, mode: str, epochs: int, backbone: str) -> tuple[f
     spec, model = bb.spec, bb.model
     interp = INTERPOLATIONS[spec.interpolation]
     tfs = {
-        "train": T.Compose([T.RandomResizedCrop(spec.input_size, interpolation=interp),
-                            T.RandomHorizontalFlip(), T.ToTensor(),
-                            T.Normalize(spec.mean, spec.std)]),
-        "val": T.Compose([T.Resize(spec.resize_size, interpolation=interp),
-                          T.CenterCrop(spec.input_size), T.ToTensor(),
-                          T.Normalize(spec.mean, spec.std)]),
+        "train": T.Compose(
+            [
+                T.RandomResizedCrop(spec.input_size, interpolation=interp),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(spec.mean, spec.std),
+            ]
+        ),
+        "val": T.Compose(
+            [
+                T.Resize(spec.resize_size, interpolation=interp),
+                T.CenterCrop(spec.input_size),
+                T.ToTensor(),
+                T.Normalize(spec.mean, spec.std),
+            ]
+        ),
     }
     sets = {x: datasets.ImageFolder(data / x, tfs[x]) for x in ("train", "val")}
-    loaders = {x: torch.utils.data.DataLoader(sets[x], batch_size=4, shuffle=True, num_workers=4)
-               for x in sets}
+    loaders = {
+        x: torch.utils.data.DataLoader(sets[x], batch_size=4, shuffle=True, num_workers=4)
+        for x in sets
+    }
     if mode == "extract":
         for p in model.features.parameters():
             p.requires_grad = False
@@ -60,7 +72,8 @@ def tutorial_train(data: Path, mode: str, epochs: int, backbone: str) -> tuple[f
     optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
     start, best_acc = time.perf_counter(), 0.0
-    best = copy.deepcopy(model.state_dict())
+    best_weights = copy.deepcopy(model.state_dict())  # kept as the tutorial keeps them: its cost
+
     for _ in range(epochs):
         for phase in ("train", "val"):
             model.train() if phase == "train" else model.eval()
@@ -78,16 +91,25 @@ def tutorial_train(data: Path, mode: str, epochs: int, backbone: str) -> tuple[f
                 scheduler.step()
             acc = correct / len(sets[phase])
             if phase == "val" and acc > best_acc:
-                best_acc, best = acc, copy.deepcopy(model.state_dict())
+                best_acc, best_weights = acc, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_weights)  # the tutorial's last step
     return time.perf_counter() - start, best_acc
 
 
-def graft_train(data: Path, mode: str, epochs: int | None, backbone: str, cache: Path
-                ) -> tuple[float, float]:
+def graft_train(
+    data: Path, mode: str, epochs: int | None, backbone: str, cache: Path
+) -> tuple[float, float]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        run = graft.train(data, backbone=backbone, strategy=mode, epochs=epochs, out=out,
-                          cache_dir=str(cache), report=False)
+        run = graft.train(
+            data,
+            backbone=backbone,
+            strategy=mode,
+            epochs=epochs,
+            out=out,
+            cache_dir=str(cache),
+            report=False,
+        )
     return time.perf_counter() - start, run.best["val_acc"]
 
 
@@ -131,9 +153,11 @@ def main() -> None:
     else:
         data = Path(args.data)
     split = discover(data)
-    print(f"data: {data} ({len(split.train)} train, {len(split.val)} val, "
-          f"{len(split.classes)} classes); backbone {args.backbone}; "
-          f"torch threads {torch.get_num_threads()}; graft precision {resolve_runtime().precision}")
+    print(
+        f"data: {data} ({len(split.train)} train, {len(split.val)} val, "
+        f"{len(split.classes)} classes); backbone {args.backbone}; "
+        f"torch threads {torch.get_num_threads()}; graft precision {resolve_runtime().precision}"
+    )
     rows = []
     for mode in filter(None, args.modes.split(",")):
         t_time, t_acc = tutorial_train(data, mode, args.epochs, args.backbone)
@@ -145,13 +169,15 @@ def main() -> None:
         if mode == "extract":
             w_time, w_acc = graft_train(data, mode, None, args.backbone, tmp / f"cache-{mode}")
             rows.append((mode, "graft (warm cache)", "default", w_time, w_acc, t_time / w_time))
-    print(f"\n| mode | engine | epochs | wall s | best val acc | speed-up |")
+    print("\n| mode | engine | epochs | wall s | best val acc | speed-up |")
     print("|---|---|---|---:|---:|---:|")
     for mode, engine, ep, wall, acc, ratio in rows:
         print(f"| {mode} | {engine} | {ep} | {wall:.1f} | {acc:.4f} | {ratio:.1f}x |")
     fwd, ext = throughput(data, args.backbone, tmp)
-    print(f"\nceiling: pure forward {fwd:.1f} img/s (batch 64, random tensors); graft feature "
-          f"extraction end to end {ext:.1f} img/s = {ext / fwd:.0%} of it")
+    print(
+        f"\nceiling: pure forward {fwd:.1f} img/s (batch 64, random tensors); graft feature "
+        f"extraction end to end {ext:.1f} img/s = {ext / fwd:.0%} of it"
+    )
 
 
 if __name__ == "__main__":

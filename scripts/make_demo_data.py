@@ -24,7 +24,7 @@ def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
         data = fh.read()
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -49,12 +49,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)
-    n = write_split(read_idx(args.source / "train-images-idx3-ubyte.gz"),
-                    read_idx(args.source / "train-labels-idx1-ubyte.gz"), args.train,
-                    args.out / "train")
-    n += write_split(read_idx(args.source / "t10k-images-idx3-ubyte.gz"),
-                     read_idx(args.source / "t10k-labels-idx1-ubyte.gz"), args.val,
-                     args.out / "val")
+    n = write_split(
+        read_idx(args.source / "train-images-idx3-ubyte.gz"),
+        read_idx(args.source / "train-labels-idx1-ubyte.gz"),
+        args.train,
+        args.out / "train",
+    )
+    n += write_split(
+        read_idx(args.source / "t10k-images-idx3-ubyte.gz"),
+        read_idx(args.source / "t10k-labels-idx1-ubyte.gz"),
+        args.val,
+        args.out / "val",
+    )
     print(f"wrote {n} images to {args.out}")
 
 

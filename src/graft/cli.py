@@ -52,23 +52,23 @@ def _epoch_line(row: dict) -> None:
 def train(
     data_dir: Annotated[
         Path | None, typer.Argument(help="Folder of class folders, or with train/ and val/.")
-    ] = None,  # noqa: E501
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML file of options; flags override it.")
-    ] = None,  # noqa: E501
+    ] = None,
     backbone: Annotated[
         str | None, typer.Option(help="Backbone name (graft backbones) or timm:<name>.")
-    ] = None,  # noqa: E501
+    ] = None,
     strategy: Annotated[str | None, typer.Option(help="extract | finetune | partial")] = None,
     unfreeze: Annotated[
         str | None, typer.Option(help="partial: blocks to train, e.g. layer3,layer4")
-    ] = None,  # noqa: E501
+    ] = None,
     unfreeze_last: Annotated[
         int | None, typer.Option(help="partial: train the last N blocks")
-    ] = None,  # noqa: E501
+    ] = None,
     weights: Annotated[
         Path | None, typer.Option(help="Local weights file for the backbone.")
-    ] = None,  # noqa: E501
+    ] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
@@ -82,7 +82,7 @@ def train(
     label_smoothing: Annotated[float | None, typer.Option()] = None,
     warmup_epochs: Annotated[
         int | None, typer.Option(help="finetune: head-only epochs first")
-    ] = None,  # noqa: E501
+    ] = None,
     backbone_lr_mult: Annotated[float | None, typer.Option()] = None,
     progressive: Annotated[
         bool | None,
@@ -99,10 +99,10 @@ def train(
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder.")] = None,
     cache_views: Annotated[
         int | None, typer.Option(help="extract: augmented views per image")
-    ] = None,  # noqa: E501
+    ] = None,
     skip_bad: Annotated[
         bool | None, typer.Option("--skip-bad", help="Train without unreadable files.")
-    ] = None,  # noqa: E501
+    ] = None,
     dedupe: Annotated[
         bool | None, typer.Option("--dedupe", help="Drop val/test images identical to train ones.")
     ] = None,
@@ -115,7 +115,7 @@ def train(
     balance: Annotated[str | None, typer.Option(help="none | weights | sampler")] = None,
     out: Annotated[
         Path | None, typer.Option(help="Run folder (default runs/<time>-<backbone>).")
-    ] = None,  # noqa: E501
+    ] = None,
 ) -> None:
     """Train a classifier and save it in a run folder."""
     from .run import train as run_train
@@ -165,7 +165,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list on stdout.")] = False,
     as_csv: Annotated[
         bool, typer.Option("--csv", help="CSV: path,rank,class,probability.")
-    ] = False,  # noqa: E501
+    ] = False,
     batch_size: Annotated[int, typer.Option()] = 32,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
@@ -210,7 +210,7 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
     data_dir: Annotated[
         Path, typer.Argument(help="Class folders (or a folder with test/ or val/).")
-    ],  # noqa: E501
+    ],
     as_json: Annotated[bool, typer.Option("--json")] = False,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
@@ -273,6 +273,19 @@ def explain(
 
 
 @app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Serve the classifier over HTTP: POST /predict with image files, GET /health, /classes."""
+    from .serve import serve as run_server
+
+    run_server(run_dir, host, port, device)
+
+
+@app.command()
 def verify(
     data_dir: Annotated[Path, typer.Argument(help="Data folder to check.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -313,7 +326,7 @@ def backbones(
     name: Annotated[str | None, typer.Argument(help="Show one backbone.")] = None,
     blocks: Annotated[
         bool, typer.Option("--blocks", help="List block names for --unfreeze.")
-    ] = False,  # noqa: E501
+    ] = False,
 ) -> None:
     """List the backbones (parameters, input size, weights offline) or one backbone's blocks."""
     from .backbones import create_backbone, list_backbones

@@ -7,6 +7,7 @@ Layouts: `DATA/train/<class>/`, `DATA/val/<class>/` (optional `DATA/test/<class>
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import random
@@ -287,19 +288,22 @@ def load_split(folder: str | Path, root: str | Path | None = None) -> DatasetSpl
 # ---------------------------------------------------------------- loading
 
 
-def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
+def load_image(path: str | Path | bytes, min_side: int | None = None,
+               name: str | None = None) -> Image.Image:  # fmt: skip
     """Open any image as an 8-bit RGB picture a network can trust, or raise `ImageError`.
 
     EXIF orientation applied; transparency composited on white; grayscale, CMYK, 1-bit, 16-bit
     and float images converted by value range; first frame of animations; the pixel count checked
     before decoding (decompression bombs); extreme aspect ratios padded to MAX_ASPECT.
     `min_side` lets JPEGs decode at a reduced scale that still leaves the shorter side >= it.
+    `path` may also be the file's bytes (an upload), reported under `name`.
     """
-    path = str(path)
+    data = path if isinstance(path, (bytes, bytearray)) else None
+    path = name or ("<upload>" if data is not None else str(path))
     try:
         with warnings.catch_warnings():  # our own pixel check below says it better
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(io.BytesIO(data) if data is not None else path)
         with im:
             w, h = im.size
             if w * h > MAX_PIXELS:
@@ -323,7 +327,7 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     except IsADirectoryError as exc:
         raise ImageError(path, "is a folder, not an image") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(path, _unidentified_reason(path)) from exc
+        raise ImageError(path, _unidentified_reason(path, data)) from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(
             path,
@@ -357,10 +361,14 @@ def _draft_size(w: int, h: int, min_side: int) -> tuple[int, int]:
     return max(1, int(w * scale)), max(1, int(h * scale))
 
 
-def _unidentified_reason(path: str) -> str:
+def _unidentified_reason(path: str, data: bytes | None = None) -> str:
     try:
-        size = os.path.getsize(path)
-        head = open(path, "rb").read(8)  # noqa: SIM115 - tiny read for the message only
+        size = len(data) if data is not None else os.path.getsize(path)
+        if data is not None:
+            head = bytes(data[:8])
+        else:
+            with open(path, "rb") as fh:  # a tiny read, for the message only
+                head = fh.read(8)
     except OSError:
         return "not an image file"
     if size == 0:
@@ -434,6 +442,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [y for _, y in self.samples]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from .data import BadFile, ImageDataset, Sample, load_image
 from .errors import ImageError
@@ -125,6 +126,4 @@ def build_datasets(
 
 
 def _compose(ops: list) -> Callable:
-    from torchvision.transforms import v2
-
     return v2.Compose(ops)

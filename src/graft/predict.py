@@ -21,7 +21,7 @@ from .transforms import build_transforms
 
 log = logging.getLogger(__name__)
 
-ImageLike = str | Path | Image.Image
+ImageLike = str | Path | bytes | Image.Image
 
 
 @dataclass
@@ -95,9 +95,14 @@ class Classifier:
         return {self.classes[i]: float(v) for v, i in zip(values.tolist(), idx.tolist())}
 
     def predict_files(
-        self, paths: Sequence[str | Path], top_k: int | None = None, batch_size: int = 32
+        self,
+        paths: Sequence[ImageLike],
+        top_k: int | None = None,
+        batch_size: int = 32,
+        names: Sequence[str] | None = None,
     ) -> list[Prediction]:
-        """Like `predict`, but a file that cannot be read gets its error instead of stopping."""
+        """Like `predict`, but a file that cannot be read gets its error instead of stopping.
+        `names` label the results (for bytes or PIL images); paths label themselves."""
         results: list[Prediction] = []
         for i in range(0, len(paths), batch_size):
             chunk, tensors, errors = paths[i : i + batch_size], [], {}
@@ -108,10 +113,11 @@ class Classifier:
                     errors[j] = exc.reason
             probs = iter(self._forward(tensors))
             for j, p in enumerate(chunk):
+                label = names[i + j] if names is not None else str(p)
                 if j in errors:
-                    results.append(Prediction(str(p), None, errors[j]))
+                    results.append(Prediction(label, None, errors[j]))
                 else:
-                    results.append(Prediction(str(p), self._top(next(probs), top_k)))
+                    results.append(Prediction(label, self._top(next(probs), top_k)))
         return results
 
     @torch.inference_mode()

@@ -173,8 +173,9 @@ def epoch_plan(cfg: TrainConfig, blocks: list[str], full: int) -> Plan:
 
 
 def progressive_size(full: int) -> int:
-    """About 70% of the input size, a multiple of 32 (224 -> 160): half the pixels, so these
-    epochs cost about 2.5x less on a CPU (bench/speed.py), as in fastai's progressive resizing."""
+    """About 70% of the input size, a multiple of 32 (224 -> 160): half the pixels per image.
+    Opt-in (`--progressive`): on the demo it saved 7% of the wall time and cost 4 points of val
+    accuracy (docs/PERFORMANCE.md)."""
     return max(32, round(full * 0.7 / 32) * 32)
 
 
