@@ -87,9 +87,9 @@ class TrainConfig:
         """Fill every `None` with the strategy's default: the config that actually runs.
 
         extract trains a linear head on cached features: AdamW, many cheap epochs.
-        finetune/partial keep the tutorial's SGD(0.9) + StepLR(7, 0.1), with a batch of 16 (the
-        fastest per image on a CPU, bench/speed.py) and the LR scaled linearly from the
-        tutorial's 1e-3 at batch 4.
+        finetune/partial keep the tutorial's SGD(0.9) + StepLR(7, 0.1), with a batch of 16 and the
+        LR scaled linearly from the tutorial's 1e-3 at batch 4 (bench/train_step.py measured
+        batch 4 faster per image on a 2-core CPU: an open question, docs/PERFORMANCE.md).
         """
         if self.strategy == "extract":
             defaults = dict(epochs=60, batch_size=64, optimizer="adamw", lr=3e-3,

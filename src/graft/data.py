@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -458,19 +459,30 @@ class BadFile:
     reason: str
 
 
+def decode_files(paths: Sequence[str], fn: Callable[[str], Any], workers: int = 4
+                 ) -> tuple[list[Any], list[BadFile]]:  # fmt: skip
+    """`fn(path)` for every path in threads (Pillow decodes without the GIL): the results (None
+    where `fn` raised ImageError) and the failures with their reasons, both in input order."""
+
+    def one(p: str) -> tuple[Any, str | None]:
+        try:
+            return fn(p), None
+        except ImageError as exc:
+            return None, exc.reason
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, paths))
+    bad = [BadFile(p, why) for p, (_, why) in zip(paths, results) if why is not None]
+    return [r for r, _ in results], bad
+
+
 def verify_files(paths: Sequence[str], workers: int = 4) -> list[BadFile]:
     """Decode every file fully; return the ones that fail, in input order, each with its reason."""
 
-    def check(p: str) -> BadFile | None:
-        try:
-            load_image(p)
-        except ImageError as exc:
-            return BadFile(p, exc.reason)
-        return None
+    def check(p: str) -> None:  # decode and drop: verifying must not hold every image in memory
+        load_image(p)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow decodes without the GIL
-        results = list(pool.map(check, paths))
-    return [r for r in results if r is not None]
+    return decode_files(paths, check, workers)[1]
 
 
 def verify(data_dir: str | Path, workers: int = 4) -> tuple[DatasetSplit | None, list[BadFile]]:

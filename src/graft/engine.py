@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .metrics import classification_report, confusion_matrix
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -124,12 +125,8 @@ def evaluate(
 
 
 def per_class_recall(ev: EvalResult, classes: Sequence[str]) -> dict[str, float]:
-    preds = ev.preds
-    out = {}
-    for i, name in enumerate(classes):
-        mask = ev.targets == i
-        out[name] = float((preds[mask] == i).float().mean()) if mask.any() else 0.0
-    return out
+    cm = confusion_matrix(ev.targets.tolist(), ev.preds.tolist(), len(classes))
+    return {c: m["recall"] for c, m in classification_report(cm, classes)["per_class"].items()}
 
 
 @dataclass

@@ -132,10 +132,19 @@ def explanation_figure(
 
     from .transforms import denormalize
 
-    rgb = denormalize(image, spec).permute(1, 2, 0).numpy()
     fig, axes = plt.subplots(1, 1 + len(maps), figsize=(3 * (1 + len(maps)), 3.2))
+    draw_explanations(axes, denormalize(image, spec).permute(1, 2, 0).numpy(), maps, method,
+                      title or "image")  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
+def draw_explanations(axes, rgb: np.ndarray, maps: list[Explanation], method: str,
+                      title: str) -> None:  # fmt: skip
+    """One row of axes: the image, then its heatmap per class (gradcam: jet over [0, 1]; shap:
+    signed bwr, symmetric around 0), each titled with class and probability."""
     axes[0].imshow(rgb)
-    axes[0].set_title(title or "image", fontsize=9)
+    axes[0].set_title(title, fontsize=9)
     for ax, m in zip(axes[1:], maps):
         ax.imshow(rgb)
         if method == "shap":
@@ -146,8 +155,6 @@ def explanation_figure(
         ax.set_title(f"{m.class_name} {m.probability:.2f}", fontsize=9)
     for ax in axes:
         ax.axis("off")
-    fig.tight_layout()
-    return fig
 
 
 def explain_files(

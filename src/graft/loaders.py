@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from .data import BadFile, ImageDataset, Sample, load_image
-from .errors import ImageError
+from .data import BadFile, ImageDataset, Sample, decode_files, load_image, verify_files
 from .transforms import PreprocessSpec, build_transforms, geometry_transforms, tensor_transforms
 
 log = logging.getLogger(__name__)
@@ -52,32 +50,14 @@ class DecodedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images[i]), self.labels[i]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() for t in self.images)
-
 
 def decode_all(
     samples: Sequence[Sample], fn: Callable[[str], torch.Tensor], workers: int
 ) -> tuple[list[torch.Tensor], list[int], list[BadFile]]:
-    """Decode every sample with `fn` in threads (Pillow releases the GIL); collect the failures."""
-
-    def one(sample: Sample):
-        try:
-            return fn(sample[0]), None
-        except ImageError as exc:
-            return None, exc.reason
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(one, samples))
-    images, labels, bad = [], [], []
-    for (path, label), (tensor, reason) in zip(samples, results):
-        if tensor is None:
-            bad.append(BadFile(path, reason))
-        else:
-            images.append(tensor)
-            labels.append(label)
-    return images, labels, bad
+    """`fn` over every sample's file: the tensors and labels of those that decoded, the failures."""
+    tensors, bad = decode_files([p for p, _ in samples], fn, workers)
+    kept = [(t, y) for t, (_, y) in zip(tensors, samples) if t is not None]
+    return [t for t, _ in kept], [y for _, y in kept], bad
 
 
 def build_datasets(
@@ -100,8 +80,6 @@ def build_datasets(
             estimate / 1e9,
             memory_budget / 1e9,
         )
-        from .data import verify_files
-
         bad = verify_files([p for p, _ in [*train, *val]], workers)
         skip = {b.path for b in bad}
         return (
@@ -111,19 +89,15 @@ def build_datasets(
             ImageDataset([s for s in val if s[0] not in skip], build_transforms(spec, False), side),
             bad,
         )
-    eval_geometry = _compose(geometry_transforms(spec, train=False))
+    eval_geometry = v2.Compose(geometry_transforms(spec, train=False))
     tr_images, tr_labels, tr_bad = decode_all(train, lambda p: decode_to_tensor(p, side), workers)
     va_images, va_labels, va_bad = decode_all(
         val, lambda p: eval_geometry(decode_to_tensor(p, side)), workers
     )
     train_tf = build_transforms(spec, True, rotation)
-    val_tf = _compose(tensor_transforms(spec))
+    val_tf = v2.Compose(tensor_transforms(spec))
     return (
         DecodedDataset(tr_images, tr_labels, train_tf),
         DecodedDataset(va_images, va_labels, val_tf),
         tr_bad + va_bad,
     )
-
-
-def _compose(ops: list) -> Callable:
-    return v2.Compose(ops)

@@ -69,14 +69,13 @@ def build_report(
     _save(run_dir, "curves.png", _curves(history), figures)
     _save(run_dir, "confusion_matrix.png", _confusion(evaluation, clf.classes), figures)
     _save(run_dir, "samples.png", _samples(clf, train), figures)
-    spread = list(range(len(ok)))[:: max(1, len(ok) // 16)][:16]  # every class, not the first
-    shown = [(ok[i][0][0], int(targets[i]), probs[i]) for i in spread]
+    shown = [(ok[i][0][0], int(targets[i]), probs[i]) for i in _spread(range(len(ok)), 16)]
     _save(run_dir, "predictions.png", _predictions(clf, shown, "Validation predictions"), figures)
     lossy = [(ok[i][0][0], int(targets[i]), probs[i]) for i in wrong[:8]]
     _save(run_dir, "top_losses.png", _predictions(clf, lossy, "Top losses"), figures)
     explanations_note = None
     try:
-        picks = shown[:: max(1, len(shown) // explain_images)][:explain_images]
+        picks = _spread(shown, explain_images)
         _save(run_dir, "explanations.png", _explanations(clf, picks), figures)
     except GraftError as exc:
         explanations_note = str(exc)
@@ -92,6 +91,13 @@ def build_report(
     atomic_write_text(run_dir / "report.html", _html(report, run_dir))
     log.info("report written to %s in %.1fs", run_dir / "report.html", report["build_seconds"])
     return report
+
+
+def _spread(items, k: int) -> list:
+    """At most `k` items evenly spaced through `items`: every class of a class-sorted split,
+    not only the first."""
+    items = list(items)
+    return items[:: max(1, len(items) // max(1, k))][:k]
 
 
 def _read_metrics(path: Path) -> list[dict[str, float]]:
@@ -185,7 +191,7 @@ def _grid(n: int, cols: int = 4, cell: float = 2.4):
 def _samples(clf: Classifier, train: list[tuple[str, int]]):
     """Training images as the network sees them (augmented), de-normalised correctly."""
     tf = build_transforms(clf.spec, train=True)
-    picks = train[:: max(1, len(train) // 16)][:16]
+    picks = _spread(train, 16)
     fig, axes = _grid(len(picks))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -225,19 +231,14 @@ def _predictions(clf: Classifier, items: list, title: str):
 def _explanations(clf: Classifier, items: list):
     import matplotlib.pyplot as plt
 
-    from .explain import explain
+    from .explain import draw_explanations, explain
 
     rows = max(1, len(items))
     fig, axes = plt.subplots(rows, 3, figsize=(8, 2.8 * rows), squeeze=False)
     for row, (path, y, _) in zip(axes, items):
         x, maps = explain(clf, path, "gradcam", 2)
         rgb = denormalize(x, clf.spec).permute(1, 2, 0).numpy()
-        row[0].imshow(rgb)
-        row[0].set_title(f"true: {clf.classes[y]}", fontsize=9)
-        for ax, m in zip(row[1:], maps):
-            ax.imshow(rgb)
-            ax.imshow(m.heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            ax.set_title(f"{m.class_name} {m.probability:.2f}", fontsize=9)
+        draw_explanations(row, rgb, maps, "gradcam", f"true: {clf.classes[y]}")
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle("Grad-CAM: where the network looked for its top-2 classes")

@@ -62,9 +62,9 @@ def resolve_runtime(
 ) -> Runtime:
     """Pick the device (cuda, then mps, then cpu) and the autocast dtype it supports.
 
-    On a CPU, `auto` means bf16 for inference only where the CPU has native bf16: measured on an
-    AVX512-BF16 EPYC (2 cores, lite0), bf16 doubles forward throughput (81 vs 40 img/s) but slows
-    training (14.4 vs 17.8 img/s at batch 16), so training stays fp32 (bench/speed.py).
+    On a CPU, `auto` means bf16 for inference only where the CPU has native bf16: on a 2-core
+    AVX512-BF16 EPYC (lite0) bf16 about doubled forward throughput but slowed training steps
+    (17.3 vs 20.1 img/s at batch 16, `python bench/train_step.py`), so training stays fp32.
 
     >>> resolve_runtime("cpu", "fp32").device.type
     'cpu'
