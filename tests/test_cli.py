@@ -113,3 +113,28 @@ def test_errors_are_one_line_without_traceback(tmp_path, args, message):
     r = graft(*[a.replace("{data}", str(data)) for a in args])
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "{data}", "--bogus"], "Error: No such option: --bogus"),
+        (["train", "{data}", "--epochs", "abc"], "Error: Invalid value for '--epochs'"),
+        (["predict"], "Error: Missing argument 'run_dir'."),
+        (["nosuch"], "Error: No such command 'nosuch'."),
+    ],
+)
+def test_usage_errors_are_usage_and_one_line(tmp_path, args, message):
+    data = make_shapes(tmp_path, n_train=2, n_val=1)
+    r = graft(*[a.replace("{data}", str(data)) for a in args])
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "╭" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("Usage: graft") and lines[-1].startswith(message)
+
+
+def test_bare_graft_prints_help_not_a_traceback():
+    r = graft()
+    assert r.returncode in (0, 2)
+    assert "Traceback" not in r.stderr and "Usage: graft" in r.stdout + r.stderr
+    assert "train" in r.stdout + r.stderr

@@ -378,35 +378,36 @@ def datasets_fetch(
 
 
 def main() -> None:
-    """Entry point: known errors become one line and exit code 2; GRAFT_DEBUG=1 shows tracebacks."""
+    """Entry point: known errors become one line and exit code 2; GRAFT_DEBUG=1 shows tracebacks.
+
+    Usage errors (unknown option, bad value, missing argument) print the usage line and one line
+    naming the problem, exit 2; bare `graft` prints the help. Typer raises its own copies of
+    click's exceptions (typer.TyperException, typer.Exit, typer.Abort): those are caught here.
+    """
+    debug = bool(os.environ.get("GRAFT_DEBUG"))
     logging.basicConfig(
         level=logging.INFO,
-        format="%(levelname)s %(message)s" if os.environ.get("GRAFT_DEBUG") else "%(message)s",
+        format="%(levelname)s %(message)s" if debug else "%(message)s",
         stream=sys.stderr,
     )
     try:
-        code = app(standalone_mode=False)  # click returns an Exit's code rather than raising
+        code = app(standalone_mode=False, prog_name="graft")  # Exit's code is returned rather than raised
     except GraftError as exc:
-        if os.environ.get("GRAFT_DEBUG"):
+        if debug:
             raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click's usage errors and Exit carry their own code
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors: usage line + "Error: ...", exit 2
+        if debug:
+            raise
+        exc.show()
+        sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
-
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,5 @@
+"""`python -m graft ...` (and `torchrun -m graft ...`): the same as the `graft` command."""
+
+from .cli import main
+
+main()
