@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graft.data import MAX_PIXELS, discover, find_images, load_image, verify
+from graft.data import discover, find_images, verify
 from graft.errors import DatasetError, ImageError
+from graft.images import MAX_PIXELS, load_image
 from graft.transforms import PreprocessSpec, build_transforms
 
 from .conftest import make_shapes

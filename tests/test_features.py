@@ -30,7 +30,7 @@ def test_cached_features_equal_fresh_ones(tmp_path):
     assert torch.equal(again.features, first.features)
     assert torch.allclose(again.features, fresh.features, rtol=1e-3, atol=1e-3)
     with torch.inference_mode():
-        from graft.data import load_image
+        from graft.images import load_image
         from graft.transforms import build_transforms
 
         x = build_transforms(bb.spec, False)(load_image(split.train[0][0]))

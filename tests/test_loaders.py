@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graft.data import ImageDataset, discover
-from graft.loaders import DecodedDataset, build_datasets, decode_to_tensor
+from graft.data import discover
+from graft.loaders import DecodedDataset, ImageDataset, build_datasets, decode_to_tensor
 from graft.transforms import PreprocessSpec
 
 from .conftest import make_shapes

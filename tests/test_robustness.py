@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import graft
-from graft.data import load_image
 from graft.errors import CheckpointError, ImageError
+from graft.images import load_image
 from graft.transforms import PreprocessSpec, build_transforms
 
 from .conftest import draw_shape, make_shapes
@@ -152,7 +152,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         def deny(*args, **kwargs):
             raise PermissionError(13, "Permission denied", str(path))
 
-        monkeypatch.setattr("graft.data.Image.open", deny)
+        monkeypatch.setattr("graft.images.Image.open", deny)
     with pytest.raises(ImageError) as err:
         load_image(path)
     assert err.value.reason == "permission denied; make the file readable"

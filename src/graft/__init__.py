@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .backbones import Backbone, create_backbone, list_backbones
 from .config import TrainConfig, make_config
-from .data import discover, load_image, verify
+from .data import discover, verify
 from .errors import (
     BackboneError,
     CheckpointError,
@@ -18,6 +18,7 @@ from .errors import (
     GraftError,
     ImageError,
 )
+from .images import load_image
 from .predict import Classifier
 from .report import build_report as report
 from .run import Run, train

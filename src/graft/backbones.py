@@ -82,8 +82,11 @@ class GraftNet(nn.Module):
         return self.features.get_submodule(_AUX_HEAD) if self.has_aux else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Backbone:
+    """A network with a new head, the preprocessing its weights expect and its block names.
+    Frozen: a different input size is a new value (`dataclasses.replace(bb, spec=...)`)."""
+
     name: str
     model: GraftNet
     spec: PreprocessSpec
@@ -279,7 +282,17 @@ def _load_into(model: nn.Module, state: dict, name: str, source) -> None:
 
 
 def _replace_head(model: nn.Module, num_classes: int | None) -> GraftNet:
-    """Swap the model's last classifier Linear for Identity and put a new head after it."""
+    """Take the model's classifier off and put a new head after its pooled features.
+
+    timm models use timm's own surface (`get_classifier`, `reset_classifier(0)`,
+    `num_features`); torchvision models have their last Linear replaced by Identity.
+    """
+    if hasattr(model, "reset_classifier") and hasattr(model, "get_classifier"):
+        old = model.get_classifier()
+        width = int(getattr(model, "head_hidden_size", None) or model.num_features)
+        model.reset_classifier(0)  # forward() now ends at the pooled features
+        head = old if num_classes is None else nn.Linear(width, num_classes)
+        return GraftNet(model, head, width)
     linears = [
         (n, m)
         for n, m in model.named_modules()

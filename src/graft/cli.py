@@ -118,28 +118,30 @@ def train(
     ] = None,
 ) -> None:
     """Train a classifier and save it in a run folder."""
+    from .config import make_config
     from .run import train as run_train
 
-    options = {
-        k: v for k, v in locals().items() if k not in ("data_dir", "config", "run_train", "resume")
-    }
-    for key in ("weights", "cache_dir", "out"):
-        if options[key] is not None:
-            options[key] = str(options[key])
+    options = dict(
+        backbone=backbone, strategy=strategy, unfreeze=unfreeze, unfreeze_last=unfreeze_last,
+        weights=_str(weights), pretrained=pretrained, epochs=epochs, batch_size=batch_size,
+        optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        schedule=schedule, step_size=step_size, gamma=gamma, label_smoothing=label_smoothing,
+        warmup_epochs=warmup_epochs, backbone_lr_mult=backbone_lr_mult, progressive=progressive,
+        patience=patience, seed=seed, image_size=image_size, rotation=rotation,
+        val_fraction=val_fraction, workers=workers, device=device, precision=precision,
+        cache_dir=_str(cache_dir), cache_views=cache_views, skip_bad=skip_bad, dedupe=dedupe,
+        balance=balance, out=_str(out), report=report,
+    )  # fmt: skip
+    given = {k: v for k, v in options.items() if v is not None}
     if resume is not None:
-        if (
-            data_dir is not None
-            or config is not None
-            or any(v is not None for v in options.values())
-        ):
+        if data_dir is not None or config is not None or given:
             raise typer.BadParameter(
                 "--resume takes the run folder alone: its config.yaml is reused"
             )
         run = run_train(resume=resume, progress=_progress, on_epoch=_epoch_line)
     else:
-        run = run_train(
-            data_dir, config_file=config, progress=_progress, on_epoch=_epoch_line, **options
-        )
+        cfg = make_config(data_dir, config, **given)
+        run = run_train(cfg, progress=_progress, on_epoch=_epoch_line)
     best = run.best
     lo, hi = run.val_ci95
     _out(
@@ -201,6 +203,10 @@ def predict(
         raise typer.Exit(1)
 
 
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
 def _csv(value: str) -> str:
     return '"' + value.replace('"', '""') + '"' if any(ch in value for ch in ',"\n') else value
 
@@ -248,9 +254,10 @@ def report(
 ) -> None:
     """Write report.html, report.json and the figures (PNG) into the run folder."""
     from .report import build_report
+    from .runfolder import REPORT_HTML
 
     result = build_report(run_dir, data)
-    _out(f"{Path(run_dir) / 'report.html'}  ({result['build_seconds']:.1f}s)")
+    _out(f"{Path(run_dir) / REPORT_HTML}  ({result['build_seconds']:.1f}s)")
 
 
 @app.command()
@@ -262,12 +269,13 @@ def explain(
     ] = "gradcam",
     classes: Annotated[int, typer.Option(help="Heatmaps for the top K classes.")] = 2,
     out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("explanations"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
 ) -> None:
     """One figure per image: the image, then a heatmap per top class with its probability."""
     from .explain import explain_files
     from .predict import Classifier, expand_inputs
 
-    clf = Classifier.load(run_dir, device="cpu")
+    clf = Classifier.load(run_dir, device=device)
     for path in explain_files(clf, expand_inputs(images), out, method, classes):
         _out(str(path))
 
@@ -357,7 +365,7 @@ def datasets_fetch(
     sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the zip.")] = None,
 ) -> None:
     """Download and unpack a public example dataset."""
-    from .datasets import fetch_dataset
+    from .fetch import fetch_dataset
 
     bar = None
 
@@ -391,7 +399,8 @@ def main() -> None:
         stream=sys.stderr,
     )
     try:
-        code = app(standalone_mode=False, prog_name="graft")  # Exit's code is returned rather than raised
+        # standalone_mode=False: an Exit's code is returned, errors are raised to be shown here
+        code = app(standalone_mode=False, prog_name="graft")
     except GraftError as exc:
         if debug:
             raise
@@ -408,6 +417,7 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,11 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, did_you_mean
+from .runfolder import default_run_dir
+from .runtime import default_cache_dir, default_workers
 
 STRATEGIES = ("extract", "finetune", "partial")
+MAX_IMAGE_SIZE = 1024  # network input side; 100000 would ask for terabytes, not train
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "none")
 BALANCE = ("none", "weights", "sampler")
@@ -76,15 +80,50 @@ class TrainConfig:
             raise ConfigError("--unfreeze/--unfreeze-last need --strategy partial")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        for name in ("epochs", "batch_size", "image_size"):
+        for name in ("epochs", "batch_size", "image_size", "step_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
+        for name in ("warmup_epochs", "patience", "cache_views", "unfreeze_last", "rotation"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be 0 or more, got {self.workers}")
+        _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
+        _check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        _check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        _check_range("gamma", self.gamma, 0.0, 1.0, low_open=True)
+        _check_range("backbone_lr_mult", self.backbone_lr_mult, 0.0, math.inf)
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be between 0 and 2**63-1, got {self.seed}")
+        if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(
+                f"image_size {self.image_size} is over {MAX_IMAGE_SIZE} pixels; "
+                "the network's input is its pretrained size (224-260) or near it"
+            )
+        self._refuse_ignored()
 
-    def resolve(self) -> TrainConfig:
-        """Fill every `None` with the strategy's default: the config that actually runs.
+    def _refuse_ignored(self) -> None:
+        """Settings that would have no effect are refused, never silently dropped."""
+        if self.strategy != "extract":
+            return
+        if self.warmup_epochs:
+            raise ConfigError("--warmup-epochs is ignored with --strategy extract (only the head "
+                              "trains); use it with finetune or partial")  # fmt: skip
+        if self.progressive:
+            raise ConfigError(
+                "--progressive is ignored with --strategy extract (features are "
+                "computed once, at full size); use it with finetune or partial"
+            )
+        if self.rotation and not self.cache_views:
+            raise ConfigError("--rotation is ignored with --strategy extract unless the cache "
+                              "holds augmented views: add --cache-views N (e.g. 4)")  # fmt: skip
+
+    def resolve(self, input_size: int | None = None) -> TrainConfig:
+        """Fill every `None` with the value that really runs, so the saved config reproduces
+        the run: the strategy's defaults, the workers, the feature cache folder, the run folder,
+        and (given the backbone's pretrained `input_size`) the image size.
 
         extract trains a linear head on cached features: AdamW, many cheap epochs.
         finetune/partial keep the tutorial's SGD(0.9) + StepLR(7, 0.1), with a batch of 16 and the
@@ -97,6 +136,8 @@ class TrainConfig:
         else:
             defaults = dict(epochs=10, batch_size=16, optimizer="sgd", lr=4e-3,
                             weight_decay=1e-4, schedule="step")  # fmt: skip
+        defaults.update(workers=default_workers(), cache_dir=str(default_cache_dir()),
+                        out=str(default_run_dir(self.backbone)), image_size=input_size)  # fmt: skip
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **updates)
 
@@ -104,6 +145,19 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["unfreeze"] = list(self.unfreeze)
         return d
+
+
+def _check_range(name: str, value: float | None, low: float, high: float, low_open: bool = False,
+                 high_open: bool = False) -> None:  # fmt: skip
+    """A finite number inside [low, high] (open ends as asked); None means "default"."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        lb, rb = "(" if low_open else "[", ")" if high_open else "]"
+        raise ConfigError(f"{name} must be a finite number in {lb}{low:g}, {high:g}{rb}, "
+                          f"got {value}")  # fmt: skip
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -149,6 +203,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): save it "
+                          "as UTF-8") from exc  # fmt: skip
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:

@@ -1,28 +1,106 @@
-"""The training loop: `train_one_epoch`, `evaluate`, `fit`. Plain functions, no event bus."""
+"""The training loop: `fit` runs an epoch plan with `train_one_epoch` and `evaluate`.
+
+One `for epoch` loop over the plan (freezing.Epoch: stage, trainable blocks, image size): a new
+stage gets a new optimizer, a new size a new train transform, and every finished epoch is saved
+as the resume point. Plain functions, no callbacks but `on_epoch` for the caller to show a row.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import Resume, save_last
+from .config import TrainConfig
+from .errors import GraftError
+from .freezing import Epoch, apply_freezing, param_groups
+from .loaders import Job
 from .metrics import classification_report, confusion_matrix
-from .runtime import Runtime
+from .runfolder import append_metrics, rewrite_metrics
+from .runtime import Progress, Runtime, no_progress
 
 log = logging.getLogger(__name__)
 
 AUX_LOSS_WEIGHT = 0.4  # inception's auxiliary classifier, as in torchvision's reference recipe
-Progress = Callable[[Iterable, str, int], Iterable]
 
 
-def no_progress(it: Iterable, desc: str, total: int) -> Iterable:
-    return it
+class DivergedError(GraftError):
+    """The training loss became nan or inf: nothing from this run is worth keeping as best."""
+
+
+def fit(
+    job: Job,
+    plan: Sequence[Epoch],
+    cfg: TrainConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: Resume | None = None,
+    progress: Progress = no_progress,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> FitState:
+    """Train `job` through `plan` from its first unfinished epoch, keeping the best weights by val
+    accuracy. With `run_dir`, each epoch appends to metrics.csv and saves the resume point.
+    Ctrl-C (or SIGTERM) stops after the current batch with the best weights so far."""
+    state = FitState.start(resume, job)
+    if run_dir is not None:
+        rewrite_metrics(run_dir, state.history)
+    scaler = torch.amp.GradScaler("cuda") if job.runtime.amp_dtype is torch.float16 else None
+    stage = size = optimizer = scheduler = None
+    for epoch in plan[state.epoch :]:
+        if epoch.stage != stage:
+            stage = epoch.stage
+            optimizer, scheduler = start_stage(job, plan, epoch, cfg)
+            if resume is not None and resume.stage == stage:
+                resume.restore_optimizer(optimizer, scheduler, scaler)
+        if epoch.size != size:
+            size = epoch.size
+            job.set_size(size)
+            if cfg.progressive:
+                log.info("epoch %d on at %dpx", state.epoch + 1, size)
+        start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        try:
+            tr = train_one_epoch(job.model, job.train_loader, optimizer, job.criterion,
+                                 job.runtime, progress, scaler)  # fmt: skip
+            ev = evaluate(job.model, job.val_loader, job.criterion, job.runtime, progress)
+        except KeyboardInterrupt:
+            state.stopped = "interrupted"
+            log.warning("interrupted in epoch %d: keeping the best weights so far", state.epoch + 1)
+            break
+        scheduler.step()
+        row = state.record(job, tr, ev, lr, time.perf_counter() - start)
+        if run_dir is not None:
+            save_last(run_dir, model=job.model, optimizer=optimizer, scheduler=scheduler,
+                      scaler=scaler, stage=stage, state=state, generator=job.generator)  # fmt: skip
+            append_metrics(run_dir, row)
+        if on_epoch is not None:
+            on_epoch(row)
+        if cfg.patience and state.bad_epochs >= cfg.patience:
+            state.stopped = "early stopping"
+            log.info("early stopping: no improvement for %d epochs", cfg.patience)
+            break
+    return state
+
+
+def start_stage(
+    job: Job, plan: Sequence[Epoch], epoch: Epoch, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, Any]:
+    """Freeze all but the stage's blocks; a fresh optimizer and scheduler for the stage (the
+    backbone at `lr * backbone_lr_mult` after a warm-up, the head at `lr`)."""
+    apply_freezing(job.backbone, list(epoch.blocks))
+    mult = cfg.backbone_lr_mult if cfg.warmup_epochs else 1.0
+    groups = param_groups(job.backbone, cfg.lr, mult)
+    optimizer = make_optimizer(groups, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    n_epochs = sum(1 for e in plan if e.stage == epoch.stage)
+    return optimizer, make_scheduler(optimizer, cfg.schedule, n_epochs, cfg.step_size, cfg.gamma)
 
 
 def make_optimizer(
@@ -46,13 +124,6 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def _to(x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    x = x.to(runtime.device, non_blocking=True)
-    if x.dim() == 4 and runtime.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -66,7 +137,7 @@ def train_one_epoch(
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in progress(loader, "train", len(loader)):
-        x, y = _to(x, runtime), y.to(runtime.device)
+        x, y = runtime.batch(x), runtime.batch(y)
         with runtime.autocast():
             out = model(x)
             if isinstance(out, tuple):  # main and auxiliary logits
@@ -75,6 +146,9 @@ def train_one_epoch(
             else:
                 logits = out
                 loss = criterion(logits, y)
+        if not math.isfinite(loss.item()):
+            raise DivergedError(f"the training loss became {loss.item()} (diverged); nothing "
+                                "was saved as best: lower --lr and train again")  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -110,17 +184,19 @@ def evaluate(
     runtime: Runtime,
     progress: Progress = no_progress,
 ) -> EvalResult:
-    """Loss, accuracy and every logit over `loader`, in eval mode."""
+    """Loss (by `criterion`: label smoothing and class weights count), accuracy and every logit
+    over `loader`, in eval mode."""
     model.eval()
     logits, targets = [], []
     for x, y in progress(loader, "val", len(loader)):
         with runtime.autocast():
-            logits.append(model(_to(x, runtime)).float().cpu())
+            logits.append(model(runtime.batch(x)).float().cpu())
         targets.append(y)
-    all_logits = torch.cat(logits) if logits else torch.empty(0, 0)
-    all_targets = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
-    loss = nn.functional.cross_entropy(all_logits, all_targets).item() if logits else 0.0
-    acc = (all_logits.argmax(1) == all_targets).float().mean().item() if logits else 0.0
+    if not logits:
+        return EvalResult(0.0, 0.0, torch.empty(0, 0), torch.empty(0, dtype=torch.long))
+    all_logits, all_targets = torch.cat(logits), torch.cat(targets)
+    loss = copy.deepcopy(criterion).cpu()(all_logits, all_targets).item()
+    acc = (all_logits.argmax(1) == all_targets).float().mean().item()
     return EvalResult(loss, acc, all_logits, all_targets)
 
 
@@ -131,7 +207,7 @@ def per_class_recall(ev: EvalResult, classes: Sequence[str]) -> dict[str, float]
 
 @dataclass
 class FitState:
-    """What survives between `fit` calls (warm-up then unfreeze) and across a resume."""
+    """Where the loop stands: survives stage and size changes, and a resume."""
 
     epoch: int = 0  # epochs completed
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -140,74 +216,35 @@ class FitState:
     bad_epochs: int = 0  # epochs since the best, for early stopping
     stopped: str | None = None  # "interrupted" or "early stopping"
 
+    @classmethod
+    def start(cls, resume: Resume | None, job: Job) -> FitState:
+        """A fresh state, or the resumed one with the model's weights and RNGs restored."""
+        if resume is None:
+            return cls()
+        resume.restore(job.model, job.generator)
+        log.info("resuming after epoch %d", resume.epoch)
+        return cls(resume.epoch, resume.history, resume.best, resume.best_state,
+                   resume.bad_epochs)  # fmt: skip
+
     def is_better(self, row: dict[str, Any]) -> bool:
         """Higher val accuracy wins; a tie goes to the lower val loss."""
         if self.best is None:
             return True
         return (row["val_acc"], -row["val_loss"]) > (self.best["val_acc"], -self.best["val_loss"])
 
-
-def fit(
-    model: nn.Module,
-    train_loader: Iterable,
-    val_loader: Iterable,
-    *,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    criterion: nn.Module,
-    runtime: Runtime,
-    epochs: int,
-    state: FitState | None = None,
-    patience: int = 0,
-    progress: Progress = no_progress,
-    on_epoch: Callable[[dict[str, Any], FitState], None] | None = None,
-    classes: Sequence[str] | None = None,
-) -> FitState:
-    """Train for `epochs` more epochs, keeping the best weights by val accuracy.
-
-    With `classes`, each row also holds the per-class val recall (imbalanced data hides there).
-
-    Ctrl-C stops after the current batch with the best weights so far in `state.best_state`.
-    """
-    state = state or FitState()
-    scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype is torch.float16 else None
-    for _ in range(epochs):
-        start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        try:
-            tr = train_one_epoch(
-                model, train_loader, optimizer, criterion, runtime, progress, scaler
-            )
-            ev = evaluate(model, val_loader, criterion, runtime, progress)
-        except KeyboardInterrupt:
-            state.stopped = "interrupted"
-            log.warning(
-                "interrupted during epoch %d: keeping the best weights so far", state.epoch + 1
-            )
-            break
-        scheduler.step()
-        state.epoch += 1
-        row = {
-            "epoch": state.epoch,
-            "train_loss": tr["loss"],
-            "train_acc": tr["acc"],
-            "val_loss": ev.loss,
-            "val_acc": ev.acc,
-            "lr": lr,
-            "seconds": time.perf_counter() - start,
-        }
-        if classes is not None:
-            row["val_recall"] = per_class_recall(ev, classes)
-        state.history.append(row)
-        if state.is_better(row):
-            state.best, state.bad_epochs = row, 0
-            state.best_state = copy.deepcopy(model.state_dict())
+    def record(
+        self, job: Job, tr: dict[str, float], ev: EvalResult, lr: float, seconds: float
+    ) -> dict[str, Any]:
+        """The epoch's row (with per-class val recall: imbalanced data hides there); the best
+        weights kept when it is the best so far."""
+        self.epoch += 1
+        row = {"epoch": self.epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
+               "val_loss": ev.loss, "val_acc": ev.acc, "lr": lr, "seconds": seconds,
+               "val_recall": per_class_recall(ev, job.classes)}  # fmt: skip
+        self.history.append(row)
+        if self.is_better(row):
+            self.best, self.bad_epochs = row, 0
+            self.best_state = copy.deepcopy(job.model.state_dict())
         else:
-            state.bad_epochs += 1
-        if on_epoch is not None:
-            on_epoch(row, state)
-        if patience and state.bad_epochs >= patience:
-            state.stopped = "early stopping"
-            log.info("early stopping: no improvement for %d epochs", patience)
-            break
-    return state
+            self.bad_epochs += 1
+        return row

@@ -10,16 +10,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from .backbones import Backbone
 from .errors import GraftError
-
-if TYPE_CHECKING:
-    from .predict import Classifier, ImageLike
+from .runtime import Runtime
+from .transforms import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,19 @@ METHODS = ("gradcam", "shap")
 # (inside/outside 3.0-97x, 7.5 s per image on 2 cores); 8x8 stayed noisy even at 400 coalitions.
 SHAP_GRID = 6
 SHAP_SAMPLES = 192
+
+
+class Explainable(Protocol):
+    """What explaining needs of a classifier (predict.Classifier has it; this module never
+    imports predict, so the dependency runs one way: predict -> explain)."""
+
+    backbone: Backbone
+    classes: list[str]
+    model: nn.Module
+    runtime: Runtime
+    spec: PreprocessSpec
+
+    def preprocess(self, image: Any) -> torch.Tensor: ...
 
 
 @dataclass
@@ -57,7 +70,8 @@ def target_layer(model: nn.Module, blocks: list[str], input_size: int) -> nn.Mod
     ]
     try:
         with torch.inference_mode():
-            model.eval()(torch.zeros(1, 3, input_size, input_size))
+            device = next(model.parameters()).device  # explain runs where the model is
+            model.eval()(torch.zeros(1, 3, input_size, input_size, device=device))
     finally:
         for h in hooks:
             h.remove()
@@ -68,7 +82,7 @@ def target_layer(model: nn.Module, blocks: list[str], input_size: int) -> nn.Mod
 
 
 def explain(
-    clf: Classifier, image: ImageLike, method: str = "gradcam", classes: int = 2
+    clf: Explainable, image: Any, method: str = "gradcam", classes: int = 2
 ) -> tuple[torch.Tensor, list[Explanation]]:
     """(the input tensor, one Explanation per top-k class).
 
@@ -78,7 +92,7 @@ def explain(
     """
     if method not in METHODS:
         raise GraftError(f"unknown explanation method {method!r}; choose gradcam or shap")
-    x = clf._tensor(image)[None].to(clf.runtime.device)
+    x = clf.preprocess(image)[None].to(clf.runtime.device)
     model = clf.model.float().eval()
     with torch.inference_mode():
         probs = model(x).float().softmax(1)[0].cpu()
@@ -91,7 +105,7 @@ def explain(
     ]
 
 
-def _gradcam(clf: Classifier, model: nn.Module, x: torch.Tensor, idx: list[int]) -> list:
+def _gradcam(clf: Explainable, model: nn.Module, x: torch.Tensor, idx: list[int]) -> list:
     _require("pytorch_grad_cam")
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -158,7 +172,7 @@ def draw_explanations(axes, rgb: np.ndarray, maps: list[Explanation], method: st
 
 
 def explain_files(
-    clf: Classifier,
+    clf: Explainable,
     paths: list[str | Path],
     out_dir: str | Path,
     method: str = "gradcam",

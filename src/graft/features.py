@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +18,10 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
-from .data import BadFile, Sample, file_digest, load_image
-from .engine import Progress, no_progress
+from .data import Sample
 from .errors import ImageError
-from .runtime import Runtime, atomic_path
+from .images import BadFile, file_digest, load_image
+from .runtime import Progress, Runtime, atomic_path, default_cache_dir, no_progress
 from .transforms import build_transforms
 
 log = logging.getLogger(__name__)
@@ -30,25 +29,15 @@ log = logging.getLogger(__name__)
 STORE_DTYPE = torch.float16  # pooled features are well inside fp16's range; halves the cache
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("GRAFT_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "graft" / "features"
-
-
-def model_key(backbone: Backbone, runtime: Runtime) -> str:
-    """Hash of everything that changes a feature: weights, preprocessing, precision, format."""
+def model_key(backbone: Backbone, runtime: Runtime, rotation: float = 0.0) -> str:
+    """Hash of everything that changes a feature: weights, preprocessing, precision, format, and
+    the augmentation of the cached views (`rotation`)."""
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {
-                "backbone": backbone.name,
-                "spec": backbone.spec.to_dict(),
-                "precision": runtime.precision,
-                "v": 1,
-            },
-            sort_keys=True,
-        ).encode()
-    )
+    what = {"backbone": backbone.name, "spec": backbone.spec.to_dict(),
+            "precision": runtime.precision, "v": 1}  # fmt: skip
+    if rotation:  # absent when 0, so caches made before rotation was keyed stay valid
+        what["rotation"] = rotation
+    h.update(json.dumps(what, sort_keys=True).encode())
     for name, tensor in backbone.model.features.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -107,12 +96,11 @@ class _ViewsDataset(torch.utils.data.Dataset):
     """Eval view plus `views` augmented views of each file; augmentations seeded by content hash,
     so the same file always gets the same cached views whatever the worker order."""
 
-    def __init__(
-        self, paths: Sequence[str], digests: Sequence[str], backbone: Backbone, views: int
-    ):
+    def __init__(self, paths: Sequence[str], digests: Sequence[str], backbone: Backbone,
+                 views: int, rotation: float = 0.0):  # fmt: skip
         self.paths, self.digests, self.views = list(paths), list(digests), views
         self.eval_tf = build_transforms(backbone.spec, train=False)
-        self.train_tf = build_transforms(backbone.spec, train=True)
+        self.train_tf = build_transforms(backbone.spec, train=True, rotation=rotation)
         self.min_side = backbone.spec.resize_size
 
     def __len__(self) -> int:
@@ -158,13 +146,13 @@ def extract_features(
     batch_size: int = 64,
     workers: int = 0,
     progress: Progress = no_progress,
+    rotation: float = 0.0,
 ) -> FeatureSet:
-    """Pooled features of every sample, from the cache where possible, computed once otherwise."""
-    net: nn.Module = backbone.model.features.to(runtime.device)
-    if runtime.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    net.eval()
-    cache = FeatureCache(cache_dir or default_cache_dir(), model_key(backbone, runtime))
+    """Pooled features of every sample, from the cache where possible, computed once otherwise.
+    `views` augmented views per sample (random crop, flip, `rotation`) are cached beside them."""
+    net: nn.Module = runtime.prepare(backbone.model.features).eval()
+    key = model_key(backbone, runtime, rotation if views else 0.0)
+    cache = FeatureCache(cache_dir or default_cache_dir(), key)
     digests, feats, augs, bad = {}, {}, {}, {}
     for i, (path, _) in enumerate(samples):
         try:
@@ -178,9 +166,8 @@ def extract_features(
     todo = [i for i in digests if i not in feats]
     hits = len(feats)
     if todo:
-        ds = _ViewsDataset(
-            [samples[i][0] for i in todo], [digests[i] for i in todo], backbone, views
-        )
+        ds = _ViewsDataset([samples[i][0] for i in todo], [digests[i] for i in todo], backbone,
+                           views, rotation)  # fmt: skip
         loader = torch.utils.data.DataLoader(
             ds,
             batch_size=max(1, batch_size // (1 + views)),
@@ -194,9 +181,7 @@ def extract_features(
                     bad[todo[j]] = reason
             if not ok:
                 continue
-            x = torch.cat([x for _, x in ok]).to(runtime.device)
-            if runtime.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = runtime.batch(torch.cat([x for _, x in ok]))
             with runtime.autocast():
                 out = net(x).float().cpu()
             out = out.view(len(ok), 1 + views, -1)

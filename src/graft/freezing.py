@@ -1,13 +1,16 @@
-"""Freezing strategies by block name (extract, finetune, partial) and optimizer parameter groups."""
+"""Freezing strategies by block name (extract, finetune, partial), optimizer parameter groups,
+and the recipe as data: which blocks train, at which image size, in each epoch."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from torch import nn
 
 from .backbones import Backbone
+from .config import TrainConfig
 from .errors import BackboneError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -75,3 +78,37 @@ def param_groups(backbone: Backbone, lr: float, backbone_lr_mult: float) -> list
     if body:
         groups.append({"params": body, "lr": lr * backbone_lr_mult, "name": "backbone"})
     return groups
+
+
+# ---------------------------------------------------------------- the recipe as data
+
+
+class Epoch(NamedTuple):
+    """One epoch of the plan `engine.fit` executes."""
+
+    stage: int  # 0: the head alone (warm-up), 1: the chosen blocks too
+    blocks: tuple[str, ...]  # backbone blocks that train in this epoch
+    size: int  # image side
+
+
+def epoch_plan(cfg: TrainConfig, blocks: Sequence[str], full: int) -> list[Epoch]:
+    """Stage 0 trains the head alone for `warmup_epochs`, stage 1 the chosen blocks too; with
+    `progressive`, the first half of each stage runs at ~70% image size."""
+    if cfg.strategy == "extract":
+        return [Epoch(1, (), full)] * cfg.epochs
+    low = progressive_size(full) if cfg.progressive else full
+    plan: list[Epoch] = []
+    stages = [((), cfg.warmup_epochs), (tuple(blocks), cfg.epochs - cfg.warmup_epochs)]
+    for stage, (stage_blocks, n) in enumerate(stages):
+        n = max(0, n)
+        n_low = n // 2 if low < full else 0
+        plan += [Epoch(stage, stage_blocks, low)] * n_low
+        plan += [Epoch(stage, stage_blocks, full)] * (n - n_low)
+    return plan
+
+
+def progressive_size(full: int) -> int:
+    """About 70% of the input size, a multiple of 32 (224 -> 160): half the pixels per image.
+    Opt-in (`--progressive`): on the demo it saved 7% of the wall time and cost 4 points of val
+    accuracy (docs/PERFORMANCE.md)."""
+    return max(32, round(full * 0.7 / 32) * 32)

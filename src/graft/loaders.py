@@ -1,22 +1,33 @@
-"""Training and validation loaders over images: decoded once, augmented every epoch.
+"""What trains on which data, per strategy: a `Job` (model, loaders, loss, runtime).
 
-Decoding a JPEG costs more than augmenting it, so each image is decoded once per run into a compact
-uint8 tensor (shorter side = the eval resize size, a little larger than the crop) kept in memory;
-RandomResizedCrop and flips then run on those tensors each epoch. Validation images are stored
-already center-cropped. Past a memory budget, images are decoded from disk every epoch instead.
+extract: pooled features computed once (cached, features.py), and the head alone trains on them.
+finetune/partial: decoding a JPEG costs more than augmenting it, so each image is decoded once per
+run into a compact uint8 tensor (shorter side = the eval resize size, a little larger than the
+crop) kept in memory; RandomResizedCrop and flips then run on those tensors each epoch. Validation
+images are stored already center-cropped. Past a memory budget, images are decoded from disk
+every epoch instead.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torchvision.transforms import v2
 
-from .data import BadFile, ImageDataset, Sample, decode_files, load_image, verify_files
+from .backbones import Backbone
+from .config import TrainConfig
+from .data import DatasetSplit, Sample
+from .errors import DatasetError
+from .features import extract_features
+from .images import BadFile, decode_files, format_bad_files, load_image, verify_files
+from .runtime import Progress, Runtime
 from .transforms import PreprocessSpec, build_transforms, geometry_transforms, tensor_transforms
 
 log = logging.getLogger(__name__)
@@ -36,6 +47,26 @@ def decode_to_tensor(path: str, side: int) -> torch.Tensor:
             reducing_gap=2.0,
         )
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, label) samples -> (transformed image, label)."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, min_side: int | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.min_side = min_side
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [y for _, y in self.samples]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(load_image(path, self.min_side)), label
 
 
 class DecodedDataset(torch.utils.data.Dataset):
@@ -101,3 +132,107 @@ def build_datasets(
         DecodedDataset(va_images, va_labels, val_tf),
         tr_bad + va_bad,
     )
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@dataclass
+class Job:
+    """What trains, on what: everything `engine.fit` needs besides the plan and the config."""
+
+    backbone: Backbone  # for freezing and parameter groups at each stage
+    model: nn.Module  # what trains: the head on features (extract) or the whole network
+    train_loader: Any
+    val_loader: Any
+    criterion: nn.Module
+    runtime: Runtime
+    generator: torch.Generator  # data order; saved in `last` so a resumed epoch is not a replay
+    set_size: Callable[[int], None]  # train images at this side from now on
+    skipped: list[str]  # unreadable files left out (--skip-bad)
+    classes: list[str]
+
+
+def prepare_job(
+    cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime, progress: Progress
+) -> Job:
+    """Decode (or look up) every image once, before the first epoch: bad files are known now."""
+    prepare = _prepare_features if cfg.strategy == "extract" else _prepare_images
+    return prepare(cfg, backbone, split, runtime, progress)
+
+
+def _prepare_features(
+    cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime, progress: Progress
+) -> Job:
+    """extract: pooled features once (cached), then the head alone trains on them."""
+    kw = dict(runtime=runtime, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress)
+    tr = extract_features(backbone, split.train, views=cfg.cache_views, rotation=cfg.rotation, **kw)
+    va = extract_features(backbone, split.val, **kw)
+    skipped = _check_bad(cfg, tr.bad + va.bad)
+    log.info("features: %d from cache, %d computed", tr.hits + va.hits, tr.computed + va.computed)
+    x = torch.cat([tr.features, tr.aug.flatten(0, 1)])
+    y = torch.cat([tr.labels, tr.labels.repeat_interleave(cfg.cache_views)])
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=cfg.batch_size, generator=g,
+        **_sampler_kwargs(cfg, y, g))  # fmt: skip
+    val_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(va.features, va.labels), batch_size=1024
+    )
+    cpu = Runtime(torch.device("cpu"), None)  # a Linear on a few MB of features: the CPU is fastest
+    return Job(backbone, backbone.model.head, train_loader, val_loader,
+               _criterion(cfg, y, len(split.classes)), cpu, g, lambda size: None, skipped,
+               split.classes)  # fmt: skip
+
+
+def _prepare_images(
+    cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime, progress: Progress
+) -> Job:
+    """finetune / partial: images decoded once into memory, augmented every epoch."""
+    train_ds, val_ds, bad = build_datasets(split.train, split.val, backbone.spec, cfg.rotation,
+                                           workers=cfg.workers + 1)  # fmt: skip
+    skipped = _check_bad(cfg, bad)
+    # decoded datasets augment small uint8 tensors: worker processes would cost more than they save
+    workers = cfg.workers if isinstance(train_ds, ImageDataset) else 0
+    g = torch.Generator().manual_seed(cfg.seed)
+    labels = torch.tensor(list(train_ds.labels))
+    train_loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.batch_size, num_workers=workers, generator=g,
+        drop_last=len(train_ds) > cfg.batch_size, **_sampler_kwargs(cfg, labels, g))  # fmt: skip
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size,
+                                             num_workers=workers)  # fmt: skip
+
+    def set_size(size: int) -> None:
+        train_ds.transform = build_transforms(backbone.spec.with_size(size), True, cfg.rotation)
+
+    criterion = _criterion(cfg, labels, len(split.classes)).to(runtime.device)
+    return Job(backbone, runtime.prepare(backbone.model), train_loader, val_loader, criterion,
+               runtime, g, set_size, skipped, split.classes)  # fmt: skip
+
+
+def _check_bad(cfg: TrainConfig, bad: list[BadFile]) -> list[str]:
+    if bad and not cfg.skip_bad:
+        raise DatasetError(
+            f"{len(bad)} file(s) cannot be used:\n{format_bad_files(bad)}\n"
+            "Fix or remove them, or pass --skip-bad to train without them "
+            f"(graft verify {cfg.data_dir} lists them all)"
+        )
+    if bad:
+        log.warning("skipping %d unreadable file(s):\n%s", len(bad), format_bad_files(bad))
+    return [b.path for b in bad]
+
+
+def _criterion(cfg: TrainConfig, labels: torch.Tensor, num_classes: int) -> nn.Module:
+    weight = None
+    if cfg.balance == "weights":
+        counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+        weight = counts.sum() / (num_classes * counts)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def _sampler_kwargs(cfg: TrainConfig, labels: torch.Tensor, g: torch.Generator) -> dict:
+    if cfg.balance != "sampler":
+        return {"shuffle": True}
+    weights = (1.0 / torch.bincount(labels).float())[labels]
+    sampler = torch.utils.data.WeightedRandomSampler(weights, len(labels), generator=g)
+    return {"sampler": sampler, "shuffle": False}

@@ -7,7 +7,6 @@ are). Images are embedded as data URIs: the page opens offline, anywhere, with n
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import logging
@@ -19,16 +18,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import load_image, load_split
+from .data import load_split
 from .errors import DatasetError, GraftError
+from .images import load_image
 from .predict import Classifier
+from .runfolder import (
+    CONFUSION,
+    CURVES,
+    EXPLANATIONS,
+    FIGURES,
+    PREDICTIONS,
+    REPORT_HTML,
+    REPORT_JSON,
+    SAMPLES,
+    SPLIT,
+    TOP_LOSSES,
+    read_metrics,
+)
 from .runtime import atomic_path, atomic_write_text
 from .transforms import build_transforms, denormalize
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("curves.png", "confusion_matrix.png", "samples.png", "predictions.png",
-           "top_losses.png", "explanations.png")  # fmt: skip
+__all__ = ["FIGURES", "build_report"]
 DPI = 100
 
 
@@ -44,11 +56,11 @@ def build_report(
     run_dir = Path(run_dir)
     clf = Classifier.load(run_dir)
     meta = clf.meta
-    split = load_split(run_dir / "split", data_dir)
+    split = load_split(run_dir / SPLIT, data_dir)
     if split.classes != clf.classes:
         raise DatasetError(f"{run_dir}/split lists other classes than the model; re-train")
     root, val, train = Path(split.root), split.val, split.train
-    history = _read_metrics(run_dir / "metrics.csv")
+    history = read_metrics(run_dir)
     preds = clf.predict_files([p for p, _ in val])
     ok = [(s, p) for s, p in zip(val, preds) if p.probs is not None]
     probs = torch.tensor([[p.probs[c] for c in clf.classes] for _, p in ok])
@@ -66,17 +78,17 @@ def build_report(
 
     matplotlib.use("Agg")
     figures: dict[str, Any] = {}
-    _save(run_dir, "curves.png", _curves(history), figures)
-    _save(run_dir, "confusion_matrix.png", _confusion(evaluation, clf.classes), figures)
-    _save(run_dir, "samples.png", _samples(clf, train), figures)
+    _save(run_dir, CURVES, _curves(history), figures)
+    _save(run_dir, CONFUSION, _confusion(evaluation, clf.classes), figures)
+    _save(run_dir, SAMPLES, _samples(clf, train), figures)
     shown = [(ok[i][0][0], int(targets[i]), probs[i]) for i in _spread(range(len(ok)), 16)]
-    _save(run_dir, "predictions.png", _predictions(clf, shown, "Validation predictions"), figures)
+    _save(run_dir, PREDICTIONS, _predictions(clf, shown, "Validation predictions"), figures)
     lossy = [(ok[i][0][0], int(targets[i]), probs[i]) for i in wrong[:8]]
-    _save(run_dir, "top_losses.png", _predictions(clf, lossy, "Top losses"), figures)
+    _save(run_dir, TOP_LOSSES, _predictions(clf, lossy, "Top losses"), figures)
     explanations_note = None
     try:
         picks = _spread(shown, explain_images)
-        _save(run_dir, "explanations.png", _explanations(clf, picks), figures)
+        _save(run_dir, EXPLANATIONS, _explanations(clf, picks), figures)
     except GraftError as exc:
         explanations_note = str(exc)
         log.warning("no explanations in the report: %s", exc)
@@ -87,9 +99,9 @@ def build_report(
         "figures": figures, "explanations_note": explanations_note,
         "build_seconds": round(time.perf_counter() - start, 2),
     }  # fmt: skip
-    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    atomic_write_text(run_dir / "report.html", _html(report, run_dir))
-    log.info("report written to %s in %.1fs", run_dir / "report.html", report["build_seconds"])
+    atomic_write_text(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(run_dir / REPORT_HTML, _html(report, run_dir))
+    log.info("report written to %s in %.1fs", run_dir / REPORT_HTML, report["build_seconds"])
     return report
 
 
@@ -98,13 +110,6 @@ def _spread(items, k: int) -> list:
     not only the first."""
     items = list(items)
     return items[:: max(1, len(items) // max(1, k))][:k]
-
-
-def _read_metrics(path: Path) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as fh:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
 
 
 def _summary(meta: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
@@ -310,20 +315,20 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
     sections = [
         ("summary", "Run summary", _table(["", ""], summary)
          + _table(["class", *counts.keys()], class_rows)),
-        ("curves", "Training curves", _img(run_dir, "curves.png")),
-        ("confusion", "Confusion matrix", _img(run_dir, "confusion_matrix.png")),
+        ("curves", "Training curves", _img(run_dir, CURVES)),
+        ("confusion", "Confusion matrix", _img(run_dir, CONFUSION)),
         ("per-class", "Per-class metrics",
          _table(["class", "precision", "recall", "f1", "support"], per_class)),
-        ("samples", "Training samples", _img(run_dir, "samples.png")),
-        ("predictions", "Validation predictions", _img(run_dir, "predictions.png")),
+        ("samples", "Training samples", _img(run_dir, SAMPLES)),
+        ("predictions", "Validation predictions", _img(run_dir, PREDICTIONS)),
         ("top-losses", "Top losses (most confidently wrong)",
-         _img(run_dir, "top_losses.png")
+         _img(run_dir, TOP_LOSSES)
          + _table(["image", "true", "predicted", "confidence", "loss"], losses)),
         ("most-confused", "Most confused classes",
          _table(["true", "predicted as", "images"], confused)),
         ("explanations", "Explanations",
          f'<p class="muted">{html.escape(note)}</p>' if note
-         else _img(run_dir, "explanations.png")),
+         else _img(run_dir, EXPLANATIONS)),
     ]  # fmt: skip
     body = "".join(f'<section id="{sid}"><h2>{title}</h2>{content}</section>'
                    for sid, title, content in sections)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Runtime: device and precision resolved once, seeding, run folders and atomic file writes."""
+"""Runtime: device, precision and memory layout resolved once; seeding, signals, atomic writes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import logging
 import os
 import random
 import re
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,12 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _TMP_PREFIX = ".graft-tmp-"
+
+Progress = Callable[[Iterable, str, int], Iterable]  # (iterable, label, total) -> iterable
+
+
+def no_progress(it: Iterable, desc: str, total: int) -> Iterable:
+    return it
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,20 @@ class Runtime:
     def channels_last(self) -> bool:
         # oneDNN and cuDNN convolutions are fastest in NHWC; MPS gains nothing from it.
         return self.device.type in ("cpu", "cuda")
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this device, in this runtime's memory layout (in place, returned)."""
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch on this device; image batches (N, C, H, W) in this runtime's layout."""
+        if x.dim() == 4:
+            return x.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        return x.to(self.device, non_blocking=True)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -99,6 +121,30 @@ def resolve_runtime(
 def default_workers() -> int:
     """DataLoader workers: leave one core to the main process, at most 8."""
     return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def default_cache_dir() -> Path:
+    """Where cached features live: $GRAFT_CACHE_DIR, else ~/.cache/graft/features."""
+    env = os.environ.get("GRAFT_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "graft" / "features"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops like Ctrl-C (KeyboardInterrupt after the current batch), keeping what is
+    saved. Only the main thread can install signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def seed_everything(seed: int) -> None:

@@ -12,8 +12,8 @@ from functools import partial
 import pytest
 from PIL import Image
 
-from graft.datasets import fetch_dataset
 from graft.errors import DatasetError
+from graft.fetch import fetch_dataset
 
 
 def _zip_bytes(members: dict[str, bytes]) -> bytes:
