@@ -87,3 +87,23 @@ def test_list_backbones_reports_offline_embedded():
     assert infos["efficientnet_lite0"].offline and infos["efficientnet_lite0"].input_size == 224
     assert infos["resnet18"].params == 11_689_512
     assert infos["inception_v3"].input_size == 299
+
+
+def test_timm_models_use_timms_own_classifier_surface():
+    """reset_classifier(0) leaves the pooled features; the new head sits on num_features."""
+    bb = create_backbone("timm:resnet10t", num_classes=5, pretrained=False)
+    assert bb.model.num_features == bb.model.features.num_features == 512
+    assert isinstance(bb.model.features.get_classifier(), torch.nn.Identity)
+    with torch.inference_mode():
+        assert bb.model.features.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
+    lite = create_backbone("efficientnet_lite0", num_classes=2, pretrained=False).model
+    assert not [k for k in lite.state_dict() if k.startswith("features.classifier")]
+
+
+def test_backbone_is_not_mutated():
+    import dataclasses
+
+    bb = create_backbone("efficientnet_lite0", num_classes=2, pretrained=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bb.spec = bb.spec.with_size(160)
+    assert dataclasses.replace(bb, spec=bb.spec.with_size(160)).spec.input_size == 160

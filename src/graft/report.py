@@ -10,17 +10,15 @@ import base64
 import html
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from . import figures as draw
 from .data import load_split
 from .errors import DatasetError, GraftError
-from .images import load_image
 from .predict import Classifier
 from .runfolder import (
     CONFUSION,
@@ -36,7 +34,6 @@ from .runfolder import (
     read_metrics,
 )
 from .runtime import atomic_path, atomic_write_text
-from .transforms import build_transforms, denormalize
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +62,9 @@ def build_report(
     ok = [(s, p) for s, p in zip(val, preds) if p.probs is not None]
     probs = torch.tensor([[p.probs[c] for c in clf.classes] for _, p in ok])
     targets = torch.tensor([y for (_, y), _ in ok])
-    evaluation = clf.evaluate_samples(val, preds)  # what `graft evaluate` gives on this split
+    evaluation = clf.evaluate_samples(
+        val, preds
+    )  # what `graft evaluate` gives on this split
     losses = -torch.log(probs[torch.arange(len(ok)), targets].clamp_min(1e-12))
     order = losses.argsort(descending=True).tolist()
     wrong = [i for i in order if probs[i].argmax() != targets[i]]
@@ -78,17 +77,17 @@ def build_report(
 
     matplotlib.use("Agg")
     figures: dict[str, Any] = {}
-    _save(run_dir, CURVES, _curves(history), figures)
-    _save(run_dir, CONFUSION, _confusion(evaluation, clf.classes), figures)
-    _save(run_dir, SAMPLES, _samples(clf, train), figures)
-    shown = [(ok[i][0][0], int(targets[i]), probs[i]) for i in _spread(range(len(ok)), 16)]
-    _save(run_dir, PREDICTIONS, _predictions(clf, shown, "Validation predictions"), figures)
+    _save(run_dir, CURVES, draw.curves(history), figures)
+    _save(run_dir, CONFUSION, draw.confusion(evaluation, clf.classes), figures)
+    _save(run_dir, SAMPLES, draw.samples(clf, train), figures)
+    shown = [(ok[i][0][0], int(targets[i]), probs[i]) for i in draw.spread(range(len(ok)), 16)]
+    _save(run_dir, PREDICTIONS, draw.predictions(clf, shown, "Validation predictions"), figures)
     lossy = [(ok[i][0][0], int(targets[i]), probs[i]) for i in wrong[:8]]
-    _save(run_dir, TOP_LOSSES, _predictions(clf, lossy, "Top losses"), figures)
+    _save(run_dir, TOP_LOSSES, draw.predictions(clf, lossy, "Top losses"), figures)
     explanations_note = None
     try:
-        picks = _spread(shown, explain_images)
-        _save(run_dir, EXPLANATIONS, _explanations(clf, picks), figures)
+        picks = draw.spread(shown, explain_images)
+        _save(run_dir, EXPLANATIONS, draw.explanations(clf, picks), figures)
     except GraftError as exc:
         explanations_note = str(exc)
         log.warning("no explanations in the report: %s", exc)
@@ -103,13 +102,6 @@ def build_report(
     atomic_write_text(run_dir / REPORT_HTML, _html(report, run_dir))
     log.info("report written to %s in %.1fs", run_dir / REPORT_HTML, report["build_seconds"])
     return report
-
-
-def _spread(items, k: int) -> list:
-    """At most `k` items evenly spaced through `items`: every class of a class-sorted split,
-    not only the first."""
-    items = list(items)
-    return items[:: max(1, len(items) // max(1, k))][:k]
 
 
 def _summary(meta: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
@@ -138,117 +130,6 @@ def _save(run_dir: Path, name: str, fig, figures: dict[str, Any]) -> None:
     w, h = fig.get_size_inches() * DPI
     figures[name] = [int(round(w)), int(round(h))]
     plt.close(fig)
-
-
-def _curves(history: list[dict[str, float]]):
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ep = [r["epoch"] for r in history]
-    for key, ax in (("loss", a), ("acc", b)):
-        ax.plot(ep, [r[f"train_{key}"] for r in history], label=f"train {key}")
-        ax.plot(ep, [r[f"val_{key}"] for r in history], label=f"val {key}")
-        ax.set_xlabel("epoch")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    a.set_title("loss")
-    b.set_title("accuracy")
-    fig.tight_layout()
-    return fig
-
-
-def _confusion(evaluation: dict[str, Any], classes: list[str]):
-    import matplotlib.pyplot as plt
-
-    cm = np.array(evaluation["confusion_matrix"], dtype=float)
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    size = max(4.0, 0.6 * len(classes) + 2.5)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
-    for ax, data, title, fmt in (
-        (axes[0], cm, "counts", "{:.0f}"),
-        (axes[1], norm, "row-normalised (recall)", "{:.2f}"),
-    ):
-        ax.imshow(data, cmap="Blues")
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(classes)), classes, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(title)
-        peak = data.max() or 1
-        for i in range(len(classes)):
-            for j in range(len(classes)):
-                ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if data[i, j] > peak / 2 else "black")  # fmt: skip
-    fig.tight_layout()
-    return fig
-
-
-def _grid(n: int, cols: int = 4, cell: float = 2.4):
-    import matplotlib.pyplot as plt
-
-    rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * (cell + 0.3)), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    return fig, list(axes.flat)
-
-
-def _samples(clf: Classifier, train: list[tuple[str, int]]):
-    """Training images as the network sees them (augmented), de-normalised correctly."""
-    tf = build_transforms(clf.spec, train=True)
-    picks = _spread(train, 16)
-    fig, axes = _grid(len(picks))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for ax, (path, y) in zip(axes, picks):
-            x = tf(load_image(path))
-            ax.imshow(denormalize(x, clf.spec).permute(1, 2, 0).numpy())
-            ax.set_title(clf.classes[y], fontsize=9)
-    fig.suptitle("Augmented training samples")
-    fig.tight_layout()
-    return fig
-
-
-def _predictions(clf: Classifier, items: list, title: str):
-    tf = build_transforms(clf.spec, train=False)
-    fig, axes = _grid(max(1, len(items)))
-    for ax, (path, y, p) in zip(axes, items):
-        x = tf(load_image(path))
-        ax.imshow(denormalize(x, clf.spec).permute(1, 2, 0).numpy())
-        k = int(p.argmax())
-        right = k == y
-        ax.set_title(f"{clf.classes[k]} {float(p[k]):.2f}\ntrue: {clf.classes[y]}", fontsize=8,
-                     color="black" if right else "red")  # fmt: skip
-        if not right:
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_color("red")
-                s.set_linewidth(3)
-    if not items:
-        axes[0].text(0.5, 0.5, "none", ha="center")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def _explanations(clf: Classifier, items: list):
-    import matplotlib.pyplot as plt
-
-    from .explain import draw_explanations, explain
-
-    rows = max(1, len(items))
-    fig, axes = plt.subplots(rows, 3, figsize=(8, 2.8 * rows), squeeze=False)
-    for row, (path, y, _) in zip(axes, items):
-        x, maps = explain(clf, path, "gradcam", 2)
-        rgb = denormalize(x, clf.spec).permute(1, 2, 0).numpy()
-        draw_explanations(row, rgb, maps, "gradcam", f"true: {clf.classes[y]}")
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle("Grad-CAM: where the network looked for its top-2 classes")
-    fig.tight_layout()
-    return fig
 
 
 # ---------------------------------------------------------------- HTML

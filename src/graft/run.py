@@ -145,7 +145,10 @@ def _config(
     if isinstance(data, TrainConfig):
         if config_file is not None:
             raise ConfigError("pass a TrainConfig or a config file, not both")
-        return make_config(None, None, **{**data.to_dict(), **options}) if options else data
+        if not options:
+            return data
+        values = {**data.to_dict(), **options}
+        return make_config(values.pop("data_dir"), None, **values)
     return make_config(data, config_file, **options)
 
 
