@@ -90,3 +90,19 @@ def test_malformed_model_json_refused(run_copy, change, message):
 def test_not_a_run_folder(tmp_path):
     with pytest.raises(CheckpointError, match="is not a graft run folder"):
         graft.load(tmp_path)
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    import os
+
+    from graft.runtime import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600

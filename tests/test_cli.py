@@ -138,3 +138,18 @@ def test_bare_graft_prints_help_not_a_traceback():
     assert r.returncode in (0, 2)
     assert "Traceback" not in r.stderr and "Usage: graft" in r.stdout + r.stderr
     assert "train" in r.stdout + r.stderr
+
+
+def test_json_and_csv_keep_non_ascii_names_readable(trained_run, tmp_path):
+    from PIL import Image
+
+    names = ["пчела.png", "🐝 bee.png"]
+    for name in names:
+        Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / name)
+    r = graft("predict", trained_run.run_dir, tmp_path, "--json", "--top-k", "1")
+    assert r.returncode == 0, r.stderr
+    assert "\\u" not in r.stdout and all(n in r.stdout for n in names)
+    assert sorted(os.path.basename(x["path"]) for x in json.loads(r.stdout)) == sorted(names)
+    r = graft("predict", trained_run.run_dir, tmp_path, "--csv", "--top-k", "1")
+    rows = list(csv.DictReader(r.stdout.splitlines()))
+    assert sorted(os.path.basename(x["path"]) for x in rows) == sorted(names)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 import graft
@@ -36,3 +38,22 @@ def test_explain_runs_on_the_device_asked_for(trained_run, shapes_dir, tmp_path)
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["000-000-gradcam.png"]
+
+
+@pytest.mark.parametrize("strategy", ["extract", "finetune"])
+def test_one_model_one_accuracy(shapes_dir, tmp_path, strategy):
+    """model.json, the run summary, the report and `graft evaluate` give the same number."""
+    out = tmp_path / strategy
+    extra = {"image_size": 64, "batch_size": 8} if strategy == "finetune" else {}
+    run = graft.train(shapes_dir, strategy=strategy, epochs=2, workers=0, out=str(out), **extra)
+    meta = json.loads((out / "model.json").read_text())
+    r = subprocess.run([sys.executable, "-m", "graft", "evaluate", str(out), str(shapes_dir),
+                        "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    evaluated = json.loads(r.stdout)
+    assert evaluated["n"] == meta["val"]["n"] == 24
+    assert evaluated["accuracy"] == meta["val"]["accuracy"] == run.val_accuracy
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"]["accuracy"] == meta["val"]["accuracy"]
+    rebuilt = graft.report(out, explain_images=0)  # predicts the val images afresh
+    assert rebuilt["evaluation"]["accuracy"] == meta["val"]["accuracy"]

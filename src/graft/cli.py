@@ -289,6 +289,8 @@ def main() -> None:
     click's exceptions (typer.TyperException, typer.Exit, typer.Abort): those are caught here.
     """
     debug = bool(os.environ.get("GRAFT_DEBUG"))
+    if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(encoding="utf-8")  # JSON and CSV are UTF-8 whatever the locale
     logging.basicConfig(
         level=logging.INFO,
         format="%(levelname)s %(message)s" if debug else "%(message)s",

@@ -44,12 +44,12 @@ def epoch_line(row: dict[str, Any]) -> None:
 
 def run_summary(run: Any) -> None:
     """The end of `graft train`: best epoch with its interval, test score, what was skipped."""
-    best = run.best
     lo, hi = run.val_ci95
     out(
-        f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f} (95% CI {lo:.3f}-{hi:.3f}, "
-        f"n={run.val_images}), val loss {best['val_loss']:.4f}  ({run.trainable_params:,} of "
-        f"{run.total_params:,} parameters trained, {run.wall_seconds:.1f}s)"
+        f"best epoch {run.best['epoch']}: val acc {run.val_accuracy:.4f} (95% CI {lo:.3f}-"
+        f"{hi:.3f}, n={run.val_images}), val loss {run.best['val_loss']:.4f}  "
+        f"({run.trainable_params:,} of {run.total_params:,} parameters trained, "
+        f"{run.wall_seconds:.1f}s)"
     )
     if run.test:
         lo, hi = run.test["accuracy_ci95"]

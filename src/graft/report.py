@@ -42,7 +42,10 @@ DPI = 100
 
 
 def build_report(
-    run_dir: str | Path, data_dir: str | Path | None = None, explain_images: int = 4
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    explain_images: int = 4,
+    val_predictions: list | None = None,
 ) -> dict[str, Any]:
     """Write the figures, report.json and report.html into `run_dir`; return report.json's data.
 
@@ -58,7 +61,8 @@ def build_report(
         raise DatasetError(f"{run_dir}/split lists other classes than the model; re-train")
     root, val, train = Path(split.root), split.val, split.train
     history = read_metrics(run_dir)
-    preds = clf.predict_files([p for p, _ in val])
+    # training passes the predictions it made for model.json: the same numbers, computed once
+    preds = val_predictions or clf.predict_files([p for p, _ in val])
     ok = [(s, p) for s, p in zip(val, preds) if p.probs is not None]
     probs = torch.tensor([[p.probs[c] for c in clf.classes] for _, p in ok])
     targets = torch.tensor([y for (_, y), _ in ok])
@@ -177,9 +181,7 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
         ],
         ["precision", run["precision"]],
         ["wall time (s)", run["wall_seconds"]],
-        ["best epoch", best.get("epoch")],
-        ["best val accuracy", best.get("val_acc")],
-        ["best val loss", best.get("val_loss")],
+        ["best epoch (chosen on val loss/accuracy)", best.get("epoch")],
         ["val accuracy, 95% CI", f"{ev['accuracy']:.4f} ({lo:.3f}-{hi:.3f}, n={ev['n']})"],
     ]
     if run.get("test"):

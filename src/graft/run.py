@@ -18,7 +18,7 @@ from typing import Any
 from . import checkpoint
 from .backbones import Backbone, create_backbone
 from .config import TrainConfig, dump_yaml, make_config
-from .data import DatasetSplit, discover, load_split, report_duplicates, write_split
+from .data import discover, load_split, report_duplicates, write_split
 from .engine import fit
 from .errors import ConfigError, DatasetError, GraftError
 from .freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
@@ -26,7 +26,6 @@ from .loaders import prepare_job
 from .runfolder import CONFIG, SPLIT, prepare_run_dir
 from .runtime import (
     Progress,
-    Runtime,
     atomic_write_text,
     no_progress,
     resolve_runtime,
@@ -53,12 +52,20 @@ class Run:
     test: dict[str, Any] | None = None
     val_images: int = 0
     config: TrainConfig | None = None  # the resolved config that ran
+    val: dict[str, Any] | None = None  # the saved model on the val split, as `graft evaluate`
+
+    @property
+    def val_accuracy(self) -> float:
+        """The saved model's val accuracy: the same number `graft evaluate` and the report give."""
+        return self.val["accuracy"] if self.val else self.best["val_acc"]
 
     @property
     def val_ci95(self) -> tuple[float, float]:
-        """Wilson 95% interval of the best val accuracy: 150 images read as what they are."""
+        """Wilson 95% interval of the val accuracy: 150 images read as what they are."""
         from .metrics import wilson_interval
 
+        if self.val:
+            return tuple(self.val["accuracy_ci95"])
         return wilson_interval(round(self.best["val_acc"] * self.val_images), self.val_images)
 
     def load(self, **kwargs: Any):
@@ -114,21 +121,25 @@ def train(
     if state.best_state is None:
         raise DatasetError("training stopped before the first epoch finished; nothing to save")
     job.model.load_state_dict(state.best_state)
-    test = _evaluate_test(backbone, split, runtime) if split.test else None
+    clf = _classifier(backbone, split.classes, cfg.device)
+    val_preds = clf.predict_files([p for p, _ in split.val])
+    val = _scores(clf.evaluate_samples(split.val, val_preds))
+    test = _scores(clf.evaluate_samples(split.test)) if split.test else None
+    log.info("val accuracy of the saved model: %.4f on %d images", val["accuracy"], val["n"])
     wall = time.perf_counter() - start
     checkpoint.save_model(run_dir, backbone, split.classes, {
         "strategy": cfg.strategy, "trainable_blocks": blocks, "trainable_params": trainable,
         "total_params": total, "metric": "val_acc", "mode": "max", "best": state.best,
-        "stopped": state.stopped, "test": test, "precision": runtime.precision,
+        "stopped": state.stopped, "val": val, "test": test, "precision": runtime.precision,
         "wall_seconds": round(wall, 2), "data_dir": split.root, "layout": split.layout,
         "class_counts": split.counts(), "skipped_files": job.skipped, "config": cfg.to_dict(),
     })  # fmt: skip
     if cfg.report:
-        _report(run_dir)
+        _report(run_dir, val_preds)
     if state.stopped != "interrupted":  # a finished run needs no resume point
         checkpoint.discard_last(run_dir)
     return Run(run_dir, split.classes, state.best, state.history, trainable, total, wall,
-               state.stopped, job.skipped, test, len(job.val_loader.dataset), cfg)  # fmt: skip
+               state.stopped, job.skipped, test, val["n"], cfg, val)  # fmt: skip
 
 
 def _config(
@@ -152,19 +163,22 @@ def _config(
     return make_config(data, config_file, **options)
 
 
-def _evaluate_test(backbone: Backbone, split: DatasetSplit, runtime: Runtime) -> dict[str, Any]:
-    """The best model on test/, once: reported apart from the (selected-on) val accuracy."""
+def _classifier(backbone: Backbone, classes: list[str], device: str):
+    """The saved model as `graft evaluate` runs it (fp32, its batching): one model, one number."""
     from .predict import Classifier
 
-    report = Classifier(backbone, split.classes, runtime).evaluate_samples(split.test)
-    log.info("test accuracy %.4f on %d images", report["accuracy"], report["n"])
-    return {k: report[k] for k in ("accuracy", "accuracy_ci95", "n", "per_class", "skipped")}
+    return Classifier(backbone, classes, resolve_runtime(device, "fp32"))
 
 
-def _report(run_dir: Path) -> None:
+def _scores(report: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", "accuracy_ci95", "balanced_accuracy", "n", "per_class", "skipped")
+    return {k: report[k] for k in keys}
+
+
+def _report(run_dir: Path, val_predictions: list) -> None:
     from .report import build_report
 
     try:
-        build_report(run_dir)
+        build_report(run_dir, val_predictions=val_predictions)
     except GraftError as exc:  # the model is saved; a missing figure must not undo that
         log.warning("report not written: %s", exc)

@@ -167,6 +167,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a model must be readable like any file
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -183,6 +184,12 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
         if _is_disk_full(exc):
             raise GraftError(f"disk full while writing {path}; free some space and retry") from exc
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(current)
+    return current
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
