@@ -106,3 +106,28 @@ def test_written_files_respect_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_predict_accepts_one_image_any_iterable_and_arrays(trained_run, shapes_dir):
+    import numpy as np
+    from PIL import Image
+
+    from graft.errors import GraftError, ImageError
+
+    clf = graft.load(trained_run.run_dir)
+    path = shapes_dir / "val" / "circle" / "000.png"
+    one = clf.predict(str(path))
+    assert len(one) == 1 and set(one[0]) == {"circle", "square", "triangle"}
+    assert clf.predict(path) == one == clf.predict(p for p in [path])
+    array = np.asarray(Image.open(path).convert("RGB"))
+    assert clf.predict(array)[0].keys() == one[0].keys()
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+    top = max(one[0], key=one[0].get)
+    assert max(clf.predict(tensor)[0], key=clf.predict(tensor)[0].get) == top
+    with pytest.raises(ImageError) as err:
+        clf.predict(np.zeros((5, 7, 9, 2)))
+    assert "an array of shape (5, 7, 9, 2) is not an image" in str(err.value)
+    assert len(str(err.value)) < 300  # names the shape, never prints the array
+    with pytest.raises(GraftError, match="cannot read images from a int: pass a file path"):
+        clf.predict(42)
+    assert clf.predict_files([array])[0].path == "<ndarray (64, 64, 3)>"

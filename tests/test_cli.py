@@ -153,3 +153,37 @@ def test_json_and_csv_keep_non_ascii_names_readable(trained_run, tmp_path):
     r = graft("predict", trained_run.run_dir, tmp_path, "--csv", "--top-k", "1")
     rows = list(csv.DictReader(r.stdout.splitlines()))
     assert sorted(os.path.basename(x["path"]) for x in rows) == sorted(names)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "{run}", "x.png", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+        (["predict", "{run}", "x.png", "--top-k", "0"], "Invalid value for '--top-k'"),
+        (["serve", "{run}", "--port", "99999"], "Invalid value for '--port'"),
+    ],
+)
+def test_out_of_range_flags_are_usage_errors(trained_run, args, message):
+    r = graft(*[a.replace("{run}", str(trained_run.run_dir)) for a in args])
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hostile_values_end_in_one_line(trained_run, shapes_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "circle").mkdir()
+    (tmp_path / "bad" / "circle" / "a.png").write_text("not an image")
+    (tmp_path / "latin1.yaml").write_bytes(b"data_dir: d\nepochs: \xe9\n")
+    cases = [
+        (["train", shapes_dir, "--lr", "inf"], "lr must be a finite number"),
+        (["train", shapes_dir, "--label-smoothing", "5"], "label_smoothing must be"),
+        (["train", shapes_dir, "--seed", "100000000000000000000"], "seed must be between"),
+        (["train", shapes_dir, "--image-size", "100000"], "image_size 100000 is over"),
+        (["train", shapes_dir, "--out", tmp_path / "file"], "is a file, not a folder"),
+        (["train", "--config", tmp_path / "latin1.yaml"], "is not UTF-8 text"),
+        (["evaluate", trained_run.run_dir, tmp_path / "bad"], "none of the 1 image(s) could be"),
+    ]
+    for args, message in cases:
+        r = graft(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

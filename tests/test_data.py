@@ -244,3 +244,24 @@ def test_verify_lists_every_bad_file(tmp_path):
         ("bad.jpg", "a text file, not an image"),
         ("zero.png", "empty file (0 bytes)"),
     ]
+
+
+def test_a_folder_of_graft_runs_is_never_a_class(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=3, n_val=0, flat=True)
+    run = data / "runs" / "20260101-000000-efficientnet_lite0"
+    run.mkdir(parents=True)
+    (run / "model.json").write_text("{}")
+    Image.new("RGB", (8, 8)).save(run / "samples.png")  # a report figure, not a class image
+    (data / "circle" / "old-run").mkdir()
+    (data / "circle" / "old-run" / "last.json").write_text("{}")
+    Image.new("RGB", (8, 8)).save(data / "circle" / "old-run" / "curves.png")
+    split = discover(data)
+    assert split.classes == ["circle", "square", "triangle"]
+    files = [os.path.relpath(p, data) for p, _ in split.train + split.val]
+    assert len(files) == 9 and not [f for f in files if "run" in f]
+
+
+def test_a_flat_class_with_one_image_is_a_clear_error(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=1, n_val=0, flat=True)
+    with pytest.raises(DatasetError, match="class\\(es\\) with a single image: circle, square"):
+        discover(data)

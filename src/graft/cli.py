@@ -124,12 +124,14 @@ def train(
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    top_k: Annotated[int, typer.Option(help="Classes per image (at most the class count).")] = 5,
+    top_k: Annotated[
+        int, typer.Option(min=1, help="Classes per image (at most the class count).")
+    ] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list on stdout.")] = False,
     as_csv: Annotated[
         bool, typer.Option("--csv", help="CSV: path,rank,class,probability.")
     ] = False,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Class probabilities for images; unreadable files are reported, not fatal."""
@@ -188,7 +190,7 @@ def explain(
     method: Annotated[
         str, typer.Option(help="gradcam (fast) | shap (signed Shapley values)")
     ] = "gradcam",
-    classes: Annotated[int, typer.Option(help="Heatmaps for the top K classes.")] = 2,
+    classes: Annotated[int, typer.Option(min=1, help="Heatmaps for the top K classes.")] = 2,
     out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("explanations"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
 ) -> None:
@@ -205,7 +207,7 @@ def explain(
 def serve(
     run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Serve the classifier over HTTP: POST /predict with image files, GET /health, /classes."""

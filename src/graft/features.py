@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
-from .data import Sample
 from .errors import ImageError
 from .images import BadFile, file_digest, load_image
 from .runtime import Progress, Runtime, atomic_path, default_cache_dir, no_progress
+from .splits import Sample
 from .transforms import build_transforms
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,11 @@ from torchvision.transforms import v2
 
 from .backbones import Backbone
 from .config import TrainConfig
-from .data import DatasetSplit, Sample
 from .errors import DatasetError
 from .features import extract_features
 from .images import BadFile, decode_files, format_bad_files, load_image, verify_files
 from .runtime import Progress, Runtime
+from .splits import DatasetSplit, Sample
 from .transforms import PreprocessSpec, build_transforms, geometry_transforms, tensor_transforms
 
 log = logging.getLogger(__name__)

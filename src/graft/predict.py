@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .backbones import Backbone
 from .checkpoint import load_model
-from .data import Sample, find_images, is_hidden
-from .errors import DatasetError, ImageError
+from .data import find_images, is_hidden
+from .errors import DatasetError, GraftError, ImageError
 from .images import load_image, prepare_image
 from .metrics import classification_report, confusion_matrix, most_confused
 from .runtime import Runtime, resolve_runtime
+from .splits import Sample
 from .transforms import build_transforms
 
 log = logging.getLogger(__name__)
 
-ImageLike = str | Path | bytes | Image.Image
+ImageLike = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
+ACCEPTED = (
+    "a file path (str or Path), the file's bytes, a PIL image, a numpy array "
+    "(H x W or H x W x 3, uint8) or a tensor (3 x H x W, uint8 or float in [0, 1])"
+)
 
 
 @dataclass
@@ -67,6 +73,8 @@ class Classifier:
     def preprocess(self, image: ImageLike) -> torch.Tensor:
         """One image (path, bytes or PIL image) -> the normalised (3, H, W) tensor the network
         takes; raises `ImageError` for a file that cannot be read."""
+        if isinstance(image, (np.ndarray, torch.Tensor)):
+            image = _array_to_image(image)
         if isinstance(image, Image.Image):
             return self._transform(prepare_image(image))
         return self._transform(load_image(image, self.spec.resize_size))
@@ -74,6 +82,7 @@ class Classifier:
     @torch.inference_mode()
     def probabilities(self, images: Sequence[ImageLike], batch_size: int = 32) -> torch.Tensor:
         """(N, C) probabilities; raises `ImageError` for a file that cannot be read."""
+        images = as_image_list(images)
         out = []
         for i in range(0, len(images), batch_size):
             x = self.runtime.batch(
@@ -88,7 +97,7 @@ class Classifier:
         self, images: Sequence[ImageLike], top_k: int | None = None, batch_size: int = 32
     ) -> list[dict[str, float]]:
         """For each image, {class: probability}, highest first (all classes, or the top k)."""
-        probs = self.probabilities(images, batch_size)
+        probs = self.probabilities(as_image_list(images), batch_size)
         return [self._top(p, top_k) for p in probs]
 
     def _top(self, p: torch.Tensor, top_k: int | None) -> dict[str, float]:
@@ -105,6 +114,7 @@ class Classifier:
     ) -> list[Prediction]:
         """Like `predict`, but a file that cannot be read gets its error instead of stopping.
         `names` label the results (for bytes or PIL images); paths label themselves."""
+        paths = as_image_list(paths)
         results: list[Prediction] = []
         for i in range(0, len(paths), batch_size):
             chunk, tensors, errors = paths[i : i + batch_size], [], {}
@@ -115,7 +125,7 @@ class Classifier:
                     errors[j] = exc.reason
             probs = iter(self._forward(tensors))
             for j, p in enumerate(chunk):
-                label = names[i + j] if names is not None else str(p)
+                label = names[i + j] if names is not None else _label(p)
                 if j in errors:
                     results.append(Prediction(label, None, errors[j]))
                 else:
@@ -148,6 +158,11 @@ class Classifier:
         if preds is None:
             preds = self.predict_files([p for p, _ in samples])
         good = [(s, p) for s, p in zip(samples, preds) if p.probs is not None]
+        if samples and not good:
+            reasons = "; ".join(f"{p.path}: {p.error}" for p in preds[:3])
+            more = ", ..." if len(preds) > 3 else ""
+            raise DatasetError(f"none of the {len(samples)} image(s) could be read ({reasons}"
+                               f"{more}); graft verify lists them all")  # fmt: skip
         targets = [y for (_, y), _ in good]
         predicted = [self.classes.index(next(iter(p.probs))) for _, p in good]
         cm = confusion_matrix(targets, predicted, len(self.classes))
@@ -155,6 +170,42 @@ class Classifier:
         report["most_confused"] = most_confused(cm, self.classes)
         report["skipped"] = [{"path": p.path, "reason": p.error} for p in preds if p.error]
         return report
+
+
+def as_image_list(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
+    """One image or any iterable of images (list, tuple, generator) -> a list of images."""
+    if isinstance(images, (str, Path, bytes, bytearray, Image.Image, np.ndarray, torch.Tensor)):
+        return [images]
+    try:
+        return list(images)
+    except TypeError:
+        raise GraftError(f"cannot read images from a {type(images).__name__}: pass "
+                         f"{ACCEPTED}, or a list of them") from None  # fmt: skip
+
+
+def _array_to_image(a: np.ndarray | torch.Tensor) -> Image.Image:
+    shape = tuple(a.shape)
+    if isinstance(a, torch.Tensor):
+        if a.dim() == 3 and a.shape[0] in (1, 3):
+            a = a.detach().cpu()
+            a = (a.clamp(0, 1) * 255).round().byte() if a.is_floating_point() else a.byte()
+            a = a.permute(1, 2, 0).squeeze(-1).numpy()
+        else:
+            a = np.empty(0)
+    if a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        return Image.fromarray(a)
+    raise ImageError(f"<array {shape}>", f"an array of shape {shape} is not an image: pass "
+                     f"{ACCEPTED}")  # fmt: skip
+
+
+def _label(image: ImageLike) -> str:
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        return f"<{type(image).__name__} {tuple(image.shape)}>"
+    if isinstance(image, Image.Image):
+        return f"<PIL image {image.size[0]}x{image.size[1]}>"
+    if isinstance(image, (bytes, bytearray)):
+        return f"<{len(image)} bytes>"
+    return str(image)
 
 
 def labelled_samples(data_dir: str | Path, classes: list[str]) -> list[Sample]:

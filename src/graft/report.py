@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from . import figures as draw
-from .data import load_split
 from .errors import DatasetError, GraftError
 from .predict import Classifier
 from .runfolder import (
@@ -34,6 +33,7 @@ from .runfolder import (
     read_metrics,
 )
 from .runtime import atomic_path, atomic_write_text
+from .splits import load_split
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 from . import checkpoint
 from .backbones import Backbone, create_backbone
 from .config import TrainConfig, dump_yaml, make_config
-from .data import discover, load_split, report_duplicates, write_split
+from .data import discover
 from .engine import fit
 from .errors import ConfigError, DatasetError, GraftError
 from .freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
@@ -32,6 +32,7 @@ from .runtime import (
     seed_everything,
     sigterm_as_interrupt,
 )
+from .splits import load_split, report_duplicates, write_split
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .runtime import clean_temp_files
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def prepare_run_dir(run_dir: str | Path, resuming: bool = False) -> Path:
     """Create the folder, remove temp files an interrupted write left, and (for a new run) the
     old run's metrics and resume point, so a new run neither resumes nor extends an old one."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a folder: name a folder for the run")
     run_dir.mkdir(parents=True, exist_ok=True)
     removed = clean_temp_files(run_dir)
     if removed:
