@@ -82,8 +82,12 @@ def train(
         bool | None, typer.Option("--dedupe", help="Drop val/test images identical to train ones.")
     ] = None,
     resume: Annotated[
-        Path | None, typer.Option(help="Continue an interrupted run folder from its checkpoint.")
+        Path | None,
+        typer.Option(help="Continue an interrupted run (DATA_DIR: where its images are now)."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run already in --out.")
+    ] = False,
     report: Annotated[
         bool | None, typer.Option("--report/--no-report", help="Write report.html at the end.")
     ] = None,
@@ -108,16 +112,20 @@ def train(
         balance=balance, out=_str(out), report=report,
     )  # fmt: skip
     given = {k: v for k, v in options.items() if v is not None}
+    show = dict(progress=render.progress, on_epoch=render.epoch_line)
     if resume is not None:
-        if data_dir is not None or config is not None or given:
+        if config is not None or overwrite or set(given) - {"skip_bad"}:
             raise typer.BadParameter(
-                "--resume takes the run folder alone: its config.yaml is reused"
+                "--resume reuses the run's config.yaml: it takes only DATA_DIR (where the "
+                "images are now) and --skip-bad"
             )
-        run = run_train(resume=resume, progress=render.progress, on_epoch=render.epoch_line)
+        run = run_train(data_dir, resume=resume, **given, **show)
     else:
-        cfg = make_config(data_dir, config, **given)
-        run = run_train(cfg, progress=render.progress, on_epoch=render.epoch_line)
+        run = run_train(make_config(data_dir, config, **given), overwrite=overwrite, **show)
     render.run_summary(run)
+    if run.stopped == "interrupted":  # saved, but scripts must not take it for success
+        typer.echo(f"interrupted; resume with: graft train --resume {run.run_dir}", err=True)
+        raise typer.Exit(130)
 
 
 @app.command()

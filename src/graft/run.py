@@ -20,10 +20,10 @@ from .backbones import Backbone, create_backbone
 from .config import TrainConfig, dump_yaml, make_config
 from .data import discover
 from .engine import fit
-from .errors import ConfigError, DatasetError, GraftError
+from .errors import ConfigError, GraftError
 from .freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
 from .loaders import prepare_job
-from .runfolder import CONFIG, SPLIT, prepare_run_dir
+from .runfolder import CONFIG, SPLIT, claim, start_new_run
 from .runtime import (
     Progress,
     atomic_write_text,
@@ -80,6 +80,7 @@ def train(
     *,
     config_file: str | Path | None = None,
     resume: str | Path | None = None,
+    overwrite: bool = False,
     progress: Progress = no_progress,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     **options: Any,
@@ -87,8 +88,10 @@ def train(
     """Train a classifier on a folder of images and save it in a run folder.
 
     `data` is the data folder (options are `TrainConfig` fields: strategy, epochs, lr, ...) or a
-    whole `TrainConfig`. `resume=RUN` continues an interrupted run from its `last` checkpoint
-    with the config saved in it.
+    whole `TrainConfig`. A folder holding a run is replaced only with `overwrite=True`.
+    `resume=RUN` continues an interrupted run from its `last` checkpoint with the config saved
+    in it; then `data` may say where its images are now, and `skip_bad=True` drops files that
+    became unreadable.
 
     >>> run = graft.train("data/demo", epochs=5)  # doctest: +SKIP
     >>> run.load().predict(["data/demo/val/bag/0001.png"])
@@ -99,7 +102,7 @@ def train(
     cfg = _config(data, config_file, resume, options)
     runtime = resolve_runtime(cfg.device, cfg.precision, training=cfg.strategy != "extract")
     seed_everything(cfg.seed)
-    split = load_split(Path(resume) / SPLIT) if resume else report_duplicates(
+    split = load_split(Path(resume) / SPLIT, data) if resume else report_duplicates(
         discover(cfg.data_dir, cfg.val_fraction, cfg.seed), cfg.dedupe)  # fmt: skip
     backbone = create_backbone(cfg.backbone, len(split.classes), cfg.pretrained, cfg.weights)
     cfg = cfg.resolve(input_size=backbone.spec.input_size)
@@ -110,35 +113,37 @@ def train(
     log.info("%s: %s trainable of %s parameters (%s), %s on %s", cfg.backbone, f"{trainable:,}",
              f"{total:,}", cfg.strategy, runtime.precision, runtime.device)  # fmt: skip
 
-    run_dir = prepare_run_dir(cfg.out, resuming=last is not None)
-    if last is None:
-        atomic_write_text(run_dir / CONFIG, dump_yaml(cfg))
-        write_split(split, run_dir / SPLIT)
-    job = prepare_job(cfg, backbone, split, runtime, progress)
-    plan = epoch_plan(cfg, blocks, backbone.spec.input_size)
-    with sigterm_as_interrupt():
-        state = fit(job, plan, cfg, run_dir=run_dir, resume=last, progress=progress,
-                    on_epoch=on_epoch)  # fmt: skip
-    if state.best_state is None:
-        raise DatasetError("training stopped before the first epoch finished; nothing to save")
-    job.model.load_state_dict(state.best_state)
-    clf = _classifier(backbone, split.classes, cfg.device)
-    val_preds = clf.predict_files([p for p, _ in split.val])
-    val = _scores(clf.evaluate_samples(split.val, val_preds))
-    test = _scores(clf.evaluate_samples(split.test)) if split.test else None
-    log.info("val accuracy of the saved model: %.4f on %d images", val["accuracy"], val["n"])
-    wall = time.perf_counter() - start
-    checkpoint.save_model(run_dir, backbone, split.classes, {
-        "strategy": cfg.strategy, "trainable_blocks": blocks, "trainable_params": trainable,
-        "total_params": total, "metric": "val_acc", "mode": "max", "best": state.best,
-        "stopped": state.stopped, "val": val, "test": test, "precision": runtime.precision,
-        "wall_seconds": round(wall, 2), "data_dir": split.root, "layout": split.layout,
-        "class_counts": split.counts(), "skipped_files": job.skipped, "config": cfg.to_dict(),
-    })  # fmt: skip
-    if cfg.report:
-        _report(run_dir, val_preds)
-    if state.stopped != "interrupted":  # a finished run needs no resume point
-        checkpoint.discard_last(run_dir)
+    with claim(cfg.out, resuming=last is not None, overwrite=overwrite) as run_dir:
+        job = prepare_job(cfg, backbone, split, runtime, progress)  # bad files stop us here
+        if last is None:
+            start_new_run(run_dir)
+            atomic_write_text(run_dir / CONFIG, dump_yaml(cfg))
+            write_split(split, run_dir / SPLIT)
+        plan = epoch_plan(cfg, blocks, backbone.spec.input_size)
+        with sigterm_as_interrupt():
+            state = fit(job, plan, cfg, run_dir=run_dir, resume=last, progress=progress,
+                        on_epoch=on_epoch)  # fmt: skip
+        if state.best_state is None:
+            raise GraftError("training stopped before the first epoch finished; nothing saved")
+        job.model.load_state_dict(state.best_state)
+        clf = _classifier(backbone, split.classes, cfg.device)
+        val_preds = clf.predict_files([p for p, _ in split.val])
+        val = _scores(clf.evaluate_samples(split.val, val_preds))
+        test = _scores(clf.evaluate_samples(split.test)) if split.test else None
+        log.info("val accuracy of the saved model: %.4f on %d images", val["accuracy"], val["n"])
+        wall = time.perf_counter() - start
+        checkpoint.save_model(run_dir, backbone, split.classes, {
+            "strategy": cfg.strategy, "trainable_blocks": blocks, "trainable_params": trainable,
+            "total_params": total, "metric": "val_acc", "mode": "max", "best": state.best,
+            "stopped": state.stopped, "val": val, "test": test, "precision": runtime.precision,
+            "wall_seconds": round(wall, 2), "data_dir": split.root, "layout": split.layout,
+            "class_counts": split.counts(), "skipped_files": job.skipped,
+            "config": cfg.to_dict(),
+        })  # fmt: skip
+        if cfg.report:
+            _report(run_dir, val_preds)
+        if state.stopped != "interrupted":  # a finished run needs no resume point
+            checkpoint.discard_last(run_dir)
     return Run(run_dir, split.classes, state.best, state.history, trainable, total, wall,
                state.stopped, job.skipped, test, val["n"], cfg, val)  # fmt: skip
 
@@ -151,9 +156,11 @@ def _config(
 ) -> TrainConfig:
     """The config to run: a resumed run's saved one, a given TrainConfig, or file + options."""
     if resume is not None:
-        if data is not None or config_file is not None or options:
-            raise ConfigError("resume takes the run folder alone: its config.yaml is reused")
-        return make_config(None, Path(resume) / CONFIG, out=str(resume))
+        if config_file is not None or set(options) - {"skip_bad"} or isinstance(data, TrainConfig):
+            raise ConfigError("resume reuses the run's config.yaml: it takes the run folder, "
+                              "and only where the images are now and skip_bad")  # fmt: skip
+        moved = str(data) if data is not None else None  # where the images are now
+        return make_config(moved, Path(resume) / CONFIG, out=str(resume), **options)
     if isinstance(data, TrainConfig):
         if config_file is not None:
             raise ConfigError("pass a TrainConfig or a config file, not both")

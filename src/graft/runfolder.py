@@ -5,14 +5,18 @@ Every module that reads or writes a run folder takes the names from here, so a n
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
+import fcntl
 import logging
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, GraftError
 from .runtime import clean_temp_files
 
 log = logging.getLogger(__name__)
@@ -20,6 +24,8 @@ log = logging.getLogger(__name__)
 CONFIG = "config.yaml"  # the resolved config: `graft train --config` reproduces the run
 METRICS = "metrics.csv"  # one row per epoch
 SPLIT = "split"  # folder: the files of each split and source.json
+SPLIT_FILES = ("train.txt", "val.txt", "test.txt", "source.json")
+LOCK = ".graft-lock"  # one live writer; holds the writer's PID
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
 LAST_WEIGHTS = "last.safetensors"  # resume point, written after every epoch
@@ -46,20 +52,71 @@ def default_run_dir(backbone: str, parent: str | Path = "runs") -> Path:
     return run_dir
 
 
-def prepare_run_dir(run_dir: str | Path, resuming: bool = False) -> Path:
-    """Create the folder, remove temp files an interrupted write left, and (for a new run) the
-    old run's metrics and resume point, so a new run neither resumes nor extends an old one."""
+@contextlib.contextmanager
+def claim(run_dir: str | Path, resuming: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Hold `run_dir` for one training: one live writer (a lock the OS releases if the holder
+    dies), a finished or interrupted run never replaced unless `overwrite`, temp files of an
+    interrupted write removed. A folder this call created is removed again if the run fails
+    before writing anything into it."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file, not a folder: name a folder for the run")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    removed = clean_temp_files(run_dir)
-    if removed:
-        log.info("removed %d temp file(s) an interrupted write left in %s", removed, run_dir)
-    if not resuming:
-        for name in (METRICS, LAST_WEIGHTS, LAST_META):
-            (run_dir / name).unlink(missing_ok=True)
-    return run_dir
+    lock = _lock(run_dir)
+    try:
+        if not resuming and not overwrite:
+            _refuse_replacing(run_dir)
+        removed = clean_temp_files(run_dir)
+        if removed:
+            log.info("removed %d temp file(s) an interrupted write left in %s", removed, run_dir)
+        yield run_dir
+    except BaseException:
+        if created and not any(p.name != LOCK for p in run_dir.iterdir()):
+            (run_dir / LOCK).unlink(missing_ok=True)
+            os.close(lock)
+            lock = None
+            run_dir.rmdir()
+        raise
+    finally:
+        if lock is not None:
+            (run_dir / LOCK).unlink(missing_ok=True)
+            os.close(lock)  # closing releases the flock
+
+
+def _lock(run_dir: Path) -> int:
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise GraftError(f"{run_dir} is in use by another graft process (PID {holder}); wait "
+                         "for it to finish, or choose another --out") from None  # fmt: skip
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _refuse_replacing(run_dir: Path) -> None:
+    if (run_dir / MODEL_META).is_file():
+        raise ConfigError(f"{run_dir} holds a finished run ({MODEL_META}); pass --overwrite to "
+                          "replace it, or choose another --out")  # fmt: skip
+    if (run_dir / LAST_META).is_file():
+        raise ConfigError(f"{run_dir} holds an interrupted run: continue it with graft train "
+                          f"--resume {run_dir}, or pass --overwrite to start again")  # fmt: skip
+
+
+def start_new_run(run_dir: str | Path) -> None:
+    """Remove what an earlier run left (graft's own file names only), so nothing of it mixes
+    with the new one. Called once the new run's data has loaded: a run that fails earlier leaves
+    the old one whole."""
+    run_dir = Path(run_dir)
+    for name in (MODEL_WEIGHTS, MODEL_META, LAST_WEIGHTS, LAST_META, METRICS, CONFIG,
+                 REPORT_HTML, REPORT_JSON, *FIGURES):  # fmt: skip
+        (run_dir / name).unlink(missing_ok=True)
+    for name in SPLIT_FILES:
+        (run_dir / SPLIT / name).unlink(missing_ok=True)
 
 
 def _csv_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -149,6 +149,7 @@ def load_split(folder: str | Path, root: str | Path | None = None) -> DatasetSpl
             samples.append((str(base / rel), classes.index(cls)))
         setattr(out, name, samples)
     if out.train and not Path(out.train[0][0]).exists():
-        raise DatasetError(f"the images of this run are not under {base} any more; pass the "
-                           "data folder the run was trained on (--data DIR)")  # fmt: skip
+        raise DatasetError(f"the images of this run are not under {base} any more; say where "
+                           "they are now: graft train --resume RUN NEW_DIR, or graft report RUN "
+                           "--data NEW_DIR")  # fmt: skip
     return out
