@@ -87,3 +87,48 @@ def test_rotation_is_part_of_the_cached_views_key():
     rt = resolve_runtime("cpu", "fp32")
     assert model_key(bb, rt) == model_key(bb, rt, rotation=0.0)
     assert model_key(bb, rt, rotation=15.0) != model_key(bb, rt)
+
+
+def test_an_entry_copied_to_another_images_name_is_refused(tmp_path):
+    data, split, bb, rt = _setup(tmp_path)
+    first = extract_features(bb, split.train[:2], rt, cache_dir=tmp_path / "c")
+    a, b = sorted((tmp_path / "c").rglob("*.safetensors"))
+    b.write_bytes(a.read_bytes())  # b's name, a's features: passes any checksum of the bytes
+    again = extract_features(bb, split.train[:2], rt, cache_dir=tmp_path / "c")
+    assert (again.hits, again.computed) == (1, 1)
+    assert torch.equal(again.features, first.features)
+
+
+def test_a_broken_cache_never_stops_extraction(tmp_path, caplog):
+    data, split, bb, rt = _setup(tmp_path)
+    want = extract_features(bb, split.train[:3], rt, cache_dir=tmp_path / "ok").features
+    (tmp_path / "file").write_text("")
+    key = model_key(bb, rt)
+    (tmp_path / "c1").mkdir()
+    (tmp_path / "c1" / key).write_text("a file where the key folder belongs")
+    entry_as_folder = tmp_path / "c2"
+    extract_features(bb, split.train[:1], rt, cache_dir=entry_as_folder)
+    [entry] = entry_as_folder.rglob("*.safetensors")
+    entry.unlink()
+    entry.mkdir()
+    for cache in (tmp_path / "file" / "cache", tmp_path / "c1", entry_as_folder):
+        caplog.clear()
+        got = extract_features(bb, split.train[:3], rt, cache_dir=cache)
+        assert torch.equal(got.features, want) and got.bad == []
+        warned = [r.message for r in caplog.records if "cannot be written" in r.message]
+        assert len(warned) <= 1  # once, not once per image
+
+
+def test_a_full_cache_volume_is_reported_once(tmp_path, monkeypatch, caplog):
+    import graft.features as features
+    from graft.errors import GraftError
+
+    data, split, bb, rt = _setup(tmp_path)
+
+    def full(*a, **k):
+        raise GraftError("disk full while writing x; free some space and retry")
+
+    monkeypatch.setattr(features, "atomic_path", full)
+    got = extract_features(bb, split.train[:3], rt, cache_dir=tmp_path / "c")
+    assert got.computed == 3
+    assert sum("cannot be written" in r.message for r in caplog.records) == 1

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
-from .errors import ImageError
+from .errors import GraftError, ImageError
 from .images import BadFile, file_digest, load_image
 from .runtime import Progress, Runtime, atomic_path, default_cache_dir, no_progress
 from .splits import Sample
@@ -45,10 +45,17 @@ def model_key(backbone: Backbone, runtime: Runtime, rotation: float = 0.0) -> st
 
 
 class FeatureCache:
-    """One folder per model key; one checksummed safetensors file per image content."""
+    """One folder per model key; one checksummed safetensors file per image content.
+
+    A speed-up, never a reason to fail: a cache that cannot be read or written (read-only, full,
+    a folder where a file should be, or the reverse) is reported once and training goes on
+    without it. The checksum covers the digest an entry is stored under, so an entry copied to
+    another image's name is refused rather than trained on.
+    """
 
     def __init__(self, root: str | Path, key: str):
         self.dir = Path(root) / key
+        self.enabled = True
 
     def _path(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.safetensors"
@@ -58,16 +65,16 @@ class FeatureCache:
         from safetensors import safe_open
 
         path = self._path(digest)
-        if not path.is_file():
-            return None
         try:
+            if not self.enabled or not path.is_file():
+                return None
             with safe_open(str(path), framework="pt") as f:
                 checksum = (f.metadata() or {}).get("sha256")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if checksum != _checksum(tensors):
+            if checksum != _checksum(digest, tensors):
                 raise ValueError("checksum mismatch")
-        except Exception as exc:  # truncated header, bad bytes, wrong dtype...
-            log.warning("feature cache entry %s is damaged (%s): recomputing", path, exc)
+        except Exception as exc:  # unreadable, truncated header, bad bytes, wrong dtype...
+            log.warning("feature cache entry %s is unusable (%s): recomputing", path, exc)
             return None
         aug = tensors.get("aug", tensors["eval"].new_zeros(0, tensors["eval"].numel()))
         if aug.shape[0] < views:
@@ -77,15 +84,23 @@ class FeatureCache:
     def put(self, digest: str, eval_feat: torch.Tensor, aug: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
+        if not self.enabled:
+            return
         tensors = {"eval": eval_feat.to(STORE_DTYPE).contiguous()}
         if aug.shape[0]:
             tensors["aug"] = aug.to(STORE_DTYPE).contiguous()
-        with atomic_path(self._path(digest), durable=False) as tmp:  # checksummed on reading
-            save_file(tensors, str(tmp), metadata={"sha256": _checksum(tensors)})
+        try:
+            with atomic_path(self._path(digest), durable=False) as tmp:  # checksummed on reading
+                save_file(tensors, str(tmp), metadata={"sha256": _checksum(digest, tensors)})
+        except (OSError, GraftError) as exc:  # read-only, full, a file in place of a folder...
+            self.enabled = False
+            log.warning("the feature cache in %s cannot be written (%s); going on without it "
+                        "(set --cache-dir to a writable folder to keep features)", self.dir,
+                        getattr(exc, "strerror", None) or exc)  # fmt: skip
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _checksum(digest: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(digest.encode())  # bound to the image the entry claims to describe
     for k in sorted(tensors):
         h.update(k.encode())
         h.update(tensors[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
