@@ -2,11 +2,16 @@
 
 GET /health, GET /classes, POST /predict (multipart, one or more `files`, optional `top_k`):
 per file its class probabilities, or the reason it could not be read. Needs `graft[serve]`.
+
+The network runs in a worker thread, one request at a time (a lock: two requests computing at
+once on the same cores would only slow each other down), never on the event loop, so /health
+and new connections are answered while a large request is being predicted.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run
 # time, and UploadFile is imported inside create_app (fastapi is an optional extra).
 import importlib.util
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +19,11 @@ from .errors import GraftError
 from .predict import Classifier
 
 MAX_UPLOAD_BYTES = 25 << 20  # per file; larger uploads are refused, not decoded
+MAX_FILES = 64  # per request: a 999-file request would hold the model for everyone else
 
 
-def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_UPLOAD_BYTES):
+def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_UPLOAD_BYTES,
+               max_files: int = MAX_FILES):  # fmt: skip
     """The ASGI app; the model is loaded once, here.
 
     >>> app = create_app("runs/demo")  # doctest: +SKIP
@@ -25,9 +32,16 @@ def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_U
     for module in ("fastapi", "multipart"):
         if importlib.util.find_spec(module) is None:
             raise GraftError("serving needs FastAPI: pip install 'graft[serve]'")
-    from fastapi import FastAPI, File, Form, UploadFile
+    from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+    from starlette.concurrency import run_in_threadpool
 
     clf = Classifier.load(run_dir, device=device)
+    model_lock = threading.Lock()
+
+    def run_model(blobs: list[bytes], top_k: int, names: list[str]):
+        with model_lock:
+            return clf.predict_files(blobs, top_k=top_k, names=names)
+
     app = FastAPI(title="graft", description=f"{clf.meta['backbone']} classifier from {run_dir}")
 
     @app.get("/health")
@@ -40,6 +54,10 @@ def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_U
 
     @app.post("/predict")
     async def predict(files: list[UploadFile] = File(...), top_k: int = Form(5)) -> list[dict]:
+        if len(files) > max_files:
+            raise HTTPException(413, f"{len(files)} files in one request; at most {max_files}")
+        if top_k < 1:
+            raise HTTPException(422, "top_k must be at least 1")
         names, blobs, too_big = [], [], {}
         for f in files:
             data = await f.read(max_bytes + 1)
@@ -47,7 +65,7 @@ def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_U
             blobs.append(b"" if len(data) > max_bytes else data)
             if len(data) > max_bytes:
                 too_big[len(names) - 1] = f"larger than {max_bytes:,} bytes"
-        results = clf.predict_files(blobs, top_k=top_k, names=names)
+        results = await run_in_threadpool(run_model, blobs, top_k, names)
         return [{"filename": r.path, "probabilities": None if i in too_big else r.probs,
                  "error": too_big.get(i, r.error)} for i, r in enumerate(results)]  # fmt: skip
 
