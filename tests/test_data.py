@@ -106,15 +106,25 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 
 def test_decompression_bomb_refused_before_decoding(tmp_path):
-    (tmp_path / "bomb.png").write_bytes(_png_claiming(10000, 9000))
+    # the limit is Pillow's own refusal level (2 x its warning level), and an option
+    assert MAX_PIXELS == 178_956_970
+    (tmp_path / "bomb.png").write_bytes(_png_claiming(15000, 12000))
     with pytest.raises(ImageError) as err:
         load_image(tmp_path / "bomb.png")
-    assert "10000x9000 = 90,000,000 pixels is over the limit" in err.value.reason
-    # Pillow itself refuses images over twice its limit while opening: same guidance
-    (tmp_path / "huge.png").write_bytes(_png_claiming(30000, 30000))
-    with pytest.raises(ImageError) as err:
+    assert (f"15000x12000 = 180,000,000 pixels is over the limit of {MAX_PIXELS:,} "
+            "(decompression-bomb guard); if the image is genuine raise --max-pixels") in str(
+        err.value)  # fmt: skip
+    (tmp_path / "huge.png").write_bytes(_png_claiming(30000, 30000))  # Pillow would refuse it
+    with pytest.raises(ImageError, match="30000x30000 = 900,000,000 pixels is over the limit"):
         load_image(tmp_path / "huge.png")
-    assert f"over the limit of {MAX_PIXELS:,} pixels (decompression-bomb" in err.value.reason
+    with pytest.raises(ImageError, match="is over the limit of 1,000"):
+        load_image(tmp_path / "bomb.png", max_pixels=1000)
+    # a raised limit lets the header through; this fake PNG then fails as the bytes it is
+    with pytest.raises(ImageError, match="cannot decode"):
+        load_image(tmp_path / "bomb.png", max_pixels=200_000_000)
+    from PIL import Image as PILImage
+
+    assert PILImage.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own setting is left as it was
 
 
 # ---------------------------------------------------------------- broken files
@@ -239,7 +249,8 @@ def test_verify_lists_every_bad_file(tmp_path):
     make_shapes(tmp_path, n_train=2, n_val=1)
     (tmp_path / "train" / "circle" / "zero.png").write_bytes(b"")
     (tmp_path / "val" / "square" / "bad.jpg").write_bytes(b"garbage")
-    _, bad = verify(tmp_path, workers=2)
+    _, bad, large = verify(tmp_path, workers=2)
+    assert large == []
     assert sorted((Path(b.path).name, b.reason) for b in bad) == [
         ("bad.jpg", "a text file, not an image"),
         ("zero.png", "empty file (0 bytes)"),

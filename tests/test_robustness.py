@@ -71,7 +71,7 @@ def build_corpus(folder: Path) -> tuple[dict[str, str], list[str]]:
         "random.jpg": (bytes(rng.randrange(256) for _ in range(3000)), "not a recognised"),
         "text.png": (b"just some text\n", "a text file, not an image"),
         "doc.jpg": (b"%PDF-1.7\n1 0 obj\n", "a PDF document, not an image"),
-        "bomb.png": (_png_claiming(10000, 9000), "10000x9000 = 90,000,000 pixels"),
+        "bomb.png": (_png_claiming(15000, 12000), "15000x12000 = 180,000,000 pixels"),
     }
     for name, (content, _) in bad.items():
         (folder / name).write_bytes(content)

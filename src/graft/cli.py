@@ -75,6 +75,10 @@ def train(
     cache_views: Annotated[
         int | None, typer.Option(help="extract: augmented views per image")
     ] = None,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(help="Refuse images decoding to more pixels (default: Pillow's limit)."),
+    ] = None,
     skip_bad: Annotated[
         bool | None, typer.Option("--skip-bad", help="Train without unreadable files.")
     ] = None,
@@ -109,6 +113,7 @@ def train(
         patience=patience, seed=seed, image_size=image_size, rotation=rotation,
         val_fraction=val_fraction, workers=workers, device=device, precision=precision,
         cache_dir=_str(cache_dir), cache_views=cache_views, skip_bad=skip_bad, dedupe=dedupe,
+        max_pixels=max_pixels,
         balance=balance, out=_str(out), report=report,
     )  # fmt: skip
     given = {k: v for k, v in options.items() if v is not None}
@@ -228,13 +233,20 @@ def serve(
 def verify(
     data_dir: Annotated[Path, typer.Argument(help="Data folder to check.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Refuse images decoding to more pixels (default: Pillow's limit)."
+        ),
+    ] = None,
 ) -> None:
     """Check a data folder's layout and decode every image; list each bad file and why."""
     from .data import verify as verify_data
+    from .images import MAX_PIXELS
     from .runtime import default_workers
 
-    split, bad = verify_data(data_dir, workers=default_workers() + 1)
-    render.verification(split, bad, "json" if as_json else "text")
+    split, bad, large = verify_data(data_dir, default_workers() + 1, max_pixels or MAX_PIXELS)
+    render.verification(split, bad, large, "json" if as_json else "text")
     if bad:
         raise typer.Exit(1)
 

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, did_you_mean
+from .images import MAX_PIXELS
 from .runfolder import default_run_dir
 from .runtime import default_cache_dir, default_workers
 
@@ -59,6 +60,7 @@ class TrainConfig:
     cache_dir: str | None = None  # feature cache; None: ~/.cache/graft (or $GRAFT_CACHE_DIR)
     cache_views: int = 0  # extract: extra augmented views per training image in the cache
     skip_bad: bool = False  # train without unreadable files instead of stopping
+    max_pixels: int = MAX_PIXELS  # decoded pixels per image; Pillow's own refusal level
     dedupe: bool = False  # drop validation/test images that are also in train
     balance: str = "none"  # imbalanced classes: loss weights or a balanced sampler
     out: str | None = None  # run folder; None: runs/<timestamp>-<backbone>
@@ -80,7 +82,7 @@ class TrainConfig:
             raise ConfigError("--unfreeze/--unfreeze-last need --strategy partial")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        for name in ("epochs", "batch_size", "image_size", "step_size"):
+        for name in ("epochs", "batch_size", "image_size", "step_size", "max_pixels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")

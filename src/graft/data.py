@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import DatasetError
-from .images import BadFile, verify_files
+from .images import MAX_PIXELS, BadFile, verify_files
 from .splits import DatasetSplit, Sample, stratified_split
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,11 @@ def _check_same_classes(classes: list[str], other: dict[str, list[str]], folder:
         )
 
 
-def verify(data_dir: str | Path, workers: int = 4) -> tuple[DatasetSplit | None, list[BadFile]]:
-    """Check a data folder: its layout (raises `DatasetError`) and every image (returned)."""
+def verify(
+    data_dir: str | Path, workers: int = 4, max_pixels: int = MAX_PIXELS
+) -> tuple[DatasetSplit, list[BadFile], list[BadFile]]:
+    """Check a data folder: its layout (raises `DatasetError`) and every image: (split,
+    unusable files, large files that load downscaled)."""
     split = discover(data_dir)
     paths = [p for samples in split.splits().values() for p, _ in samples]
-    return split, verify_files(paths, workers)
+    return split, *verify_files(paths, workers, max_pixels)

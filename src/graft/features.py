@@ -19,7 +19,7 @@ from torch import nn
 
 from .backbones import Backbone
 from .errors import GraftError, ImageError
-from .images import BadFile, file_digest, load_image
+from .images import MAX_PIXELS, BadFile, file_digest, load_image
 from .runtime import Progress, Runtime, atomic_path, default_cache_dir, no_progress
 from .splits import Sample
 from .transforms import build_transforms
@@ -112,8 +112,9 @@ class _ViewsDataset(torch.utils.data.Dataset):
     so the same file always gets the same cached views whatever the worker order."""
 
     def __init__(self, paths: Sequence[str], digests: Sequence[str], backbone: Backbone,
-                 views: int, rotation: float = 0.0):  # fmt: skip
+                 views: int, rotation: float = 0.0, max_pixels: int = MAX_PIXELS):  # fmt: skip
         self.paths, self.digests, self.views = list(paths), list(digests), views
+        self.max_pixels = max_pixels
         self.eval_tf = build_transforms(backbone.spec, train=False)
         self.train_tf = build_transforms(backbone.spec, train=True, rotation=rotation)
         self.min_side = backbone.spec.resize_size
@@ -123,7 +124,8 @@ class _ViewsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = load_image(self.paths[i], self.min_side if not self.views else None)
+            side = self.min_side if not self.views else None  # views crop from the full image
+            img = load_image(self.paths[i], side, max_pixels=self.max_pixels)
         except ImageError as exc:
             return i, None, exc.reason
         x = [self.eval_tf(img)]
@@ -162,6 +164,7 @@ def extract_features(
     workers: int = 0,
     progress: Progress = no_progress,
     rotation: float = 0.0,
+    max_pixels: int = MAX_PIXELS,
 ) -> FeatureSet:
     """Pooled features of every sample, from the cache where possible, computed once otherwise.
     `views` augmented views per sample (random crop, flip, `rotation`) are cached beside them."""
@@ -182,7 +185,7 @@ def extract_features(
     hits = len(feats)
     if todo:
         ds = _ViewsDataset([samples[i][0] for i in todo], [digests[i] for i in todo], backbone,
-                           views, rotation)  # fmt: skip
+                           views, rotation, max_pixels)  # fmt: skip
         loader = torch.utils.data.DataLoader(
             ds,
             batch_size=max(1, batch_size // (1 + views)),

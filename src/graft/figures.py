@@ -82,7 +82,7 @@ def samples(clf: Classifier, train: list[tuple[str, int]]):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for ax, (path, y) in zip(axes, picks):
-            x = tf(load_image(path))
+            x = tf(load_image(path, clf.spec.resize_size, max_pixels=clf.max_pixels))
             ax.imshow(denormalize(x, clf.spec).permute(1, 2, 0).numpy())
             ax.set_title(clf.classes[y], fontsize=9)
     fig.suptitle("Augmented training samples")
@@ -94,7 +94,7 @@ def predictions(clf: Classifier, items: list, title: str):
     tf = build_transforms(clf.spec, train=False)
     fig, axes = grid(max(1, len(items)))
     for ax, (path, y, p) in zip(axes, items):
-        x = tf(load_image(path))
+        x = tf(load_image(path, clf.spec.resize_size, max_pixels=clf.max_pixels))
         ax.imshow(denormalize(x, clf.spec).permute(1, 2, 0).numpy())
         k = int(p.argmax())
         right = k == y

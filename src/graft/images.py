@@ -6,11 +6,13 @@ and decoding or verifying many files in threads with each failure named.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,41 +23,46 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
-MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 9459 x 9459)
+# Pillow warns over 89,478,485 pixels and refuses over twice that; graft refuses where Pillow
+# does, but counts the pixels it will really decode (a JPEG drafted at 1/8 scale counts 1/64)
+MAX_PIXELS = 2 * 89_478_485  # 178,956,970: --max-pixels changes it
+LARGE_PIXELS = 89_478_485  # `graft verify` notes images over this as large
+DECODE_BUDGET = 250_000_000  # pixels being decoded at once across threads (~1 GB of RGBA)
 MAX_ASPECT = 10.0  # longer/shorter side beyond this is padded, so resizing cannot explode
 MAX_SIDE = 4096  # longer side kept before padding an extreme-aspect image
 
 
-def load_image(path: str | Path | bytes, min_side: int | None = None,
-               name: str | None = None) -> Image.Image:  # fmt: skip
+def load_image(path: str | Path | bytes, min_side: int | None = None, name: str | None = None,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:  # fmt: skip
     """Open any image as an 8-bit RGB picture a network can trust, or raise `ImageError`.
 
     EXIF orientation applied; transparency composited on white; grayscale, CMYK, 1-bit, 16-bit
-    and float images converted by value range; first frame of animations; the pixel count checked
-    before decoding (decompression bombs); extreme aspect ratios padded to MAX_ASPECT.
-    `min_side` lets JPEGs decode at a reduced scale that still leaves the shorter side >= it.
+    and float images converted by value range; first frame of animations; extreme aspect ratios
+    padded to MAX_ASPECT. `min_side` lets JPEGs decode at a reduced scale that still leaves the
+    shorter side >= it; the pixels that will really be decoded are checked against `max_pixels`
+    before decoding (decompression bombs), and large decodes wait for memory (DECODE_BUDGET).
     `path` may also be the file's bytes (an upload), reported under `name`.
     """
     data = path if isinstance(path, (bytes, bytearray)) else None
     path = name or ("<upload>" if data is not None else str(path))
     try:
-        with warnings.catch_warnings():  # our own pixel check below says it better
+        with _pillow_guard_lifted(), warnings.catch_warnings():  # our own check says it better
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data) if data is not None else path)
         with im:
             w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(
-                    path,
-                    f"{w}x{h} = {w * h:,} pixels is over the limit of "
-                    f"{MAX_PIXELS:,} (decompression-bomb guard); downscale it",
-                )
             if w < 1 or h < 1:
                 raise ImageError(path, f"image has no pixels ({w}x{h})")
             if min_side and im.format == "JPEG":
-                im.draft("RGB", _draft_size(w, h, min_side))
-            im.load()
-            rgb = prepare_image(im)
+                im.draft("RGB", _draft_size(w, h, min_side))  # DCT scaling: 1/2, 1/4 or 1/8
+            dw, dh = im.size
+            if dw * dh > max_pixels:
+                raise ImageError(path, f"{w}x{h} = {w * h:,} pixels is over the limit of "
+                                 f"{max_pixels:,} (decompression-bomb guard); if the image is "
+                                 "genuine raise --max-pixels, else downscale it")  # fmt: skip
+            with _DECODING.hold(dw * dh):
+                im.load()
+                rgb = prepare_image(im)
     except ImageError:
         raise
     except FileNotFoundError as exc:
@@ -66,12 +73,6 @@ def load_image(path: str | Path | bytes, min_side: int | None = None,
         raise ImageError(path, "is a folder, not an image") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(path, _unidentified_reason(path, data)) from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageError(
-            path,
-            f"over the limit of {MAX_PIXELS:,} pixels (decompression-bomb "
-            f"guard: {exc}); downscale it",
-        ) from exc
     except (
         OSError,
         ValueError,
@@ -87,6 +88,51 @@ def load_image(path: str | Path | bytes, min_side: int | None = None,
         # Pillow reports broken data through all of these, depending on the codec.
         raise ImageError(path, f"cannot decode: {exc}") from exc
     return rgb
+
+
+class _PixelBudget:
+    """At most `budget` pixels decoding at once across threads; an image larger than the whole
+    budget decodes alone. Keeps peak memory bounded when threads meet several huge images."""
+
+    def __init__(self, budget: int):
+        self.budget, self.in_use = budget, 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self.cond:
+            self.cond.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.budget)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.in_use -= pixels
+                self.cond.notify_all()
+
+
+_DECODING = _PixelBudget(DECODE_BUDGET)
+_LIFT_LOCK = threading.Lock()
+_lifted = [0, None]  # (graft decodes in progress, Pillow's own limit to restore)
+
+
+@contextlib.contextmanager
+def _pillow_guard_lifted() -> Iterator[None]:
+    """Pillow refuses to open an image of more than 2 x MAX_IMAGE_PIXELS before graft can
+    decode it at reduced scale; while graft opens images, its own check (above) is the guard.
+    Pillow's setting is restored once no graft decode is opening a file."""
+    with _LIFT_LOCK:
+        if _lifted[0] == 0:
+            _lifted[1] = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _lifted[0] += 1
+    try:
+        yield
+    finally:
+        with _LIFT_LOCK:
+            _lifted[0] -= 1
+            if _lifted[0] == 0:
+                Image.MAX_IMAGE_PIXELS = _lifted[1]
 
 
 def prepare_image(im: Image.Image) -> Image.Image:
@@ -202,13 +248,30 @@ def decode_files(paths: Sequence[str], fn: Callable[[str], Any], workers: int = 
     return [r for r, _ in results], bad
 
 
-def verify_files(paths: Sequence[str], workers: int = 4) -> list[BadFile]:
-    """Decode every file fully; return the ones that fail, in input order, each with its reason."""
+def verify_files(paths: Sequence[str], workers: int = 4, max_pixels: int = MAX_PIXELS,
+                 min_side: int = 256) -> tuple[list[BadFile], list[BadFile]]:  # fmt: skip
+    """Decode every file; return (unusable files, large files that load downscaled), in input
+    order, each with its reason. JPEGs are read through at reduced scale (`min_side`), as
+    training reads them: the whole stream is decoded, so truncation still shows."""
 
-    def check(p: str) -> None:  # decode and drop: verifying must not hold every image in memory
-        load_image(p)
+    def check(p: str) -> str | None:  # decode and drop: verifying must not hold every image
+        load_image(p, min_side, max_pixels=max_pixels)
+        return _large_note(p)
 
-    return decode_files(paths, check, workers)[1]
+    notes, bad = decode_files(paths, check, workers)
+    large = [BadFile(p, note) for p, note in zip(paths, notes) if note]
+    return bad, large
+
+
+def _large_note(path: str) -> str | None:
+    with _pillow_guard_lifted(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            w, h, fmt = *im.size, im.format
+    if w * h <= LARGE_PIXELS:
+        return None
+    how = "decoded at reduced scale" if fmt == "JPEG" else "decoded in full, one at a time"
+    return f"large ({w}x{h} = {w * h:,} pixels), will be downscaled ({how})"
 
 
 def format_bad_files(bad: Sequence[BadFile], limit: int = 20) -> str:

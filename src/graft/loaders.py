@@ -25,7 +25,7 @@ from .backbones import Backbone
 from .config import TrainConfig
 from .errors import DatasetError
 from .features import extract_features
-from .images import BadFile, decode_files, format_bad_files, load_image, verify_files
+from .images import MAX_PIXELS, BadFile, decode_files, format_bad_files, load_image, verify_files
 from .runtime import Progress, Runtime
 from .splits import DatasetSplit, Sample
 from .transforms import PreprocessSpec, build_transforms, geometry_transforms, tensor_transforms
@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 MEMORY_BUDGET = 2 << 30  # bytes of decoded pixels kept in memory, train and val together
 
 
-def decode_to_tensor(path: str, side: int) -> torch.Tensor:
+def decode_to_tensor(path: str, side: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """uint8 (3, H, W) with the shorter side resized to `side` (never enlarged past it)."""
-    im = load_image(path, min_side=side)
+    im = load_image(path, min_side=side, max_pixels=max_pixels)
     w, h = im.size
     scale = side / min(w, h)
     if scale < 1:
@@ -52,10 +52,11 @@ def decode_to_tensor(path: str, side: int) -> torch.Tensor:
 class ImageDataset(torch.utils.data.Dataset):
     """(path, label) samples -> (transformed image, label)."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, min_side: int | None = None):
+    def __init__(self, samples: Sequence[Sample], transform: Callable, min_side: int | None = None,
+                 max_pixels: int = MAX_PIXELS):  # fmt: skip
         self.samples = list(samples)
         self.transform = transform
-        self.min_side = min_side
+        self.min_side, self.max_pixels = min_side, max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -66,7 +67,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        return self.transform(load_image(path, self.min_side)), label
+        return self.transform(load_image(path, self.min_side, max_pixels=self.max_pixels)), label
 
 
 class DecodedDataset(torch.utils.data.Dataset):
@@ -98,6 +99,7 @@ def build_datasets(
     rotation: float = 0.0,
     workers: int = 2,
     memory_budget: int = MEMORY_BUDGET,
+    max_pixels: int = MAX_PIXELS,
 ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, list[BadFile]]:
     """Train and val datasets, decoded once in memory when they fit the budget.
 
@@ -111,19 +113,22 @@ def build_datasets(
             estimate / 1e9,
             memory_budget / 1e9,
         )
-        bad = verify_files([p for p, _ in [*train, *val]], workers)
+        bad, _ = verify_files([p for p, _ in [*train, *val]], workers, max_pixels, side)
         skip = {b.path for b in bad}
+        # the same pixels as the in-memory path: JPEGs drafted to the eval resize side
+        kw = dict(min_side=side, max_pixels=max_pixels)
         return (
-            ImageDataset(
-                [s for s in train if s[0] not in skip], build_transforms(spec, True, rotation), None
-            ),
-            ImageDataset([s for s in val if s[0] not in skip], build_transforms(spec, False), side),
+            ImageDataset([s for s in train if s[0] not in skip],
+                         build_transforms(spec, True, rotation), **kw),
+            ImageDataset([s for s in val if s[0] not in skip], build_transforms(spec, False), **kw),
             bad,
-        )
+        )  # fmt: skip
     eval_geometry = v2.Compose(geometry_transforms(spec, train=False))
-    tr_images, tr_labels, tr_bad = decode_all(train, lambda p: decode_to_tensor(p, side), workers)
+    tr_images, tr_labels, tr_bad = decode_all(
+        train, lambda p: decode_to_tensor(p, side, max_pixels), workers
+    )
     va_images, va_labels, va_bad = decode_all(
-        val, lambda p: eval_geometry(decode_to_tensor(p, side)), workers
+        val, lambda p: eval_geometry(decode_to_tensor(p, side, max_pixels)), workers
     )
     train_tf = build_transforms(spec, True, rotation)
     val_tf = v2.Compose(tensor_transforms(spec))
@@ -165,7 +170,8 @@ def _prepare_features(
     cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime, progress: Progress
 ) -> Job:
     """extract: pooled features once (cached), then the head alone trains on them."""
-    kw = dict(runtime=runtime, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress)
+    kw = dict(runtime=runtime, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress,
+              max_pixels=cfg.max_pixels)  # fmt: skip
     tr = extract_features(backbone, split.train, views=cfg.cache_views, rotation=cfg.rotation, **kw)
     va = extract_features(backbone, split.val, **kw)
     skipped = _check_bad(cfg, tr.bad + va.bad)
@@ -190,7 +196,7 @@ def _prepare_images(
 ) -> Job:
     """finetune / partial: images decoded once into memory, augmented every epoch."""
     train_ds, val_ds, bad = build_datasets(split.train, split.val, backbone.spec, cfg.rotation,
-                                           workers=cfg.workers + 1)  # fmt: skip
+                                           cfg.workers + 1, max_pixels=cfg.max_pixels)  # fmt: skip
     skipped = _check_bad(cfg, bad)
     # decoded datasets augment small uint8 tensors: worker processes would cost more than they save
     workers = cfg.workers if isinstance(train_ds, ImageDataset) else 0

@@ -16,7 +16,7 @@ from .backbones import Backbone
 from .checkpoint import load_model
 from .data import find_images, is_hidden
 from .errors import DatasetError, GraftError, ImageError
-from .images import load_image, prepare_image
+from .images import MAX_PIXELS, load_image, prepare_image
 from .metrics import classification_report, confusion_matrix, most_confused
 from .runtime import Runtime, resolve_runtime
 from .splits import Sample
@@ -60,6 +60,7 @@ class Classifier:
         self.runtime = runtime
         self.meta = meta or {}
         self.spec = backbone.spec
+        self.max_pixels = int((self.meta.get("config") or {}).get("max_pixels") or MAX_PIXELS)
         # channels_last where it pays: about 2x faster convolutions on CPU (oneDNN) and cuDNN
         self.model = runtime.prepare(backbone.model).eval()
         self._transform = build_transforms(self.spec, train=False)
@@ -77,7 +78,7 @@ class Classifier:
             image = _array_to_image(image)
         if isinstance(image, Image.Image):
             return self._transform(prepare_image(image))
-        return self._transform(load_image(image, self.spec.resize_size))
+        return self._transform(load_image(image, self.spec.resize_size, max_pixels=self.max_pixels))
 
     @torch.inference_mode()
     def probabilities(self, images: Sequence[ImageLike], batch_size: int = 32) -> torch.Tensor:

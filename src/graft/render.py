@@ -100,15 +100,18 @@ def evaluation(report: dict[str, Any]) -> None:
         out(f"skipped {s['path']}: {s['reason']}")
 
 
-def verification(split: Any, bad: Sequence[Any], fmt: str) -> None:
+def verification(split: Any, bad: Sequence[Any], large: Sequence[Any], fmt: str) -> None:
     counts = split.counts()
     if fmt == "json":
         as_json({"classes": split.classes, "counts": counts, "layout": split.layout,
-                 "bad": [{"path": b.path, "reason": b.reason} for b in bad]})  # fmt: skip
+                 "bad": [{"path": b.path, "reason": b.reason} for b in bad],
+                 "large": [{"path": b.path, "note": b.reason} for b in large]})  # fmt: skip
         return
     for name, per_class in counts.items():
         out(f"{name}: {sum(per_class.values())} images  "
             + ", ".join(f"{c} {n}" for c, n in per_class.items()))  # fmt: skip
+    for b in large:
+        out(f"large: {b.path}: {b.reason}")
     for b in bad:
         out(f"bad: {b.path}: {b.reason}")
     out(f"{len(bad)} bad file(s)" if bad else "all images decode")

@@ -66,9 +66,7 @@ def build_report(
     ok = [(s, p) for s, p in zip(val, preds) if p.probs is not None]
     probs = torch.tensor([[p.probs[c] for c in clf.classes] for _, p in ok])
     targets = torch.tensor([y for (_, y), _ in ok])
-    evaluation = clf.evaluate_samples(
-        val, preds
-    )  # what `graft evaluate` gives on this split
+    evaluation = clf.evaluate_samples(val, preds)  # what `graft evaluate` gives on this split
     losses = -torch.log(probs[torch.arange(len(ok)), targets].clamp_min(1e-12))
     order = losses.argsort(descending=True).tolist()
     wrong = [i for i in order if probs[i].argmax() != targets[i]]
