@@ -39,3 +39,34 @@ def test_decode_keeps_aspect_and_never_enlarges(tmp_path):
     assert decode_to_tensor(str(tmp_path / "a.png"), 64).shape == (3, 64, 128)
     assert decode_to_tensor(str(tmp_path / "b.png"), 64).shape == (3, 20, 30)
     assert decode_to_tensor(str(tmp_path / "a.png"), 64).dtype == torch.uint8
+
+
+class _Dies(torch.utils.data.Dataset):
+    def __init__(self, how: str):
+        self.how = how
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import os
+        import time
+
+        if self.how == "exit":
+            os._exit(3)  # as a worker killed by a signal or a resource limit
+        time.sleep(30)  # as a worker stuck on a dead network drive
+        return torch.zeros(1)
+
+
+@pytest.mark.parametrize("how, message", [("exit", "exited unexpectedly"),
+                                          ("hang", "timed out after 1 seconds")])  # fmt: skip
+def test_a_failing_loader_worker_ends_the_run_with_a_message(how, message, monkeypatch):
+    import graft.runtime as runtime
+    from graft.errors import GraftError
+
+    monkeypatch.setattr(runtime, "LOADER_TIMEOUT", 1)
+    loader = torch.utils.data.DataLoader(_Dies(how), **runtime.loader_workers(1))
+    with pytest.raises(GraftError) as err, runtime.loader_errors():
+        list(loader)
+    assert "a data-loading worker failed (" in str(err.value) and message in str(err.value)
+    assert "run again with --workers 0" in str(err.value)

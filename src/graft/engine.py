@@ -26,7 +26,7 @@ from .freezing import Epoch, apply_freezing, param_groups
 from .loaders import Job
 from .metrics import classification_report, confusion_matrix
 from .runfolder import append_metrics, rewrite_metrics
-from .runtime import Progress, Runtime, no_progress
+from .runtime import Progress, Runtime, loader_errors, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,10 @@ def fit(
                 log.info("epoch %d on at %dpx", state.epoch + 1, size)
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         try:
-            tr = train_one_epoch(job.model, job.train_loader, optimizer, job.criterion,
-                                 job.runtime, progress, scaler)  # fmt: skip
-            ev = evaluate(job.model, job.val_loader, job.criterion, job.runtime, progress)
+            with loader_errors():  # a dead or hung loader worker: one clear error
+                tr = train_one_epoch(job.model, job.train_loader, optimizer, job.criterion,
+                                     job.runtime, progress, scaler)  # fmt: skip
+                ev = evaluate(job.model, job.val_loader, job.criterion, job.runtime, progress)
         except KeyboardInterrupt:
             state.stopped = "interrupted"
             log.warning("interrupted in epoch %d: keeping the best weights so far", state.epoch + 1)

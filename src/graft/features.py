@@ -20,7 +20,15 @@ from torch import nn
 from .backbones import Backbone
 from .errors import GraftError, ImageError
 from .images import MAX_PIXELS, BadFile, file_digest, load_image
-from .runtime import Progress, Runtime, atomic_path, default_cache_dir, no_progress
+from .runtime import (
+    Progress,
+    Runtime,
+    atomic_path,
+    default_cache_dir,
+    loader_errors,
+    loader_workers,
+    no_progress,
+)
 from .splits import Sample
 from .transforms import build_transforms
 
@@ -186,27 +194,26 @@ def extract_features(
     if todo:
         ds = _ViewsDataset([samples[i][0] for i in todo], [digests[i] for i in todo], backbone,
                            views, rotation, max_pixels)  # fmt: skip
+        n = max(1, batch_size // (1 + views))
         loader = torch.utils.data.DataLoader(
-            ds,
-            batch_size=max(1, batch_size // (1 + views)),
-            num_workers=workers,
-            collate_fn=_collate,
+            ds, batch_size=n, collate_fn=_collate, **loader_workers(workers)
         )
-        for batch in progress(loader, "features", len(loader)):
-            ok = [(j, x) for j, x, _ in batch if x is not None]
-            for j, _, reason in batch:
-                if reason is not None:
-                    bad[todo[j]] = reason
-            if not ok:
-                continue
-            x = runtime.batch(torch.cat([x for _, x in ok]))
-            with runtime.autocast():
-                out = net(x).float().cpu()
-            out = out.view(len(ok), 1 + views, -1)
-            for (j, _), f in zip(ok, out):
-                i = todo[j]
-                feats[i], augs[i] = f[0].to(STORE_DTYPE), f[1:].to(STORE_DTYPE)
-                cache.put(digests[i], feats[i], augs[i])
+        with loader_errors():
+            for batch in progress(loader, "features", len(loader)):
+                ok = [(j, x) for j, x, _ in batch if x is not None]
+                for j, _, reason in batch:
+                    if reason is not None:
+                        bad[todo[j]] = reason
+                if not ok:
+                    continue
+                x = runtime.batch(torch.cat([x for _, x in ok]))
+                with runtime.autocast():
+                    out = net(x).float().cpu()
+                out = out.view(len(ok), 1 + views, -1)
+                for (j, _), f in zip(ok, out):
+                    i = todo[j]
+                    feats[i], augs[i] = f[0].to(STORE_DTYPE), f[1:].to(STORE_DTYPE)
+                    cache.put(digests[i], feats[i], augs[i])
     keep = [i for i in range(len(samples)) if i in feats]
     dim = backbone.model.num_features
     return FeatureSet(

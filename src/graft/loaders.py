@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .errors import DatasetError
 from .features import extract_features
 from .images import MAX_PIXELS, BadFile, decode_files, format_bad_files, load_image, verify_files
-from .runtime import Progress, Runtime
+from .runtime import Progress, Runtime, loader_workers
 from .splits import DatasetSplit, Sample
 from .transforms import PreprocessSpec, build_transforms, geometry_transforms, tensor_transforms
 
@@ -203,10 +203,10 @@ def _prepare_images(
     g = torch.Generator().manual_seed(cfg.seed)
     labels = torch.tensor(list(train_ds.labels))
     train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, num_workers=workers, generator=g,
-        drop_last=len(train_ds) > cfg.batch_size, **_sampler_kwargs(cfg, labels, g))  # fmt: skip
+        train_ds, batch_size=cfg.batch_size, generator=g, drop_last=len(train_ds) > cfg.batch_size,
+        **_sampler_kwargs(cfg, labels, g), **loader_workers(workers))  # fmt: skip
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size,
-                                             num_workers=workers)  # fmt: skip
+                                             **loader_workers(workers))  # fmt: skip
 
     def set_size(size: int) -> None:
         train_ds.transform = build_transforms(backbone.spec.with_size(size), True, cfg.rotation)

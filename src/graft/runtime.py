@@ -123,6 +123,30 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+LOADER_TIMEOUT = 300  # seconds a loader worker may take for one batch before the run stops
+
+
+def loader_workers(workers: int) -> dict:
+    """DataLoader arguments for `workers` processes: a worker that hangs (a full disk, a stuck
+    network drive) stops the run after LOADER_TIMEOUT instead of holding it forever."""
+    return {"num_workers": workers, "timeout": LOADER_TIMEOUT if workers else 0}
+
+
+@contextlib.contextmanager
+def loader_errors() -> Iterator[None]:
+    """A data-loading worker that died or timed out becomes one GraftError with the fix."""
+    try:
+        yield
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "DataLoader worker" in first or "DataLoader timed out" in first:
+            raise GraftError(
+                f"a data-loading worker failed ({first}); run again with --workers 0 to load "
+                "in this process and see the cause"
+            ) from exc
+        raise
+
+
 def default_cache_dir() -> Path:
     """Where cached features live: $GRAFT_CACHE_DIR, else ~/.cache/graft/features."""
     env = os.environ.get("GRAFT_CACHE_DIR")
