@@ -26,7 +26,8 @@ def test_train_takes_a_train_config(shapes_dir, tmp_path):
     cfg = make_config(shapes_dir, epochs=3, workers=0, report=False, out=str(tmp_path / "r"))
     run = graft.train(cfg)
     assert len(run.history) == 3 and run.config.epochs == 3 and run.config.optimizer == "adamw"
-    assert graft.train(cfg, epochs=2).config.epochs == 2  # keyword options override it
+    again = graft.train(cfg, epochs=2, overwrite=True)  # keyword options override it
+    assert again.config.epochs == 2
 
 
 def test_explain_runs_on_the_device_asked_for(trained_run, shapes_dir, tmp_path):
