@@ -19,7 +19,7 @@ from .errors import (
     ImageError,
 )
 from .images import load_image
-from .predict import Classifier
+from .predict import Classifier, OnnxClassifier
 from .report import build_report as report
 from .run import Run, train
 
@@ -27,8 +27,17 @@ __version__ = "0.1.0"
 
 
 def load(run_dir, **kwargs) -> Classifier:
-    """Load a trained classifier from a run folder (no training data needed)."""
-    return Classifier.load(run_dir, **kwargs)
+    """Load a trained classifier from a run folder, or an exported `.onnx` file."""
+    from .predict import load_classifier
+
+    return load_classifier(run_dir, **kwargs)
+
+
+def export(run_dir, **kwargs):
+    """Export a run's model to ONNX and check it against PyTorch (see `graft.export.export`)."""
+    from .export import export as _export
+
+    return _export(run_dir, **kwargs)
 
 
 __all__ = [
@@ -36,6 +45,8 @@ __all__ = [
     "BackboneError",
     "CheckpointError",
     "Classifier",
+    "OnnxClassifier",
+    "export",
     "ConfigError",
     "DatasetError",
     "GraftError",

@@ -135,7 +135,9 @@ def train(
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run folder from graft train, or an exported .onnx file.")
+    ],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     top_k: Annotated[
         int, typer.Option(min=1, help="Classes per image (at most the class count).")
@@ -148,9 +150,10 @@ def predict(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Class probabilities for images; unreadable files are reported, not fatal."""
-    from .predict import Classifier, expand_inputs
+    from .data import expand_inputs
+    from .predict import load_classifier
 
-    clf = Classifier.load(run_dir, device=device)
+    clf = load_classifier(run_dir, device=device)
     results = clf.predict_files(expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
     render.predictions(results, "json" if as_json else "csv" if as_csv else "text")
     if any(r.error for r in results):
@@ -208,8 +211,9 @@ def explain(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
 ) -> None:
     """One figure per image: the image, then a heatmap per top class with its probability."""
+    from .data import expand_inputs
     from .explain import explain_files
-    from .predict import Classifier, expand_inputs
+    from .predict import Classifier
 
     clf = Classifier.load(run_dir, device=device)
     for path in explain_files(clf, expand_inputs(images), out, method, classes):
@@ -227,6 +231,25 @@ def serve(
     from .serve import serve as run_server
 
     run_server(run_dir, host, port, device)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    format: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output file (default RUN/model.onnx).")] = None,
+    opset: Annotated[int, typer.Option(min=7, help="ONNX opset.")] = 18,
+    dynamic_batch: Annotated[
+        bool, typer.Option("--dynamic-batch/--no-dynamic-batch", help="Any batch size.")
+    ] = True,
+) -> None:
+    """Export the model (normalisation inside, softmax out) and check it against PyTorch."""
+    from .export import export as run_export
+
+    if format != "onnx":
+        raise typer.BadParameter(f"unknown format {format!r}; graft exports onnx")
+    result = run_export(run_dir, out, opset, dynamic_batch)
+    render.export_result(result)
 
 
 @app.command()
@@ -313,11 +336,12 @@ def main() -> None:
     debug = bool(os.environ.get("GRAFT_DEBUG"))
     if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(encoding="utf-8")  # JSON and CSV are UTF-8 whatever the locale
-    logging.basicConfig(
-        level=logging.INFO,
+    logging.basicConfig(  # libraries at WARNING; graft's own progress at INFO
+        level=logging.WARNING,
         format="%(levelname)s %(message)s" if debug else "%(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("graft").setLevel(logging.INFO)
     try:
         # standalone_mode=False: an Exit's code is returned, errors are raised to be shown here
         code = app(standalone_mode=False, prog_name="graft")

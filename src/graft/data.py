@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DatasetError
@@ -188,3 +189,40 @@ def verify(
     split = discover(data_dir)
     paths = [p for samples in split.splits().values() for p, _ in samples]
     return split, *verify_files(paths, workers, max_pixels)
+
+
+# ---------------------------------------------------------------- inputs of a trained model
+
+
+def labelled_samples(data_dir: str | Path, classes: list[str]) -> list[Sample]:
+    """(path, label) for every image of a labelled folder, using the model's class indices."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DatasetError(f"{root} does not exist or is not a folder")
+    for sub in ("test", "val"):
+        if (root / sub).is_dir():
+            root = root / sub
+            break
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
+    unknown = [f for f in folders if f not in classes]
+    if unknown:
+        raise DatasetError(
+            f"{root}: class folder(s) the model does not know: {', '.join(unknown)}; "
+            f"the model's classes are {', '.join(classes)}"
+        )
+    if not folders:
+        raise DatasetError(f"{root} has no class folders; expected {root}/<class>/<image>")
+    samples = [(p, classes.index(c)) for c in folders for p in find_images(root / c, root)]
+    if not samples:
+        raise DatasetError(f"{root}: no images found in its class folders")
+    return samples
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
+    """Files as given, folders expanded to the images inside them (sorted, hidden skipped)."""
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        # a missing file stays in the list and is reported as "file not found" on its own row
+        out.extend(find_images(p) if p.is_dir() else [str(p)])
+    return out

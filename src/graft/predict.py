@@ -14,8 +14,8 @@ from PIL import Image
 
 from .backbones import Backbone
 from .checkpoint import load_model
-from .data import find_images, is_hidden
-from .errors import DatasetError, GraftError, ImageError
+from .data import labelled_samples
+from .errors import CheckpointError, DatasetError, GraftError, ImageError
 from .images import MAX_PIXELS, load_image, prepare_image
 from .metrics import classification_report, confusion_matrix, most_confused
 from .runtime import Runtime, resolve_runtime
@@ -41,7 +41,7 @@ class Prediction:
 
 
 class Classifier:
-    """A trained network with its classes and preprocessing.
+    """A trained network with its classes and preprocessing (an exported one: OnnxClassifier).
 
     >>> clf = graft.load("runs/demo")  # doctest: +SKIP
     >>> clf.predict(["shirt.png"], top_k=2)
@@ -80,18 +80,11 @@ class Classifier:
             return self._transform(prepare_image(image))
         return self._transform(load_image(image, self.spec.resize_size, max_pixels=self.max_pixels))
 
-    @torch.inference_mode()
     def probabilities(self, images: Sequence[ImageLike], batch_size: int = 32) -> torch.Tensor:
         """(N, C) probabilities; raises `ImageError` for a file that cannot be read."""
         images = as_image_list(images)
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = self.runtime.batch(
-                torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
-            )
-            with self.runtime.autocast():
-                logits = self.model(x)
-            out.append(logits.float().softmax(1).cpu())
+        out = [self._forward([self.preprocess(im) for im in images[i : i + batch_size]])
+               for i in range(0, len(images), batch_size)]  # fmt: skip
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
     def predict(
@@ -209,35 +202,45 @@ def _label(image: ImageLike) -> str:
     return str(image)
 
 
-def labelled_samples(data_dir: str | Path, classes: list[str]) -> list[Sample]:
-    """(path, label) for every image of a labelled folder, using the model's class indices."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise DatasetError(f"{root} does not exist or is not a folder")
-    for sub in ("test", "val"):
-        if (root / sub).is_dir():
-            root = root / sub
-            break
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
-    unknown = [f for f in folders if f not in classes]
-    if unknown:
-        raise DatasetError(
-            f"{root}: class folder(s) the model does not know: {', '.join(unknown)}; "
-            f"the model's classes are {', '.join(classes)}"
-        )
-    if not folders:
-        raise DatasetError(f"{root} has no class folders; expected {root}/<class>/<image>")
-    samples = [(p, classes.index(c)) for c in folders for p in find_images(root / c, root)]
-    if not samples:
-        raise DatasetError(f"{root}: no images found in its class folders")
-    return samples
+class OnnxClassifier(Classifier):
+    """An exported `model.onnx` run with ONNX Runtime: the same preprocessing code as the PyTorch
+    model (minus the normalisation, which is inside the graph) and the same outputs. Needs the
+    `graft[export]` extra.
+
+    >>> clf = OnnxClassifier("runs/demo/model.onnx")  # doctest: +SKIP
+    >>> clf.predict("shirt.png", top_k=1)
+    [{'tshirt_top': 0.91}]
+    """
+
+    def __init__(self, path: str | Path):
+        from .export import read_onnx_meta, session
+
+        self.path = Path(path)
+        self.meta = read_onnx_meta(self.path)
+        self.session = session(self.path)
+        self.classes = list(self.meta["classes"])
+        outputs = self.session.get_outputs()[0].shape[-1]
+        if isinstance(outputs, int) and outputs != len(self.classes):
+            raise CheckpointError(f"{self.path}: the graph has {outputs} outputs but its metadata "
+                                  f"names {len(self.classes)} classes; re-export it")  # fmt: skip
+        self.spec = self.meta["preprocess"]
+        self.max_pixels = int(self.meta.get("max_pixels") or MAX_PIXELS)
+        self.runtime = resolve_runtime("cpu", "fp32")
+        self._transform = build_transforms(self.spec, train=False, normalize=False)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", precision: str = "fp32") -> Classifier:
+        return cls(path)
+
+    def _forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros(0, len(self.classes))
+        x = torch.stack(tensors).numpy()
+        return torch.from_numpy(self.session.run(None, {"image": x})[0]).float()
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
-    """Files as given, folders expanded to the images inside them (sorted, hidden skipped)."""
-    out: list[str] = []
-    for item in inputs:
-        p = Path(item)
-        # a missing file stays in the list and is reported as "file not found" on its own row
-        out.extend(find_images(p) if p.is_dir() else [str(p)])
-    return out
+def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
+    """A run folder (PyTorch) or an exported `.onnx` file (ONNX Runtime), the same interface."""
+    if Path(path).suffix.lower() == ".onnx":
+        return OnnxClassifier(path)
+    return Classifier.load(path, device=device)

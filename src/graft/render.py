@@ -117,6 +117,11 @@ def verification(split: Any, bad: Sequence[Any], large: Sequence[Any], fmt: str)
     out(f"{len(bad)} bad file(s)" if bad else "all images decode")
 
 
+def export_result(r: Any) -> None:
+    out(f"{r.path}: parity on {r.images} {r.source} image(s): max |p_onnx - p_torch| = "
+        f"{r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.0%}")  # fmt: skip
+
+
 def backbone_table(infos: Sequence[Any]) -> None:
     out(f"{'name':<22} {'source':<12} {'params':>12} {'input':>6}  weights offline")
     for i in infos:

@@ -56,16 +56,20 @@ def _interp(spec: PreprocessSpec) -> v2.InterpolationMode:
     return INTERPOLATIONS.get(spec.interpolation, v2.InterpolationMode.BILINEAR)
 
 
-def build_transforms(spec: PreprocessSpec, train: bool, rotation: float = 0.0) -> Callable:
+def build_transforms(
+    spec: PreprocessSpec, train: bool, rotation: float = 0.0, normalize: bool = True
+) -> Callable:
     """PIL image or uint8 CHW tensor -> normalised float tensor, as in the transfer tutorial.
 
     train: RandomResizedCrop + horizontal flip (+ rotation); eval: resize + center crop.
+    `normalize=False` stops at RGB in [0, 1] (an exported model normalises inside its graph).
 
     >>> spec = PreprocessSpec(224, (0.5,) * 3, (0.5,) * 3)
     >>> build_transforms(spec, train=False)(torch.zeros(3, 300, 400, dtype=torch.uint8)).shape
     torch.Size([3, 224, 224])
     """
-    return v2.Compose([*geometry_transforms(spec, train, rotation), *tensor_transforms(spec)])
+    tensor = tensor_transforms(spec) if normalize else tensor_transforms(spec)[:-1]
+    return v2.Compose([*geometry_transforms(spec, train, rotation), *tensor])
 
 
 def geometry_transforms(spec: PreprocessSpec, train: bool, rotation: float = 0.0) -> list:
