@@ -169,3 +169,26 @@ def test_gradcam_works_for_other_backbones(name):
     maps = clf.explain(img, method="gradcam", classes=2)
     assert len(maps) == 2 and maps[0].heatmap.shape == (bb.spec.input_size,) * 2
     assert maps[0].probability >= maps[1].probability
+
+
+def test_model_card_holds_the_real_numbers(trained_run):
+    import yaml
+
+    from graft.card import write_card
+
+    card = write_card(trained_run.run_dir).read_text(encoding="utf-8")
+    meta = json.loads((trained_run.run_dir / "model.json").read_text())
+    _, header, body = card.split("---\n", 2)
+    head = yaml.safe_load(header)
+    assert head["library_name"] == "graft" and "efficientnet_lite0" in head["tags"]
+    [result] = head["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == round(meta["val"]["accuracy"], 4)
+    lo, hi = meta["val"]["accuracy_ci95"]
+    assert (
+        f"accuracy **{meta['val']['accuracy']:.4f}** (95% Wilson interval {lo:.3f}-{hi:.3f})"
+        in body
+    )
+    for c in ("circle", "square", "triangle"):
+        assert f"| {c} | 16 | 8 |" in body  # train and val images per class
+    assert 'it has no "none of these"' in body
+    assert not re.search(r"TODO|TBD|XXX|lorem|\{\{", card)

@@ -167,7 +167,9 @@ def _str(path: Path | None) -> str | None:
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run folder from graft train, or an exported .onnx file.")
+    ],
     data_dir: Annotated[
         Path, typer.Argument(help="Class folders (or a folder with test/ or val/).")
     ],
@@ -175,9 +177,9 @@ def evaluate(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled images."""
-    from .predict import Classifier
+    from .predict import load_classifier
 
-    report = Classifier.load(run_dir, device=device).evaluate(data_dir)
+    report = load_classifier(run_dir, device=device).evaluate(data_dir)
     if as_json:
         render.as_json(report)
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,12 @@ def export(
     model = _WithPreprocessing(clf.model.to(memory_format=torch.contiguous_format), clf.spec)
     model.eval()
     size = clf.spec.input_size
-    with atomic_path(out) as tmp:
-        _export_graph(model, tmp, size, opset, dynamic_batch)
-        _write_meta(tmp, clf, opset, dynamic_batch)
+    with tempfile.TemporaryDirectory(prefix="graft-export-") as work:
+        raw = Path(work) / "raw.onnx"  # the exporter may put weights beside it in raw.onnx.data
+        _export_graph(model, raw, size, opset, dynamic_batch)
+        proto = _with_meta(raw, clf, opset, dynamic_batch)
+    with atomic_path(out) as tmp:  # one self-contained file, kept only if it agrees
+        _save(proto, tmp)
         result = check_parity(clf, tmp, run_dir, dynamic_batch)
         if result.max_abs_diff > MAX_ABS_DIFF or result.top1_agreement < 1.0:
             raise ExportError(
@@ -111,12 +115,13 @@ def _export_graph(model: nn.Module, path: Path, size: int, opset: int, dynamic: 
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {exc}") from exc
 
 
-def _write_meta(path: Path, clf: Classifier, opset: int, dynamic: bool) -> None:
+def _with_meta(path: Path, clf: Classifier, opset: int, dynamic: bool):
+    """The exported graph with its weights inline and graft's metadata added."""
     import onnx
 
     from .checkpoint import versions
 
-    proto = onnx.load(str(path))
+    proto = onnx.load(str(path))  # external weights, if any, are read in
     meta = {
         "format": FORMAT,
         "classes": json.dumps(clf.classes, ensure_ascii=False),
@@ -133,7 +138,16 @@ def _write_meta(path: Path, clf: Classifier, opset: int, dynamic: bool) -> None:
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = f"graft {clf.meta.get('backbone', '')} classifier: {', '.join(clf.classes)}"
-    onnx.save(proto, str(path))
+    return proto
+
+
+def _save(proto, path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.save(proto, str(path), save_as_external_data=False)
+    except ValueError as exc:  # protobuf's 2 GB limit
+        raise ExportError(f"the model is too large for one ONNX file ({exc})") from exc
 
 
 def check_parity(

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import figures as draw
+from .card import write_card
 from .errors import DatasetError, GraftError
 from .predict import Classifier
 from .runfolder import (
@@ -102,6 +103,7 @@ def build_report(
     }  # fmt: skip
     atomic_write_text(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(run_dir / REPORT_HTML, _html(report, run_dir))
+    write_card(run_dir)  # the card follows the model.json it is made from
     log.info("report written to %s in %.1fs", run_dir / REPORT_HTML, report["build_seconds"])
     return report
 

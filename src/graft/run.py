@@ -17,6 +17,7 @@ from typing import Any
 
 from . import checkpoint
 from .backbones import Backbone, create_backbone
+from .card import write_card
 from .config import TrainConfig, dump_yaml, make_config
 from .data import discover
 from .engine import fit
@@ -140,6 +141,7 @@ def train(
             "class_counts": split.counts(), "skipped_files": job.skipped,
             "config": cfg.to_dict(),
         })  # fmt: skip
+        write_card(run_dir)
         if cfg.report:
             _report(run_dir, val_preds)
         if state.stopped != "interrupted":  # a finished run needs no resume point

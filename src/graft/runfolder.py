@@ -32,6 +32,7 @@ LAST_WEIGHTS = "last.safetensors"  # resume point, written after every epoch
 LAST_META = "last.json"
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
+CARD = "README.md"  # the model card (card.py)
 CURVES = "curves.png"  # the report's figures, also embedded in report.html
 CONFUSION = "confusion_matrix.png"
 SAMPLES = "samples.png"
@@ -113,7 +114,7 @@ def start_new_run(run_dir: str | Path) -> None:
     the old one whole."""
     run_dir = Path(run_dir)
     for name in (MODEL_WEIGHTS, MODEL_META, LAST_WEIGHTS, LAST_META, METRICS, CONFIG,
-                 REPORT_HTML, REPORT_JSON, *FIGURES):  # fmt: skip
+                 REPORT_HTML, REPORT_JSON, CARD, *FIGURES):  # fmt: skip
         (run_dir / name).unlink(missing_ok=True)
     for name in SPLIT_FILES:
         (run_dir / SPLIT / name).unlink(missing_ok=True)
