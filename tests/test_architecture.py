@@ -53,7 +53,7 @@ def test_nothing_imports_the_cli_and_edges_point_down():
     graph = _imports()
     assert not [m for m, deps in graph.items() if "cli" in deps and m != "__main__"]
     assert "predict" not in graph["explain"]  # explain is used by predict, never the reverse
-    assert graph["serve"] <= {"predict", "errors"}
+    assert graph["serve"] <= {"predict", "errors", "webpage"}
     assert graph["config"] <= {"errors", "images", "runtime", "runfolder"}
     assert graph["images"] <= {"errors"}
     assert graph["runtime"] <= {"errors"}

@@ -13,7 +13,8 @@ import torch
 pytest.importorskip("onnxruntime")
 import graft  # noqa: E402
 from graft.errors import CheckpointError  # noqa: E402
-from graft.export import ExportError, export, read_onnx_meta  # noqa: E402
+from graft.export import ExportError, export  # noqa: E402
+from graft.onnxfile import read_onnx_meta  # noqa: E402
 from graft.predict import OnnxClassifier  # noqa: E402
 
 

@@ -135,6 +135,23 @@ def _shap(model: nn.Module, x: torch.Tensor, idx: list[int]) -> list:
     return out
 
 
+def overlay_png(image: torch.Tensor, heatmap: np.ndarray, spec: PreprocessSpec) -> bytes:
+    """The network's input image with a Grad-CAM heatmap (jet, [0, 1]) blended over it: PNG."""
+    import io
+
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from .transforms import denormalize
+
+    rgb = denormalize(image, spec).permute(1, 2, 0).numpy()
+    heat = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
+    mixed = (0.55 * rgb + 0.45 * heat) * 255
+    buf = io.BytesIO()
+    Image.fromarray(mixed.round().clip(0, 255).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def explanation_figure(
     image: torch.Tensor, maps: list[Explanation], spec, method: str, title: str | None = None
 ):

@@ -10,7 +10,6 @@ Needs the `graft[export]` extra (onnx, onnxruntime, onnxscript), imported here o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import tempfile
@@ -21,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, GraftError
+from .errors import GraftError
+from .onnxfile import FORMAT, require
 from .predict import Classifier, OnnxClassifier
 from .runfolder import SPLIT
 from .runtime import atomic_path
@@ -29,7 +29,6 @@ from .transforms import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT = "graft-onnx"
 ONNX_FILE = "model.onnx"
 DEFAULT_OPSET = 18
 MAX_ABS_DIFF = 1e-3  # probabilities; fp32 ONNX Runtime vs PyTorch agree to ~1e-7 on lite0
@@ -73,7 +72,7 @@ def export(
     >>> graft.export("runs/demo").max_abs_diff  # doctest: +SKIP
     2.9e-08
     """
-    _require()
+    require()
     run_dir = Path(run_dir)
     clf = Classifier.load(run_dir, device="cpu", precision="fp32")
     out = Path(out) if out is not None else run_dir / ONNX_FILE
@@ -182,55 +181,3 @@ def _check_images(clf: Classifier, run_dir: Path) -> tuple[list, str]:
     g = torch.Generator().manual_seed(0)
     size = clf.spec.resize_size
     return [torch.rand(3, size, size, generator=g) for _ in range(CHECK_IMAGES)], "generated"
-
-
-# ---------------------------------------------------------------- reading an exported file
-
-
-def _require() -> None:
-    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if not importlib.util.find_spec(m)]
-    if missing:
-        raise GraftError(f"ONNX export and inference need {', '.join(missing)}: "
-                         "pip install 'graft[export]'")  # fmt: skip
-
-
-def session(path: str | Path):
-    """An ONNX Runtime session on the CPU, or CheckpointError for a file that is not a model."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise GraftError("running an .onnx model needs onnxruntime: pip install 'graft[export]'")
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: its warnings are not the user's business
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-        raise CheckpointError(f"{path} is damaged or not an ONNX model: {exc}") from exc
-
-
-def read_onnx_meta(path: str | Path) -> dict[str, Any]:
-    """graft's metadata of an exported model, validated: classes, preprocessing, backbone."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found (export one with: graft export RUN)")
-    if importlib.util.find_spec("onnx") is None:
-        raise GraftError("reading an .onnx model needs onnx: pip install 'graft[export]'")
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is damaged or not an ONNX model: {exc}") from exc
-    props = {p.key: p.value for p in proto.metadata_props}
-    if props.get("format") != FORMAT:
-        raise CheckpointError(f"{path} was not exported by graft (no '{FORMAT}' metadata); "
-                              "export it with: graft export RUN")  # fmt: skip
-    try:
-        classes = json.loads(props["classes"])
-        spec = PreprocessSpec.from_dict(json.loads(props["preprocess"]))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: graft metadata is damaged ({exc!r})") from exc
-    if not (isinstance(classes, list) and len(classes) >= 2
-            and all(isinstance(c, str) and c for c in classes)):  # fmt: skip
-        raise CheckpointError(f"{path}: metadata 'classes' must be a list of at least two names")
-    return {**props, "classes": classes, "preprocess": spec}

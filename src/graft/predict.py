@@ -140,6 +140,13 @@ class Classifier:
 
         return explain(self, image, method, classes)[1]
 
+    def explanation_png(self, image: ImageLike) -> bytes:
+        """The image as the network saw it with the Grad-CAM map of its top class: PNG bytes."""
+        from .explain import explain, overlay_png
+
+        x, maps = explain(self, image, "gradcam", 1)
+        return overlay_png(x, maps[0].heatmap, self.spec)
+
     def evaluate(self, data_dir: str | Path) -> dict[str, Any]:
         """Accuracy, per-class report and confusion matrix on a folder of class folders
         (or on its test/ or val/ split when it has one)."""
@@ -213,7 +220,7 @@ class OnnxClassifier(Classifier):
     """
 
     def __init__(self, path: str | Path):
-        from .export import read_onnx_meta, session
+        from .onnxfile import read_onnx_meta, session
 
         self.path = Path(path)
         self.meta = read_onnx_meta(self.path)

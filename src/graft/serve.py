@@ -1,7 +1,9 @@
 """HTTP serving: a small FastAPI app around a `Classifier` loaded from a run folder.
 
+GET / is a page to try the model in a browser (webpage.py); GET /card the model card's facts;
 GET /health, GET /classes, POST /predict (multipart, one or more `files`, optional `top_k`):
-per file its class probabilities, or the reason it could not be read. Needs `graft[serve]`.
+per file its class probabilities, or the reason it could not be read; POST /explain (one `file`):
+a PNG of the Grad-CAM overlay for its top class (needs `graft[explain]`). Needs `graft[serve]`.
 
 The network runs in a worker thread, one request at a time (a lock: two requests computing at
 once on the same cores would only slow each other down), never on the event loop, so /health
@@ -33,7 +35,10 @@ def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_U
         if importlib.util.find_spec(module) is None:
             raise GraftError("serving needs FastAPI: pip install 'graft[serve]'")
     from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+    from fastapi.responses import HTMLResponse, Response
     from starlette.concurrency import run_in_threadpool
+
+    from .webpage import PAGE
 
     clf = Classifier.load(run_dir, device=device)
     model_lock = threading.Lock()
@@ -43,6 +48,30 @@ def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_U
             return clf.predict_files(blobs, top_k=top_k, names=names)
 
     app = FastAPI(title="graft", description=f"{clf.meta['backbone']} classifier from {run_dir}")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE
+
+    @app.get("/card")
+    def card() -> dict[str, Any]:
+        return model_facts(clf.meta)
+
+    @app.post("/explain")
+    async def explain(file: UploadFile = File(...)) -> Response:
+        data = await file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"larger than {max_bytes:,} bytes")
+
+        def draw() -> bytes:
+            with model_lock:
+                return clf.explanation_png(data)
+
+        try:
+            png = await run_in_threadpool(draw)
+        except GraftError as exc:  # unreadable upload, or the explain extra missing
+            raise HTTPException(422, str(exc)) from exc
+        return Response(png, media_type="image/png")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -70,6 +99,16 @@ def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_U
                  "error": too_big.get(i, r.error)} for i, r in enumerate(results)]  # fmt: skip
 
     return app
+
+
+def model_facts(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the page's model card shows, from model.json."""
+    val = meta.get("val") or {}
+    counts = (meta.get("class_counts") or {}).get("train") or {}
+    return {"backbone": meta.get("backbone"), "strategy": meta.get("strategy"),
+            "classes": meta.get("classes"), "val_accuracy": val.get("accuracy"),
+            "val_ci95": val.get("accuracy_ci95"), "val_images": val.get("n"),
+            "train_images": sum(counts.values()), "created": meta.get("created")}  # fmt: skip
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
