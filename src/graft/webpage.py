@@ -17,7 +17,8 @@ padding:1em;border-radius:6px;align-self:flex-start}#card h2{margin-top:0;font-s
 .result{display:flex;gap:1em;background:#fff;border:1px solid #ddd;border-radius:6px;
 padding:.8em;margin:.6em 0}.result img{width:160px;height:160px;object-fit:contain;
 background:#eee}.info{flex:1}.top{font-weight:600;font-size:1.1em;margin-bottom:.4em}
-.top.unsure{color:#a60}.bar{display:grid;grid-template-columns:minmax(0,7em) minmax(4em,1fr) 3.8em;gap:.5em;
+.top.unsure{color:#a60}
+.bar{display:grid;grid-template-columns:minmax(0,7em) minmax(4em,1fr) 3.8em;gap:.5em;
 align-items:center;margin:.2em 0}.track{background:#eee;height:.9em;border-radius:3px}
 .fill{background:#3a7;height:100%;border-radius:3px}.pct{text-align:right;
 font-variant-numeric:tabular-nums}.error{color:#b00}button{margin-top:.5em}
