@@ -90,3 +90,21 @@ def test_tampered_onnx_files_are_refused_in_one_line(exported, tmp_path, shapes_
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     with pytest.raises(CheckpointError):
         OnnxClassifier(tmp_path / "missing.onnx")
+
+
+@pytest.mark.slow
+def test_the_readmes_plain_python_example_gives_graft_s_probabilities(exported, shapes_dir):
+    """The docs' onnxruntime + Pillow + numpy snippet preprocesses exactly as graft does."""
+    import re
+    from pathlib import Path
+
+    result, _ = exported
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"```python\n(import json\n\nimport numpy.*?)```", readme, re.S).group(1)
+    image = sorted((shapes_dir / "val").rglob("*.png"))[3]
+    snippet = snippet.replace("runs/demo/model.onnx", str(result.path))
+    snippet = snippet.replace("data/demo/val/bag/0000.png", str(image))
+    scope: dict = {}
+    exec(compile(snippet.replace("print(", "top3 = ("), "README", "exec"), scope)
+    want = OnnxClassifier(result.path).probabilities([image])[0]
+    assert torch.allclose(torch.from_numpy(scope["probabilities"]), want, atol=1e-5)
