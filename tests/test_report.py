@@ -61,34 +61,18 @@ def test_html_is_self_contained(report_run):
 
 
 @pytest.mark.browser
-def test_report_renders_in_headless_chromium(report_run, tmp_path):
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        pytest.skip("needs Debian's chromium and chromium-driver (CI installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    run, _ = report_run
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    try:
-        driver.get((run / "report.html").resolve().as_uri())
-        widths = driver.execute_script(
-            "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)"
-        )
-        assert len(widths) == len(FIGURES) and all(w > 0 for w in widths), widths
-        ids = driver.execute_script(
-            "return Array.from(document.querySelectorAll('section')).map(s => s.id)"
-        )
-        assert tuple(ids) == SECTIONS
-        driver.save_screenshot(str(tmp_path / "report.png"))
-    finally:
-        driver.quit()
+def test_report_renders_in_headless_chromium(report_run, tmp_path, chrome):
+    run, driver = report_run[0], chrome
+    driver.get((run / "report.html").resolve().as_uri())
+    widths = driver.execute_script(
+        "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)"
+    )
+    assert len(widths) == len(FIGURES) and all(w > 0 for w in widths), widths
+    ids = driver.execute_script(
+        "return Array.from(document.querySelectorAll('section')).map(s => s.id)"
+    )
+    assert tuple(ids) == SECTIONS
+    driver.save_screenshot(str(tmp_path / "report.png"))
 
 
 # ---------------------------------------------------------------- explanations mean something

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import shutil
 import socket
 import threading
 import time
@@ -138,49 +137,34 @@ def test_page_card_and_explain_endpoints(trained_run, shapes_dir):
 
 
 @pytest.mark.browser
-def test_the_page_in_a_real_browser(trained_run, shapes_dir, tmp_path):
+def test_the_page_in_a_real_browser(trained_run, shapes_dir, tmp_path, chrome):
     """Upload through the page's file input; the bars show what /predict says."""
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        pytest.skip("needs Debian's chromium and chromium-driver (CI installs them)")
     import httpx
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    image = shapes_dir / "val" / "triangle" / "001.png"
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
-        opts.add_argument(flag)
+    image, driver = shapes_dir / "val" / "triangle" / "001.png", chrome
     with live_server(trained_run.run_dir) as base:
         files = [("files", (image.name, image.read_bytes(), "image/png"))]
         want = httpx.post(f"{base}/predict", files=files, data={"top_k": "3"}).json()[0]
-        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-        try:
-            driver.get(base + "/")
-            wait = WebDriverWait(driver, 30)
-            wait.until(lambda d: "efficientnet_lite0" in d.find_element(By.ID, "card").text)
-            driver.find_element(By.ID, "files").send_keys(str(image))
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result.done"))
-            bars = driver.find_elements(By.CSS_SELECTOR, ".result .bar")
-            shown = [(b.get_attribute("data-class"), b.find_element(By.CLASS_NAME, "pct").text)
-                     for b in bars]  # fmt: skip
-            assert shown == [(c, f"{100 * p:.1f}%") for c, p in want["probabilities"].items()]
-            top = driver.find_element(By.CSS_SELECTOR, ".result .top")
-            name, p = next(iter(want["probabilities"].items()))
-            assert top.text == f"{name} {100 * p:.1f}%"
-            driver.execute_script("const t = document.getElementById('threshold'); t.value = 100;"
-                                  "t.dispatchEvent(new Event('input'));")  # fmt: skip
-            assert top.text == f"unsure ({name} {100 * p:.1f}%)"
-            driver.find_element(By.CSS_SELECTOR, ".result .cam").click()
-            wait.until(lambda d: d.execute_script(
-                "const i = document.querySelector('.result img');"
-                "return i.src.startsWith('blob:') && i.complete && i.naturalWidth === 224 "
-                "&& !document.querySelector('.result .cam');"))  # fmt: skip
-            driver.save_screenshot(str(tmp_path / "page.png"))
-        finally:
-            driver.quit()
+        driver.get(base + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: "efficientnet_lite0" in d.find_element(By.ID, "card").text)
+        driver.find_element(By.ID, "files").send_keys(str(image))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result.done"))
+        bars = driver.find_elements(By.CSS_SELECTOR, ".result .bar")
+        shown = [(b.get_attribute("data-class"), b.find_element(By.CLASS_NAME, "pct").text)
+                 for b in bars]  # fmt: skip
+        assert shown == [(c, f"{100 * p:.1f}%") for c, p in want["probabilities"].items()]
+        top = driver.find_element(By.CSS_SELECTOR, ".result .top")
+        name, p = next(iter(want["probabilities"].items()))
+        assert top.text == f"{name} {100 * p:.1f}%"
+        driver.execute_script("const t = document.getElementById('threshold'); t.value = 100;"
+                              "t.dispatchEvent(new Event('input'));")  # fmt: skip
+        assert top.text == f"unsure ({name} {100 * p:.1f}%)"
+        driver.find_element(By.CSS_SELECTOR, ".result .cam").click()
+        wait.until(lambda d: d.execute_script(
+            "const i = document.querySelector('.result img');"
+            "return i.src.startsWith('blob:') && i.complete && i.naturalWidth === 224 "
+            "&& !document.querySelector('.result .cam');"))  # fmt: skip
+        driver.save_screenshot(str(tmp_path / "page.png"))
