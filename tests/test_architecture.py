@@ -63,3 +63,12 @@ def test_the_resume_format_lives_in_checkpoint_alone():
     users = [p.stem for p in PACKAGE.glob("*.py")
              if "LAST_META" in p.read_text(encoding="utf-8")]  # fmt: skip
     assert sorted(users) == ["checkpoint", "runfolder"]
+
+
+def test_public_functions_are_not_shadowed_by_their_modules():
+    """graft.report and graft.export are functions even after their modules are imported."""
+    import graft.export
+    import graft.report
+
+    assert callable(graft.export) and graft.export.__module__ == "graft.export"
+    assert callable(graft.report) and graft.report.__name__ == "build_report"

@@ -18,6 +18,7 @@ from .errors import (
     GraftError,
     ImageError,
 )
+from .export import export
 from .images import load_image
 from .predict import Classifier, OnnxClassifier
 from .report import build_report as report
@@ -31,13 +32,6 @@ def load(run_dir, **kwargs) -> Classifier:
     from .predict import load_classifier
 
     return load_classifier(run_dir, **kwargs)
-
-
-def export(run_dir, **kwargs):
-    """Export a run's model to ONNX and check it against PyTorch (see `graft.export.export`)."""
-    from .export import export as _export
-
-    return _export(run_dir, **kwargs)
 
 
 __all__ = [
