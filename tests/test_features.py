@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from graft.backbones import create_backbone
@@ -132,3 +133,20 @@ def test_a_full_cache_volume_is_reported_once(tmp_path, monkeypatch, caplog):
     got = extract_features(bb, split.train[:3], rt, cache_dir=tmp_path / "c")
     assert got.computed == 3
     assert sum("cannot be written" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "densenet121"])
+def test_batchnorm_folded_extractor_computes_the_same_features(name):
+    from graft.features import fold_batchnorm
+
+    bb = create_backbone(name, 2, pretrained=name == "efficientnet_lite0")
+    size = 128
+    folded = fold_batchnorm(bb.model.features, size)
+    left = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m for m in bb.model.features.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(left) < len(before)  # folded, on a copy:
+    assert [m for m in bb.model.features.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    x = torch.rand(3, 3, size, size)
+    with torch.inference_mode():
+        want, got = bb.model.features.eval()(x), folded(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

