@@ -168,6 +168,7 @@ def save_last(
     stage: int,
     state: Any,
     generator: torch.Generator,
+    world: int = 1,
 ) -> None:
     """Everything needed to continue after the epoch just finished, without pickle: tensors
     (model, best weights, optimizer buffers, RNG states) in safetensors, the rest in JSON.
@@ -204,6 +205,7 @@ def save_last(
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": {k: v for k, v in rng.items() if not torch.is_tensor(v)},
+        "world_size": world,  # torchrun processes: a resume must use as many
     }
     atomic_write_text(Path(run_dir) / LAST_META, json.dumps(meta) + "\n")
 

@@ -117,7 +117,8 @@ def train(
         balance=balance, out=_str(out), report=report,
     )  # fmt: skip
     given = {k: v for k, v in options.items() if v is not None}
-    show = dict(progress=render.progress, on_epoch=render.epoch_line)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints
+    show = dict(progress=render.progress, on_epoch=render.epoch_line if main_rank else None)
     if resume is not None:
         if config is not None or overwrite or set(given) - {"skip_bad"}:
             raise typer.BadParameter(
@@ -127,6 +128,8 @@ def train(
         run = run_train(data_dir, resume=resume, **given, **show)
     else:
         run = run_train(make_config(data_dir, config, **given), overwrite=overwrite, **show)
+    if not main_rank:
+        return
     render.run_summary(run)
     if run.stopped == "interrupted":  # saved, but scripts must not take it for success
         typer.echo(f"interrupted; resume with: graft train --resume {run.run_dir}", err=True)
@@ -275,7 +278,8 @@ def main() -> None:
         format="%(levelname)s %(message)s" if debug else "%(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("graft").setLevel(logging.INFO)
+    quiet = os.environ.get("RANK", "0") != "0"  # torchrun's other ranks: warnings only
+    logging.getLogger("graft").setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         # standalone_mode=False: an Exit's code is returned, errors are raised to be shown here
         code = app(standalone_mode=False, prog_name="graft")

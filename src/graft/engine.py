@@ -21,6 +21,7 @@ from torch import nn
 
 from .checkpoint import Resume, save_last
 from .config import TrainConfig
+from .dist import Dist, all_gather, collective_errors, sync_buffers, wrap
 from .errors import GraftError
 from .freezing import Epoch, apply_freezing, param_groups
 from .loaders import Job
@@ -46,21 +47,27 @@ def fit(
     resume: Resume | None = None,
     progress: Progress = no_progress,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    world: int = 1,
 ) -> FitState:
     """Train `job` through `plan` from its first unfinished epoch, keeping the best weights by val
     accuracy. With `run_dir`, each epoch appends to metrics.csv and saves the resume point.
-    Ctrl-C (or SIGTERM) stops after the current batch with the best weights so far."""
+    Ctrl-C (or SIGTERM) stops after the current batch with the best weights so far. Under
+    torchrun (`job.dist`) the model trains in DDP on this rank's share of each epoch, and every
+    rank sees the same val figures, so best epoch and early stopping agree everywhere."""
     state = FitState.start(resume, job)
     if run_dir is not None:
         rewrite_metrics(run_dir, state.history)
     scaler = torch.amp.GradScaler("cuda") if job.runtime.amp_dtype is torch.float16 else None
-    stage = size = optimizer = scheduler = None
+    stage = size = optimizer = scheduler = trainer = None
     for epoch in plan[state.epoch :]:
         if epoch.stage != stage:
             stage = epoch.stage
             optimizer, scheduler = start_stage(job, plan, epoch, cfg)
+            trainer = wrap(job.dist, job.model, job.runtime.device)  # DDP under torchrun
             if resume is not None and resume.stage == stage:
                 resume.restore_optimizer(optimizer, scheduler, scaler)
+        if job.sampler is not None:
+            job.sampler.set_epoch(state.epoch)  # a new, seeded order of the shards each epoch
         if epoch.size != size:
             size = epoch.size
             job.set_size(size)
@@ -68,10 +75,12 @@ def fit(
                 log.info("epoch %d on at %dpx", state.epoch + 1, size)
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         try:
-            with loader_errors():  # a dead or hung loader worker: one clear error
-                tr = train_one_epoch(job.model, job.train_loader, optimizer, job.criterion,
-                                     job.runtime, progress, scaler)  # fmt: skip
-                ev = evaluate(job.model, job.val_loader, job.criterion, job.runtime, progress)
+            with loader_errors(), collective_errors("training"):  # a dead worker or rank
+                tr = train_one_epoch(trainer, job.train_loader, optimizer, job.criterion,
+                                     job.runtime, progress, scaler, job.dist)  # fmt: skip
+                sync_buffers(job.dist, job.model)  # validate (and save) rank 0's model
+                ev = evaluate(job.model, job.val_loader, job.criterion, job.runtime, progress,
+                              job.dist)  # fmt: skip
         except KeyboardInterrupt:
             state.stopped = "interrupted"
             log.warning("interrupted in epoch %d: keeping the best weights so far", state.epoch + 1)
@@ -80,7 +89,8 @@ def fit(
         row = state.record(job, tr, ev, lr, time.perf_counter() - start)
         if run_dir is not None:
             save_last(run_dir, model=job.model, optimizer=optimizer, scheduler=scheduler,
-                      scaler=scaler, stage=stage, state=state, generator=job.generator)  # fmt: skip
+                      scaler=scaler, stage=stage, state=state, generator=job.generator,
+                      world=world)  # fmt: skip
             append_metrics(run_dir, row)
         if on_epoch is not None:
             on_epoch(row)
@@ -133,8 +143,10 @@ def train_one_epoch(
     runtime: Runtime,
     progress: Progress = no_progress,
     scaler: torch.amp.GradScaler | None = None,
+    d: Dist = Dist(),
 ) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss and accuracy over the samples seen."""
+    """One pass over `loader`; returns mean loss and accuracy over the samples seen (by every
+    rank, under torchrun)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in progress(loader, "train", len(loader)):
@@ -162,6 +174,9 @@ def train_one_epoch(
         total_loss += loss.item() * n
         correct += (logits.argmax(1) == y).sum().item()
         seen += n
+    if d.enabled:
+        parts = all_gather(d, (total_loss, correct, seen), "training")
+        total_loss, correct, seen = (sum(p[i] for p in parts) for i in range(3))
     return {"loss": total_loss / max(1, seen), "acc": correct / max(1, seen)}
 
 
@@ -184,15 +199,21 @@ def evaluate(
     criterion: nn.Module,
     runtime: Runtime,
     progress: Progress = no_progress,
+    d: Dist = Dist(),
 ) -> EvalResult:
     """Loss (by `criterion`: label smoothing and class weights count), accuracy and every logit
-    over `loader`, in eval mode."""
+    over `loader`, in eval mode. Under torchrun each rank scores its share and the logits of all
+    are gathered, so every rank computes the same figures."""
     model.eval()
     logits, targets = [], []
     for x, y in progress(loader, "val", len(loader)):
         with runtime.autocast():
             logits.append(model(runtime.batch(x)).float().cpu())
         targets.append(y)
+    if d.enabled:
+        local = (torch.cat(logits), torch.cat(targets)) if logits else None
+        parts = [p for p in all_gather(d, local, "validating") if p is not None]
+        logits, targets = [p[0] for p in parts], [p[1] for p in parts]
     if not logits:
         return EvalResult(0.0, 0.0, torch.empty(0, 0), torch.empty(0, dtype=torch.long))
     all_logits, all_targets = torch.cat(logits), torch.cat(targets)

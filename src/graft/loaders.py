@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,8 @@ from torchvision.transforms import v2
 
 from .backbones import Backbone
 from .config import TrainConfig
-from .errors import DatasetError
+from .dist import Dist, all_gather, shard
+from .errors import ConfigError, DatasetError
 from .features import extract_features
 from .images import MAX_PIXELS, BadFile, decode_files, format_bad_files, load_image, verify_files
 from .runtime import Progress, Runtime, loader_workers
@@ -156,22 +157,33 @@ class Job:
     set_size: Callable[[int], None]  # train images at this side from now on
     skipped: list[str]  # unreadable files left out (--skip-bad)
     classes: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)  # facts for model.json
+    dist: Dist = Dist()  # under torchrun: DDP, sharded train and val (finetune/partial)
+    sampler: Any = None  # a DistributedSampler, to be told the epoch
 
 
-def prepare_job(
-    cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime, progress: Progress
-) -> Job:
+def prepare_job(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime,
+                progress: Progress, d: Dist = Dist()) -> Job:  # fmt: skip
     """Decode (or look up) every image once, before the first epoch: bad files are known now."""
-    prepare = _prepare_features if cfg.strategy == "extract" else _prepare_images
-    return prepare(cfg, backbone, split, runtime, progress)
+    if cfg.strategy == "extract":
+        return _prepare_features(cfg, backbone, split, runtime, progress, d)
+    return _prepare_images(cfg, backbone, split, runtime, progress, d)
 
 
-def _prepare_features(
-    cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime, progress: Progress
-) -> Job:
-    """extract: pooled features once (cached), then the head alone trains on them."""
+def _prepare_features(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
+                      runtime: Runtime, progress: Progress, d: Dist) -> Job:  # fmt: skip
+    """extract: pooled features once (cached), then the head alone trains on them. Under
+    torchrun each rank computes a disjoint share into the shared cache first; then every rank
+    reads them all and trains the same head (a node whose cache is not shared computes what it
+    misses itself)."""
     kw = dict(runtime=runtime, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress,
               max_pixels=cfg.max_pixels)  # fmt: skip
+    stats: dict[str, Any] = {}
+    if d.enabled:
+        mine = extract_features(backbone, shard(split.train, d), views=cfg.cache_views,
+                                rotation=cfg.rotation, **kw).computed  # fmt: skip
+        mine += extract_features(backbone, shard(split.val, d), **kw).computed
+        stats["features_computed_per_rank"] = all_gather(d, mine, "extracting features")
     tr = extract_features(backbone, split.train, views=cfg.cache_views, rotation=cfg.rotation, **kw)
     va = extract_features(backbone, split.val, **kw)
     skipped = _check_bad(cfg, tr.bad + va.bad)
@@ -188,13 +200,14 @@ def _prepare_features(
     cpu = Runtime(torch.device("cpu"), None)  # a Linear on a few MB of features: the CPU is fastest
     return Job(backbone, backbone.model.head, train_loader, val_loader,
                _criterion(cfg, y, len(split.classes)), cpu, g, lambda size: None, skipped,
-               split.classes)  # fmt: skip
+               split.classes, stats)  # fmt: skip
 
 
-def _prepare_images(
-    cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime, progress: Progress
-) -> Job:
-    """finetune / partial: images decoded once into memory, augmented every epoch."""
+def _prepare_images(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime,
+                    progress: Progress, d: Dist) -> Job:  # fmt: skip
+    """finetune / partial: images decoded once into memory, augmented every epoch. Under
+    torchrun a DistributedSampler (seeded, padded to equal shares) splits each epoch and each
+    rank scores its own share of val; --batch-size is per process."""
     train_ds, val_ds, bad = build_datasets(split.train, split.val, backbone.spec, cfg.rotation,
                                            cfg.workers + 1, max_pixels=cfg.max_pixels)  # fmt: skip
     skipped = _check_bad(cfg, bad)
@@ -202,9 +215,20 @@ def _prepare_images(
     workers = cfg.workers if isinstance(train_ds, ImageDataset) else 0
     g = torch.Generator().manual_seed(cfg.seed)
     labels = torch.tensor(list(train_ds.labels))
+    sampler = None
+    order = _sampler_kwargs(cfg, labels, g)
+    if d.enabled:
+        if cfg.balance == "sampler":
+            raise ConfigError("--balance sampler does not combine with torchrun yet; use "
+                              "--balance weights")  # fmt: skip
+        sampler = torch.utils.data.DistributedSampler(train_ds, d.world, d.rank, shuffle=True,
+                                                      seed=cfg.seed)  # fmt: skip
+        order = {"sampler": sampler, "shuffle": False}
+        val_ds = torch.utils.data.Subset(val_ds, shard(list(range(len(val_ds))), d))
+    per_rank = len(train_ds) // d.world
     train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, generator=g, drop_last=len(train_ds) > cfg.batch_size,
-        **_sampler_kwargs(cfg, labels, g), **loader_workers(workers))  # fmt: skip
+        train_ds, batch_size=cfg.batch_size, generator=g, drop_last=per_rank > cfg.batch_size,
+        **order, **loader_workers(workers))  # fmt: skip
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size,
                                              **loader_workers(workers))  # fmt: skip
 
@@ -212,8 +236,12 @@ def _prepare_images(
         train_ds.transform = build_transforms(backbone.spec.with_size(size), True, cfg.rotation)
 
     criterion = _criterion(cfg, labels, len(split.classes)).to(runtime.device)
+    if d.enabled and d.is_main:
+        glob = d.world * cfg.batch_size
+        log.info("%d processes x batch %d = global batch %d; --lr applies to that global batch "
+                 "as given (not rescaled)", d.world, cfg.batch_size, glob)  # fmt: skip
     return Job(backbone, runtime.prepare(backbone.model), train_loader, val_loader, criterion,
-               runtime, g, set_size, skipped, split.classes)  # fmt: skip
+               runtime, g, set_size, skipped, split.classes, {}, d, sampler)  # fmt: skip
 
 
 def _check_bad(cfg: TrainConfig, bad: list[BadFile]) -> list[str]:

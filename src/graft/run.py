@@ -7,10 +7,11 @@ data is `loaders.prepare_job`, the epoch loop is `engine.fit`, the files are `ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from .backbones import Backbone, create_backbone
 from .card import write_card
 from .config import TrainConfig, dump_yaml, make_config
 from .data import discover
+from .dist import Dist, broadcast, from_env, process_group
 from .engine import fit
 from .errors import ConfigError, GraftError
 from .freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
@@ -98,15 +100,27 @@ def train(
     >>> run.load().predict(["data/demo/val/bag/0001.png"])
     [{'bag': 0.97, ...}]
     """
+    d = from_env()
+    with process_group(d):
+        return _train(d, data, config_file, resume, overwrite, progress, on_epoch, options)
+
+
+def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, options) -> Run:
     start = time.perf_counter()
     last = checkpoint.restore_last(resume) if resume is not None else None
+    if last is not None and last.meta.get("world_size", 1) != d.world:
+        was = last.meta.get("world_size", 1)
+        raise ConfigError(f"{resume} was trained by {was} process(es) and this is {d.world}: "
+                          "resume it with the same number (torchrun --nproc_per_node), so the "
+                          "data order and the resume point match")  # fmt: skip
     cfg = _config(data, config_file, resume, options)
-    runtime = resolve_runtime(cfg.device, cfg.precision, training=cfg.strategy != "extract")
+    runtime = resolve_runtime(cfg.device, cfg.precision, training=cfg.strategy != "extract",
+                              local_rank=d.local_rank)  # fmt: skip
     seed_everything(cfg.seed)
     split = load_split(Path(resume) / SPLIT, data) if resume else report_duplicates(
         discover(cfg.data_dir, cfg.val_fraction, cfg.seed), cfg.dedupe)  # fmt: skip
     backbone = create_backbone(cfg.backbone, len(split.classes), cfg.pretrained, cfg.weights)
-    cfg = cfg.resolve(input_size=backbone.spec.input_size)
+    cfg = broadcast(d, cfg.resolve(input_size=backbone.spec.input_size))  # one run folder
     backbone = dataclasses.replace(backbone, spec=backbone.spec.with_size(cfg.image_size))
     blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
     apply_freezing(backbone, blocks)
@@ -114,8 +128,13 @@ def train(
     log.info("%s: %s trainable of %s parameters (%s), %s on %s", cfg.backbone, f"{trainable:,}",
              f"{total:,}", cfg.strategy, runtime.precision, runtime.device)  # fmt: skip
 
-    with claim(cfg.out, resuming=last is not None, overwrite=overwrite) as run_dir:
-        job = prepare_job(cfg, backbone, split, runtime, progress)  # bad files stop us here
+    writer = claim if d.is_main else _no_claim  # rank 0 alone writes the run folder
+    with writer(cfg.out, resuming=last is not None, overwrite=overwrite) as run_dir:
+        job = prepare_job(cfg, backbone, split, runtime, progress, d)  # bad files stop us here
+        if not d.is_main:  # the same training, nothing written: rank 0 saves the model
+            with sigterm_as_interrupt():
+                fit(job, epoch_plan(cfg, blocks, backbone.spec.input_size), cfg, resume=last)
+            return Run(run_dir, split.classes, {}, [], trainable, total, 0.0, config=cfg)
         if last is None:
             start_new_run(run_dir)
             atomic_write_text(run_dir / CONFIG, dump_yaml(cfg))
@@ -123,7 +142,7 @@ def train(
         plan = epoch_plan(cfg, blocks, backbone.spec.input_size)
         with sigterm_as_interrupt():
             state = fit(job, plan, cfg, run_dir=run_dir, resume=last, progress=progress,
-                        on_epoch=on_epoch)  # fmt: skip
+                        on_epoch=on_epoch, world=d.world)  # fmt: skip
         if state.best_state is None:
             raise GraftError("training stopped before the first epoch finished; nothing saved")
         job.model.load_state_dict(state.best_state)
@@ -139,7 +158,7 @@ def train(
             "stopped": state.stopped, "val": val, "test": test, "precision": runtime.precision,
             "wall_seconds": round(wall, 2), "data_dir": split.root, "layout": split.layout,
             "class_counts": split.counts(), "skipped_files": job.skipped,
-            "config": cfg.to_dict(),
+            "config": cfg.to_dict(), "world_size": d.world, **job.stats,
         })  # fmt: skip
         write_card(run_dir)
         if cfg.report:
@@ -171,6 +190,11 @@ def _config(
         values = {**data.to_dict(), **options}
         return make_config(values.pop("data_dir"), None, **values)
     return make_config(data, config_file, **options)
+
+
+@contextlib.contextmanager
+def _no_claim(run_dir: str, **_: Any) -> Iterator[Path]:
+    yield Path(run_dir)
 
 
 def _classifier(backbone: Backbone, classes: list[str], device: str):

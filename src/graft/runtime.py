@@ -80,7 +80,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_runtime(
-    device: str = "auto", precision: str = "auto", training: bool = False
+    device: str = "auto", precision: str = "auto", training: bool = False, local_rank: int = 0
 ) -> Runtime:
     """Pick the device (cuda, then mps, then cpu) and the autocast dtype it supports.
 
@@ -104,7 +104,7 @@ def resolve_runtime(
             device = "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use cpu")
-    dev = torch.device(device)
+    dev = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
