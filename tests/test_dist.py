@@ -109,3 +109,21 @@ def _is_rank(proc: Path, rank: str, marker: str) -> bool:
     except OSError:
         return False
     return f"RANK={rank}".encode() in environ and marker.encode() in cmdline
+
+
+def test_resume_with_another_process_count_is_refused(data, tmp_path):
+    from graft.errors import ConfigError
+
+    run = tmp_path / "run"
+
+    def stop(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt  # as if killed after epoch 1
+
+    with pytest.raises(KeyboardInterrupt):
+        graft.train(data, out=str(run), epochs=3, workers=0, report=False, on_epoch=stop)
+    last = json.loads((run / "last.json").read_text())
+    assert last["world_size"] == 1
+    (run / "last.json").write_text(json.dumps({**last, "world_size": 2}))
+    with pytest.raises(ConfigError, match="trained by 2 process\\(es\\) and this is 1: resume"):
+        graft.train(resume=run)
