@@ -4,14 +4,13 @@ from model.json alone, so every number in it is the saved model's."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .checkpoint import read_meta
-from .runfolder import CARD, MODEL_META
+from .runfolder import CARD
 from .runtime import atomic_write_text
 
 
@@ -23,13 +22,12 @@ def write_card(run_dir: str | Path) -> Path:
     """
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
-    raw = json.loads((run_dir / MODEL_META).read_text(encoding="utf-8"))
     path = run_dir / CARD
-    atomic_write_text(path, model_card(meta, raw, run_dir.name))
+    atomic_write_text(path, model_card(meta, run_dir.name))
     return path
 
 
-def model_card(meta: dict[str, Any], raw: dict[str, Any], name: str) -> str:
+def model_card(meta: dict[str, Any], name: str) -> str:
     val, test, cfg = meta.get("val") or {}, meta.get("test"), meta.get("config") or {}
     classes, backbone = meta["classes"], meta["backbone"]
     data = Path(str(meta.get("data_dir", ""))).name or "images"
@@ -48,7 +46,7 @@ def model_card(meta: dict[str, Any], raw: dict[str, Any], name: str) -> str:
         f"# {name}: {backbone} classifier for {len(classes)} classes\n",
         _intended_use(classes),
         _classes(meta, classes),
-        _training(meta, raw, cfg),
+        _training(meta, cfg),
         _evaluation(val, test),
         _limitations(meta, classes, val),
         _usage(name),
@@ -88,7 +86,7 @@ def _classes(meta: dict[str, Any], classes: list[str]) -> str:
     )
 
 
-def _training(meta: dict[str, Any], raw: dict[str, Any], cfg: dict[str, Any]) -> str:
+def _training(meta: dict[str, Any], cfg: dict[str, Any]) -> str:
     best = meta.get("best") or {}
     blocks, spec = meta.get("trainable_blocks") or [], meta["preprocess"]
     what = {
@@ -107,7 +105,7 @@ def _training(meta: dict[str, Any], raw: dict[str, Any], cfg: dict[str, Any]) ->
         f"schedule {cfg.get('schedule')}, weight decay {cfg.get('weight_decay')}, "
         f"seed {cfg.get('seed')}",
         f"- precision {meta.get('precision')}, {meta.get('wall_seconds')} s of training, "
-        f"created {raw.get('created')}, graft {(raw.get('versions') or {}).get('graft')}",
+        f"created {meta.get('created')}, graft {(meta.get('versions') or {}).get('graft')}",
     ]
     return "## Training\n\n" + "\n".join(lines) + "\n"
 
