@@ -238,7 +238,6 @@ def extract_features(
 ) -> FeatureSet:
     """Pooled features of every sample, from the cache where possible, computed once otherwise.
     `views` augmented views per sample (random crop, flip, `rotation`) are cached beside them."""
-    net = runtime.prepare(fold_batchnorm(backbone.model.features, backbone.spec.input_size))
     key = model_key(backbone, runtime, rotation if views else 0.0)
     cache = FeatureCache(cache_dir or default_cache_dir(), key)
     digests, feats, augs, bad = {}, {}, {}, {}
@@ -253,7 +252,8 @@ def extract_features(
             feats[i], augs[i] = hit
     todo = [i for i in digests if i not in feats]
     hits = len(feats)
-    if todo:
+    if todo:  # the network (BN folded, a copy) only when something is not in the cache
+        net = runtime.prepare(fold_batchnorm(backbone.model.features, backbone.spec.input_size))
         ds = _ViewsDataset([samples[i][0] for i in todo], [digests[i] for i in todo], backbone,
                            views, rotation, max_pixels)  # fmt: skip
         n = max(1, batch_size // (1 + views))
