@@ -46,10 +46,7 @@ def load_image(path: str | Path | bytes, min_side: int | None = None, name: str 
     data = path if isinstance(path, (bytes, bytearray)) else None
     path = name or ("<upload>" if data is not None else str(path))
     try:
-        with _pillow_guard_lifted(), warnings.catch_warnings():  # our own check says it better
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data) if data is not None else path)
-        with im:
+        with _open(io.BytesIO(data) if data is not None else path) as im:
             w, h = im.size
             if w < 1 or h < 1:
                 raise ImageError(path, f"image has no pixels ({w}x{h})")
@@ -133,6 +130,14 @@ def _pillow_guard_lifted() -> Iterator[None]:
             _lifted[0] -= 1
             if _lifted[0] == 0:
                 Image.MAX_IMAGE_PIXELS = _lifted[1]
+
+
+def _open(source: str | io.BytesIO) -> Image.Image:
+    """Image.open without Pillow's own size refusal or bomb warning: graft's check on the pixels
+    really decoded (load_image) is the guard, and says it better."""
+    with _pillow_guard_lifted(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
 
 
 def prepare_image(im: Image.Image) -> Image.Image:
@@ -264,10 +269,8 @@ def verify_files(paths: Sequence[str], workers: int = 4, max_pixels: int = MAX_P
 
 
 def _large_note(path: str) -> str | None:
-    with _pillow_guard_lifted(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            w, h, fmt = *im.size, im.format
+    with _open(path) as im:  # the header only: size and format
+        w, h, fmt = *im.size, im.format
     if w * h <= LARGE_PIXELS:
         return None
     how = "decoded at reduced scale" if fmt == "JPEG" else "decoded in full, one at a time"
