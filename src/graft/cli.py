@@ -102,6 +102,7 @@ def train(
 ) -> None:
     """Train a classifier and save it in a run folder."""
     from .config import make_config
+    from .dist import from_env
     from .run import train as run_train
 
     options = dict(
@@ -117,7 +118,9 @@ def train(
         balance=balance, out=_str(out), report=report,
     )  # fmt: skip
     given = {k: v for k, v in options.items() if v is not None}
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints
+    main_rank = from_env().is_main  # under torchrun, rank 0 alone prints
+    if not main_rank:
+        log.setLevel(logging.WARNING)
     show = dict(progress=render.progress, on_epoch=render.epoch_line if main_rank else None)
     if resume is not None:
         if config is not None or overwrite or set(given) - {"skip_bad"}:
@@ -278,8 +281,7 @@ def main() -> None:
         format="%(levelname)s %(message)s" if debug else "%(message)s",
         stream=sys.stderr,
     )
-    quiet = os.environ.get("RANK", "0") != "0"  # torchrun's other ranks: warnings only
-    logging.getLogger("graft").setLevel(logging.WARNING if quiet else logging.INFO)
+    log.setLevel(logging.INFO)
     try:
         # standalone_mode=False: an Exit's code is returned, errors are raised to be shown here
         code = app(standalone_mode=False, prog_name="graft")
