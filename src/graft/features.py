@@ -148,8 +148,8 @@ class _ViewsDataset(torch.utils.data.Dataset):
 def fold_batchnorm(features: nn.Module, size: int) -> nn.Module:
     """A copy of a frozen network with every BatchNorm that directly follows a convolution folded
     into it (w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta), the BN's own
-    activation kept. Same function in exact arithmetic; on lite0, 49 folds, +44% images/s in fp32
-    and +52% in bf16 on 2 cores, features within 2.3e-6 (fp32) and inside bf16's own noise.
+    activation kept. Same function in exact arithmetic; on lite0, 49 folds, 1.3-1.9x images/s on
+    2 cores and features within 2e-6 of the stock network in fp32 (bench/fold_batchnorm.py).
     Conv->BN pairs are found by data flow (the BN's input is the conv's output), not by name."""
     net = copy.deepcopy(features).eval()
     produced: dict[int, tuple[nn.Conv2d, torch.Tensor]] = {}  # the tensor kept: ids not reused
