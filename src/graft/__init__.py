@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from .backbones import Backbone, create_backbone, list_backbones
+from .compare import Comparison, compare
 from .config import TrainConfig, make_config
 from .data import discover, verify
 from .errors import (
@@ -39,7 +40,9 @@ __all__ = [
     "BackboneError",
     "CheckpointError",
     "Classifier",
+    "Comparison",
     "OnnxClassifier",
+    "compare",
     "export",
     "ConfigError",
     "DatasetError",

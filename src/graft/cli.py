@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from . import cli_data, render
+from . import cli_data, cli_train, render
 from .errors import GraftError
 
 app = typer.Typer(
@@ -22,121 +22,9 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Fetch public example data
 app.add_typer(datasets_app, name="datasets")
 log = logging.getLogger("graft")
 
-
-@app.command()
-def train(
-    data_dir: Annotated[
-        Path | None, typer.Argument(help="Folder of class folders, or with train/ and val/.")
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="YAML file of options; flags override it.")
-    ] = None,
-    backbone: Annotated[
-        str | None, typer.Option(help="Backbone name (graft backbones) or timm:<name>.")
-    ] = None,
-    strategy: Annotated[str | None, typer.Option(help="extract | finetune | partial")] = None,
-    unfreeze: Annotated[
-        str | None, typer.Option(help="partial: blocks to train, e.g. layer3,layer4")
-    ] = None,
-    unfreeze_last: Annotated[
-        int | None, typer.Option(help="partial: train the last N blocks")
-    ] = None,
-    weights: Annotated[
-        Path | None, typer.Option(help="Local weights file for the backbone.")
-    ] = None,
-    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd | adam | adamw")] = None,
-    lr: Annotated[float | None, typer.Option()] = None,
-    momentum: Annotated[float | None, typer.Option()] = None,
-    weight_decay: Annotated[float | None, typer.Option()] = None,
-    schedule: Annotated[str | None, typer.Option(help="step | cosine | none")] = None,
-    step_size: Annotated[int | None, typer.Option()] = None,
-    gamma: Annotated[float | None, typer.Option()] = None,
-    label_smoothing: Annotated[float | None, typer.Option()] = None,
-    warmup_epochs: Annotated[
-        int | None, typer.Option(help="finetune: head-only epochs first")
-    ] = None,
-    backbone_lr_mult: Annotated[float | None, typer.Option()] = None,
-    progressive: Annotated[
-        bool | None,
-        typer.Option("--progressive/--no-progressive", help="finetune: first half at ~70% size"),
-    ] = None,
-    patience: Annotated[int | None, typer.Option(help="Early stopping; 0 = off.")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    image_size: Annotated[int | None, typer.Option()] = None,
-    rotation: Annotated[float | None, typer.Option(help="Random rotation in degrees.")] = None,
-    val_fraction: Annotated[float | None, typer.Option()] = None,
-    workers: Annotated[int | None, typer.Option()] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder.")] = None,
-    cache_views: Annotated[
-        int | None, typer.Option(help="extract: augmented views per image")
-    ] = None,
-    max_pixels: Annotated[
-        int | None,
-        typer.Option(help="Refuse images decoding to more pixels (default: Pillow's limit)."),
-    ] = None,
-    skip_bad: Annotated[
-        bool | None, typer.Option("--skip-bad", help="Train without unreadable files.")
-    ] = None,
-    dedupe: Annotated[
-        bool | None, typer.Option("--dedupe", help="Drop val/test images identical to train ones.")
-    ] = None,
-    resume: Annotated[
-        Path | None,
-        typer.Option(help="Continue an interrupted run (DATA_DIR: where its images are now)."),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace the run already in --out.")
-    ] = False,
-    report: Annotated[
-        bool | None, typer.Option("--report/--no-report", help="Write report.html at the end.")
-    ] = None,
-    balance: Annotated[str | None, typer.Option(help="none | weights | sampler")] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Run folder (default runs/<time>-<backbone>).")
-    ] = None,
-) -> None:
-    """Train a classifier and save it in a run folder."""
-    from .config import make_config
-    from .dist import from_env
-    from .run import train as run_train
-
-    options = dict(
-        backbone=backbone, strategy=strategy, unfreeze=unfreeze, unfreeze_last=unfreeze_last,
-        weights=_str(weights), pretrained=pretrained, epochs=epochs, batch_size=batch_size,
-        optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        schedule=schedule, step_size=step_size, gamma=gamma, label_smoothing=label_smoothing,
-        warmup_epochs=warmup_epochs, backbone_lr_mult=backbone_lr_mult, progressive=progressive,
-        patience=patience, seed=seed, image_size=image_size, rotation=rotation,
-        val_fraction=val_fraction, workers=workers, device=device, precision=precision,
-        cache_dir=_str(cache_dir), cache_views=cache_views, skip_bad=skip_bad, dedupe=dedupe,
-        max_pixels=max_pixels,
-        balance=balance, out=_str(out), report=report,
-    )  # fmt: skip
-    given = {k: v for k, v in options.items() if v is not None}
-    main_rank = from_env().is_main  # under torchrun, rank 0 alone prints
-    if not main_rank:
-        log.setLevel(logging.WARNING)
-    show = dict(progress=render.progress, on_epoch=render.epoch_line if main_rank else None)
-    if resume is not None:
-        if config is not None or overwrite or set(given) - {"skip_bad"}:
-            raise typer.BadParameter(
-                "--resume reuses the run's config.yaml: it takes only DATA_DIR (where the "
-                "images are now) and --skip-bad"
-            )
-        run = run_train(data_dir, resume=resume, **given, **show)
-    else:
-        run = run_train(make_config(data_dir, config, **given), overwrite=overwrite, **show)
-    if not main_rank:
-        return
-    render.run_summary(run)
-    if run.stopped == "interrupted":  # saved, but scripts must not take it for success
-        typer.echo(f"interrupted; resume with: graft train --resume {run.run_dir}", err=True)
-        raise typer.Exit(130)
+# the commands that train (cli_train.py), first in --help
+app.command()(cli_train.train)
+app.command()(cli_train.compare)
 
 
 @app.command()
@@ -165,10 +53,6 @@ def predict(
     if any(r.error for r in results):
         typer.echo(f"{sum(bool(r.error) for r in results)} file(s) could not be read", err=True)
         raise typer.Exit(1)
-
-
-def _str(path: Path | None) -> str | None:
-    return None if path is None else str(path)
 
 
 @app.command()

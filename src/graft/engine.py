@@ -54,7 +54,7 @@ def fit(
     Ctrl-C (or SIGTERM) stops after the current batch with the best weights so far. Under
     torchrun (`job.dist`) the model trains in DDP on this rank's share of each epoch, and every
     rank sees the same val figures, so best epoch and early stopping agree everywhere."""
-    state = FitState.start(resume, job)
+    state = FitState.start(resume, job, cfg.keep)
     if run_dir is not None:
         rewrite_metrics(run_dir, state.history)
     scaler = torch.amp.GradScaler("cuda") if job.runtime.amp_dtype is torch.float16 else None
@@ -237,20 +237,22 @@ class FitState:
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs: int = 0  # epochs since the best, for early stopping
     stopped: str | None = None  # "interrupted" or "early stopping"
+    keep: str = "best"  # "last": every epoch replaces the kept one; val only measures
 
     @classmethod
-    def start(cls, resume: Resume | None, job: Job) -> FitState:
+    def start(cls, resume: Resume | None, job: Job, keep: str = "best") -> FitState:
         """A fresh state, or the resumed one with the model's weights and RNGs restored."""
         if resume is None:
-            return cls()
+            return cls(keep=keep)
         resume.restore(job.model, job.generator)
         log.info("resuming after epoch %d", resume.epoch)
         return cls(resume.epoch, resume.history, resume.best, resume.best_state,
-                   resume.bad_epochs)  # fmt: skip
+                   resume.bad_epochs, keep=keep)  # fmt: skip
 
     def is_better(self, row: dict[str, Any]) -> bool:
-        """Higher val accuracy wins; a tie goes to the lower val loss."""
-        if self.best is None:
+        """Higher val accuracy wins; a tie goes to the lower val loss. With keep="last" the
+        newest epoch always does."""
+        if self.best is None or self.keep == "last":
             return True
         return (row["val_acc"], -row["val_loss"]) > (self.best["val_acc"], -self.best["val_loss"])
 

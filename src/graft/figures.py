@@ -38,6 +38,27 @@ def curves(history: list[dict[str, float]]):
     return fig
 
 
+def accuracy_vs_time(rows: list[dict[str, Any]]):
+    """graft compare: each scored candidate's fold accuracy (with its 95% interval) against its
+    wall time, one colour per strategy."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {"extract": "tab:blue", "partial": "tab:orange", "finetune": "tab:red"}
+    for r in (r for r in rows if r["status"] == "scored"):
+        lo, hi = r["accuracy_ci95"]
+        err = [[max(0.0, r["accuracy"] - lo)], [max(0.0, hi - r["accuracy"])]]  # float rounding
+        ax.errorbar(r["seconds"], r["accuracy"], yerr=err,
+                    fmt="o", color=colours.get(r["strategy"], "gray"), capsize=3)  # fmt: skip
+        ax.annotate(r["candidate"], (r["seconds"], r["accuracy"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("wall seconds")
+    ax.set_ylabel("fold accuracy (95% interval)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def confusion(evaluation: dict[str, Any], classes: list[str]):
     import matplotlib.pyplot as plt
 

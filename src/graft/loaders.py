@@ -186,21 +186,36 @@ def _prepare_features(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
         stats["features_computed_per_rank"] = all_gather(d, mine, "extracting features")
     tr = extract_features(backbone, split.train, views=cfg.cache_views, rotation=cfg.rotation, **kw)
     va = extract_features(backbone, split.val, **kw)
-    skipped = _check_bad(cfg, tr.bad + va.bad)
+    skipped = check_bad(cfg, tr.bad + va.bad)
     log.info("features: %d from cache, %d computed", tr.hits + va.hits, tr.computed + va.computed)
-    x = torch.cat([tr.features, tr.aug.flatten(0, 1)])
-    y = torch.cat([tr.labels, tr.labels.repeat_interleave(cfg.cache_views)])
+    job = feature_job(cfg, backbone, (tr.features, tr.aug, tr.labels), (va.features, va.labels),
+                      split.classes)  # fmt: skip
+    job.skipped, job.stats = skipped, stats
+    return job
+
+
+def feature_job(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    classes: list[str],
+) -> Job:
+    """The head alone, trained on features: `train` is (eval features (N, D), augmented views
+    (N, V, D), labels), `val` is (features, labels). Used by `graft train` and by `compare`'s
+    folds, so a candidate is scored by the very training it stands for."""
+    feats, aug, labels = train
+    x = torch.cat([feats, aug.flatten(0, 1)])
+    y = torch.cat([labels, labels.repeat_interleave(aug.shape[1])])
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=cfg.batch_size, generator=g,
         **_sampler_kwargs(cfg, y, g))  # fmt: skip
-    val_loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(va.features, va.labels), batch_size=1024
-    )
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*val), batch_size=1024)
     cpu = Runtime(torch.device("cpu"), None)  # a Linear on a few MB of features: the CPU is fastest
-    return Job(backbone, backbone.model.head, train_loader, val_loader,
-               _criterion(cfg, y, len(split.classes)), cpu, g, lambda size: None, skipped,
-               split.classes, stats)  # fmt: skip
+    criterion = _criterion(cfg, y, len(classes))
+    return Job(backbone, backbone.model.head, train_loader, val_loader, criterion, cpu, g,
+               lambda size: None, [], classes)  # fmt: skip
 
 
 def _prepare_images(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime,
@@ -210,7 +225,7 @@ def _prepare_images(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, r
     rank scores its own share of val; --batch-size is per process."""
     train_ds, val_ds, bad = build_datasets(split.train, split.val, backbone.spec, cfg.rotation,
                                            cfg.workers + 1, max_pixels=cfg.max_pixels)  # fmt: skip
-    skipped = _check_bad(cfg, bad)
+    skipped = check_bad(cfg, bad)
     # decoded datasets augment small uint8 tensors: worker processes would cost more than they save
     workers = cfg.workers if isinstance(train_ds, ImageDataset) else 0
     g = torch.Generator().manual_seed(cfg.seed)
@@ -244,7 +259,8 @@ def _prepare_images(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, r
                runtime, g, set_size, skipped, split.classes, {}, d, sampler)  # fmt: skip
 
 
-def _check_bad(cfg: TrainConfig, bad: list[BadFile]) -> list[str]:
+def check_bad(cfg: TrainConfig, bad: list[BadFile]) -> list[str]:
+    """Unreadable files stop training with the list and the fix, unless skip_bad: the paths."""
     if bad and not cfg.skip_bad:
         raise DatasetError(
             f"{len(bad)} file(s) cannot be used:\n{format_bad_files(bad)}\n"

@@ -45,8 +45,9 @@ def epoch_line(row: dict[str, Any]) -> None:
 def run_summary(run: Any) -> None:
     """The end of `graft train`: best epoch with its interval, test score, what was skipped."""
     lo, hi = run.val_ci95
+    kept = "last" if run.config is not None and run.config.keep == "last" else "best"
     out(
-        f"best epoch {run.best['epoch']}: val acc {run.val_accuracy:.4f} (95% CI {lo:.3f}-"
+        f"{kept} epoch {run.best['epoch']}: val acc {run.val_accuracy:.4f} (95% CI {lo:.3f}-"
         f"{hi:.3f}, n={run.val_images}), val loss {run.best['val_loss']:.4f}  "
         f"({run.trainable_params:,} of {run.total_params:,} parameters trained, "
         f"{run.wall_seconds:.1f}s)"
@@ -59,6 +60,30 @@ def run_summary(run: Any) -> None:
     if run.stopped:
         out(f"stopped early: {run.stopped}")
     out(f"saved {run.run_dir}")
+
+
+def compare_row(row: dict[str, Any]) -> None:
+    """One candidate as it finishes (or is skipped), on stderr like the epoch lines."""
+    if row["status"] == "scored":
+        lo, hi = row["accuracy_ci95"]
+        what = f"fold acc {row['accuracy']:.4f} ({lo:.3f}-{hi:.3f}, n={row['scored_images']})"
+    else:
+        what = f"{row['status']}: {row['note']}"
+    typer.echo(f"  {row['candidate']}: {what}, {row['seconds']:.1f}s", err=True)
+
+
+def comparison(c: dict[str, Any]) -> None:
+    """The comparison table, best first, and how it was obtained."""
+    from .pages import COMPARE_HEADER, comparison_rows, fmt
+
+    rows = [[fmt(v) for v in r] for r in comparison_rows(c)]
+    header = COMPARE_HEADER[:-1]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    out("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  status")
+    for r in rows:
+        out("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    out(f"{c['protocol']}; {c['wall_s']:.0f} s of a {c['budget_s']:.0f} s budget")
+    out(f"chosen: {c['chosen'] or 'none'}")
 
 
 def predictions(results: Sequence[Any], fmt: str) -> None:

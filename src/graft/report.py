@@ -6,7 +6,6 @@ are). Images are embedded as data URIs: the page opens offline, anywhere, with n
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import logging
@@ -19,8 +18,10 @@ import torch
 from . import figures as draw
 from .card import write_card
 from .errors import DatasetError, GraftError
+from .pages import DPI, comparison_section, page, png_tag, table
 from .predict import Classifier
 from .runfolder import (
+    COMPARE_JSON,
     CONFUSION,
     CURVES,
     EXPLANATIONS,
@@ -39,7 +40,6 @@ from .splits import load_split
 log = logging.getLogger(__name__)
 
 __all__ = ["FIGURES", "build_report"]
-DPI = 100
 
 
 def build_report(
@@ -99,6 +99,7 @@ def build_report(
         "run": _summary(meta, run_dir, root), "history": history, "evaluation": evaluation,
         "most_confused": evaluation["most_confused"], "top_losses": top_losses,
         "figures": figures, "explanations_note": explanations_note,
+        "how_good": _how_good(meta, evaluation, run_dir),
         "build_seconds": round(time.perf_counter() - start, 2),
     }  # fmt: skip
     atomic_write_text(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
@@ -106,6 +107,25 @@ def build_report(
     write_card(run_dir)  # the card follows the model.json it is made from
     log.info("report written to %s in %.1fs", run_dir / REPORT_HTML, report["build_seconds"])
     return report
+
+
+def _how_good(meta: dict[str, Any], ev: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """How the val number was obtained, and so how far to trust it; the comparison if one ran."""
+    cfg = meta.get("config") or {}
+    keep = cfg.get("keep", "best")
+    if keep == "last":
+        how = ("unbiased: the val images took no part in any choice (a fixed number of epochs, "
+               "the last one kept" + (", the model chosen by cross-validation on the training "
+                                      "images" if meta.get("selection") else "") + ")")  # fmt: skip
+    else:
+        how = ("optimistic: the epoch kept is the one that scored best on these same val images; "
+               "train with --keep last or --auto, or evaluate on a test/ folder, for an unbiased "
+               "number")  # fmt: skip
+    comparison = None
+    if (run_dir / COMPARE_JSON).is_file():
+        comparison = json.loads((run_dir / COMPARE_JSON).read_text(encoding="utf-8"))
+    return {"accuracy": ev["accuracy"], "accuracy_ci95": ev["accuracy_ci95"], "n": ev["n"],
+            "how": how, "test": meta.get("test"), "comparison": comparison}  # fmt: skip
 
 
 def _summary(meta: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
@@ -138,32 +158,28 @@ def _save(run_dir: Path, name: str, fig, figures: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- HTML
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#222}h1{margin-bottom:0}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid
-#ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{
-text-align:left}img{max-width:100%;border:1px solid #eee}section{margin:2em 0}.muted{color:#777}"""
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>"
-                   for r in rows)  # fmt: skip
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
 
 def _img(run_dir: Path, name: str) -> str:
     if not (run_dir / name).is_file():
         return '<p class="muted">not available</p>'
-    data = base64.b64encode((run_dir / name).read_bytes()).decode()
-    return f'<img alt="{name}" src="data:image/png;base64,{data}">'
+    return png_tag((run_dir / name).read_bytes(), name)
+
+
+def _how_good_html(h: dict[str, Any]) -> str:
+    lo, hi = h["accuracy_ci95"]
+    text = (f"<p>Accuracy on the {h['n']} val images: <b>{h['accuracy']:.4f}</b>, 95% interval "
+            f"{lo:.3f}-{hi:.3f} (Wilson): new images like these should score in that range. "
+            f"This number is {html.escape(h['how'])}.</p>")  # fmt: skip
+    if h.get("test"):
+        t = h["test"]
+        tlo, thi = t["accuracy_ci95"]
+        text += (f"<p>On the test/ folder, scored once at the end: {t['accuracy']:.4f} "
+                 f"({tlo:.3f}-{thi:.3f}, n={t['n']}).</p>")  # fmt: skip
+    if h.get("comparison"):
+        text += "<h3>The comparison that chose this model</h3>" + comparison_section(
+            h["comparison"]
+        )
+    return text
 
 
 def _html(r: dict[str, Any], run_dir: Path) -> str:
@@ -196,28 +212,23 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
               for t in r["top_losses"]] or [["none", "", "", "", ""]]  # fmt: skip
     note = r.get("explanations_note")
     sections = [
-        ("summary", "Run summary", _table(["", ""], summary)
-         + _table(["class", *counts.keys()], class_rows)),
+        ("how-good", "How good is it really", _how_good_html(r["how_good"])),
+        ("summary", "Run summary", table(["", ""], summary)
+         + table(["class", *counts.keys()], class_rows)),
         ("curves", "Training curves", _img(run_dir, CURVES)),
         ("confusion", "Confusion matrix", _img(run_dir, CONFUSION)),
         ("per-class", "Per-class metrics",
-         _table(["class", "precision", "recall", "f1", "support"], per_class)),
+         table(["class", "precision", "recall", "f1", "support"], per_class)),
         ("samples", "Training samples", _img(run_dir, SAMPLES)),
         ("predictions", "Validation predictions", _img(run_dir, PREDICTIONS)),
         ("top-losses", "Top losses (most confidently wrong)",
          _img(run_dir, TOP_LOSSES)
-         + _table(["image", "true", "predicted", "confidence", "loss"], losses)),
+         + table(["image", "true", "predicted", "confidence", "loss"], losses)),
         ("most-confused", "Most confused classes",
-         _table(["true", "predicted as", "images"], confused)),
+         table(["true", "predicted as", "images"], confused)),
         ("explanations", "Explanations",
          f'<p class="muted">{html.escape(note)}</p>' if note
          else _img(run_dir, EXPLANATIONS)),
     ]  # fmt: skip
-    body = "".join(f'<section id="{sid}"><h2>{title}</h2>{content}</section>'
-                   for sid, title, content in sections)  # fmt: skip
-    title = html.escape(f"graft report: {run['backbone']} on {Path(run['data_dir']).name}")
-    return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{title}</h1>"
-        f"<p class='muted'>{html.escape(str(run['run_dir']))}</p>{body}</body></html>\n"
-    )
+    title = f"graft report: {run['backbone']} on {Path(run['data_dir']).name}"
+    return page(title, str(run["run_dir"]), sections)

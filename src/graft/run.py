@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from . import checkpoint
 from .backbones import Backbone, create_backbone
 from .card import write_card
+from .compare import DEFAULT_FOLDS, Candidate, Comparison, compare
 from .config import TrainConfig, dump_yaml, make_config
 from .data import discover
 from .dist import Dist, broadcast, from_env, process_group
@@ -26,6 +27,7 @@ from .engine import fit
 from .errors import ConfigError, GraftError
 from .freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
 from .loaders import prepare_job
+from .pages import write_comparison
 from .runfolder import CONFIG, SPLIT, claim, start_new_run
 from .runtime import (
     Progress,
@@ -57,6 +59,7 @@ class Run:
     val_images: int = 0
     config: TrainConfig | None = None  # the resolved config that ran
     val: dict[str, Any] | None = None  # the saved model on the val split, as `graft evaluate`
+    selection: dict[str, Any] | None = None  # --auto: the comparison (compare.json's content)
 
     @property
     def val_accuracy(self) -> float:
@@ -86,6 +89,12 @@ def train(
     overwrite: bool = False,
     progress: Progress = no_progress,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    auto: bool = False,
+    budget: str | float = "5m",
+    backbones: Sequence[str] | None = None,
+    strategies: Sequence[str] | None = None,
+    folds: int = DEFAULT_FOLDS,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
     **options: Any,
 ) -> Run:
     """Train a classifier on a folder of images and save it in a run folder.
@@ -96,16 +105,24 @@ def train(
     in it; then `data` may say where its images are now, and `skip_bad=True` drops files that
     became unreadable.
 
+    `auto=True` chooses the backbone and strategy first (`compare`: `budget`, `backbones`,
+    `strategies`, `folds`), then trains the winner on all the training images for its fixed
+    number of epochs, keeping the last: the val split chose nothing, so its accuracy is an
+    unbiased estimate. The comparison is saved beside the model (compare.json, compare.html).
+
     >>> run = graft.train("data/demo", epochs=5)  # doctest: +SKIP
     >>> run.load().predict(["data/demo/val/bag/0001.png"])
     [{'bag': 0.97, ...}]
     """
     d = from_env()
+    select = dict(budget=budget, backbones=backbones, strategies=strategies, folds=folds,
+                  on_row=on_row) if auto else None  # fmt: skip
     with process_group(d):
-        return _train(d, data, config_file, resume, overwrite, progress, on_epoch, options)
+        return _train(d, data, config_file, resume, overwrite, progress, on_epoch, options, select)
 
 
-def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, options) -> Run:
+def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, options,
+           select) -> Run:  # fmt: skip
     start = time.perf_counter()
     last = checkpoint.restore_last(resume) if resume is not None else None
     if last is not None and last.meta.get("world_size", 1) != d.world:
@@ -114,6 +131,9 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
                           "resume it with the same number (torchrun --nproc_per_node), so the "
                           "data order and the resume point match")  # fmt: skip
     cfg = _config(data, config_file, resume, options)
+    comparison = None
+    if select is not None:
+        comparison, cfg = _choose(d, cfg, resume, progress, select)
     runtime = resolve_runtime(cfg.device, cfg.precision, training=cfg.strategy != "extract",
                               local_rank=d.local_rank)  # fmt: skip
     seed_everything(cfg.seed)
@@ -139,6 +159,8 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
             start_new_run(run_dir)
             atomic_write_text(run_dir / CONFIG, dump_yaml(cfg))
             write_split(split, run_dir / SPLIT)
+            if comparison is not None:
+                write_comparison(run_dir, comparison.to_dict())
         plan = epoch_plan(cfg, blocks, backbone.spec.input_size)
         with sigterm_as_interrupt():
             state = fit(job, plan, cfg, run_dir=run_dir, resume=last, progress=progress,
@@ -149,6 +171,7 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
         clf = _classifier(backbone, split.classes, cfg.device)
         val_preds = clf.predict_files([p for p, _ in split.val])
         val = _scores(clf.evaluate_samples(split.val, val_preds))
+        val["protocol"] = _val_protocol(cfg, comparison)
         test = _scores(clf.evaluate_samples(split.test)) if split.test else None
         log.info("val accuracy of the saved model: %.4f on %d images", val["accuracy"], val["n"])
         wall = time.perf_counter() - start
@@ -159,6 +182,7 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
             "wall_seconds": round(wall, 2), "data_dir": split.root, "layout": split.layout,
             "class_counts": split.counts(), "skipped_files": job.skipped,
             "config": cfg.to_dict(), "world_size": d.world, **job.stats,
+            **({"selection": _selection(comparison, cfg)} if comparison is not None else {}),
         })  # fmt: skip
         write_card(run_dir)
         if cfg.report:
@@ -166,7 +190,45 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
         if state.stopped != "interrupted":  # a finished run needs no resume point
             checkpoint.discard_last(run_dir)
     return Run(run_dir, split.classes, state.best, state.history, trainable, total, wall,
-               state.stopped, job.skipped, test, val["n"], cfg, val)  # fmt: skip
+               state.stopped, job.skipped, test, val["n"], cfg, val,
+               comparison.to_dict() if comparison is not None else None)  # fmt: skip
+
+
+def _choose(d: Dist, cfg: TrainConfig, resume, progress: Progress,
+            select: dict[str, Any]) -> tuple[Comparison, TrainConfig]:  # fmt: skip
+    """--auto: the comparison on the training images, and the winner's config to train."""
+    if resume is not None or d.enabled:
+        raise ConfigError("--auto runs in one process on a new run: not with --resume, not "
+                          "under torchrun (train the chosen config there)")  # fmt: skip
+    shared = {k: v for k, v in cfg.to_dict().items() if k != "data_dir"}
+    comparison = compare(cfg.data_dir, reserve_final=True, progress=progress, **select, **shared)
+    if comparison.chosen is None:
+        raise GraftError(f"no candidate finished within the budget of "
+                         f"{comparison.budget_s:.0f} s: give more, e.g. --budget "
+                         f"{max(2, round(comparison.budget_s * 2 / 60))}m")  # fmt: skip
+    chosen = Candidate.from_row(comparison.chosen)
+    log.info("chosen: %s (fold accuracy %.4f)", chosen.name, comparison.chosen["accuracy"])
+    return comparison, chosen.config(cfg)
+
+
+def _val_protocol(cfg: TrainConfig, comparison: Comparison | None) -> str:
+    if cfg.keep == "best":
+        return "best epoch chosen on val: optimistic"
+    if comparison is not None:
+        return "unbiased: model chosen by cross-validation on train, last epoch kept"
+    return "unbiased: fixed epochs, last kept"
+
+
+def _selection(comparison: Comparison, cfg: TrainConfig) -> dict[str, Any]:
+    """What model.json records of an --auto run: the choice, why, and how the winner trained."""
+    best = comparison.chosen
+    return {"chosen": best["candidate"], "fold_accuracy": best["accuracy"],
+            "fold_accuracy_ci95": best["accuracy_ci95"], "protocol": comparison.protocol,
+            "budget_s": comparison.budget_s, "compare_seconds": comparison.wall_s,
+            "retrained": f"on all {comparison.pool} training images, {cfg.epochs} epochs, the "
+                         "last kept; scored once on the val split, which no choice used",
+            "candidates": [{k: r[k] for k in ("candidate", "accuracy", "status", "seconds")}
+                           for r in comparison]}  # fmt: skip
 
 
 def _config(

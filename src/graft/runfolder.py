@@ -33,6 +33,8 @@ LAST_META = "last.json"
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
 CARD = "README.md"  # the model card (card.py)
+COMPARE_JSON = "compare.json"  # graft compare / train --auto: every candidate's row
+COMPARE_HTML = "compare.html"
 CURVES = "curves.png"  # the report's figures, also embedded in report.html
 CONFUSION = "confusion_matrix.png"
 SAMPLES = "samples.png"
@@ -114,7 +116,7 @@ def start_new_run(run_dir: str | Path) -> None:
     the old one whole."""
     run_dir = Path(run_dir)
     for name in (MODEL_WEIGHTS, MODEL_META, LAST_WEIGHTS, LAST_META, METRICS, CONFIG,
-                 REPORT_HTML, REPORT_JSON, CARD, *FIGURES):  # fmt: skip
+                 REPORT_HTML, REPORT_JSON, CARD, COMPARE_JSON, COMPARE_HTML, *FIGURES):  # fmt: skip
         (run_dir / name).unlink(missing_ok=True)
     for name in SPLIT_FILES:
         (run_dir / SPLIT / name).unlink(missing_ok=True)

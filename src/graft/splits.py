@@ -68,6 +68,24 @@ def stratified_split(
     return sorted(train, key=_order), sorted(val, key=_order)
 
 
+def stratified_folds(samples: Sequence[Sample], k: int, seed: int) -> list[list[int]]:
+    """`k` disjoint folds of sample indices, every class dealt round-robin after a seeded shuffle,
+    so each fold holds about 1/k of every class. Each class needs at least `k` samples."""
+    by_class: dict[int, list[int]] = {}
+    for i, (_, y) in enumerate(samples):
+        by_class.setdefault(y, []).append(i)
+    rng = random.Random(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    start = 0
+    for label in sorted(by_class):
+        idx = sorted(by_class[label], key=lambda i: samples[i][0])
+        rng.shuffle(idx)
+        for j, i in enumerate(idx):
+            folds[(start + j) % k].append(i)
+        start += len(idx)  # the next class starts where this one stopped: folds stay even
+    return [sorted(f) for f in folds]
+
+
 def _order(s: Sample) -> tuple[int, str]:
     return s[1], s[0]
 

@@ -1,0 +1,187 @@
+"""How good is graft on folders it has never seen? Accuracy on unseen images, per mode, as a table.
+
+Each set is a small folder of class folders (100-250 training images, 4-10 classes) made here from
+data this machine has: Fashion-MNIST (Debian's dataset-fashion-mnist) at two sizes, scikit-learn's
+digits, and generated shapes on clutter. graft gets only the training folder (flat: it holds out
+its own validation share) and the saved model is then scored by `graft evaluate` on a separate
+folder of images that took no part in anything. Every run is a whole `graft` process (cold feature
+cache), so the wall time is what a user waits.
+
+    python bench/quality.py [--work /tmp/graft-quality] [--sets fm10,fm6,digits,shapes]
+                            [--modes default,last,auto] [--budget 5m] [--label after]
+                            [--src PATH]  # another checkout's src/, e.g. a git worktree of main
+
+Columns: printed = the accuracy graft prints for its model, with its 95% interval; unseen = the
+same model on the unseen folder; inside = whether unseen lies in the printed interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+FM_NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+            "boot"]  # fmt: skip
+
+
+def _idx(path: Path) -> np.ndarray:
+    data = gzip.open(path, "rb").read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _write(folder: Path, arrays) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"{i:04d}.png")
+
+
+def make_fashion(root: Path, classes: list[int], n_train: int, n_test: int, offset: int) -> None:
+    """Training images from Fashion-MNIST's train file (from `offset` on: not the demo's first
+    images), unseen ones from its test file (from `offset // 10`: not the demo's val images)."""
+    for part, stem, n, start in (("train", "train", n_train, offset), ("test", "t10k", n_test, offset // 10)):
+        x = _idx(FASHION / f"{stem}-images-idx3-ubyte.gz")
+        y = _idx(FASHION / f"{stem}-labels-idx1-ubyte.gz")
+        for c in classes:
+            idx = np.flatnonzero(y == c)[start : start + n]
+            _write(root / part / FM_NAMES[c], (255 - x[i] for i in idx))
+
+
+def make_digits(root: Path, n_train: int, n_test: int) -> None:
+    """scikit-learn's 8x8 digits (1,797 images), upscaled to 64x64, disjoint train and test.
+    Shuffled (seeded) first: the file is ordered by writer, and an interval only speaks for new
+    images drawn like the training ones, not for other writers."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(d.target == c))
+        imgs = [(255 - d.images[i] * 255 / 16).astype(np.uint8).repeat(8, 0).repeat(8, 1)
+                for i in idx]  # fmt: skip
+        _write(root / "train" / f"digit{c}", imgs[:n_train])
+        _write(root / "test" / f"digit{c}", imgs[n_train : n_train + n_test])
+
+
+def _shape(kind: str, rng: random.Random) -> Image.Image:
+    """A shape of random size, place, colour and rotation on a noisy, cluttered background."""
+    size = 96
+    bg = np.array([rng.randrange(256) for _ in range(3)], np.uint8)
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 30, (size, size, 3))
+    im = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    for _ in range(rng.randrange(3, 7)):  # clutter: lines and dots of other colours
+        pts = [(rng.randrange(size), rng.randrange(size)) for _ in range(2)]
+        d.line(pts, fill=tuple(rng.randrange(256) for _ in range(3)), width=rng.randrange(1, 4))
+    r = rng.uniform(14, 30)
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    fill = tuple(rng.randrange(256) for _ in range(3))
+    a0 = rng.uniform(0, 2 * math.pi)
+    if kind == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        n = {"triangle": 3, "square": 4, "star": 10}[kind]
+        radii = [r if (kind != "star" or i % 2 == 0) else r * 0.45 for i in range(n)]
+        d.polygon([(cx + q * math.cos(a0 + 2 * math.pi * i / n),
+                    cy + q * math.sin(a0 + 2 * math.pi * i / n)) for i, q in enumerate(radii)],
+                  fill=fill)  # fmt: skip
+    return im.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
+
+
+def make_shapes(root: Path, n_train: int, n_test: int, seed: int = 7) -> None:
+    rng = random.Random(seed)
+    for part, n in (("train", n_train), ("test", n_test)):
+        for kind in ("circle", "square", "triangle", "star"):
+            folder = root / part / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _shape(kind, rng).save(folder / f"{i:04d}.png")
+
+
+SETS = {  # name -> (maker, what it is)
+    "fm10": (lambda r: make_fashion(r, list(range(10)), 25, 50, 1000),
+             "Fashion-MNIST, 10 classes, 25 train / 50 unseen each"),
+    "fm6": (lambda r: make_fashion(r, [0, 1, 3, 7, 8, 9], 20, 50, 2000),
+            "Fashion-MNIST, 6 classes, 20 train / 50 unseen each"),
+    "digits": (lambda r: make_digits(r, 20, 50), "sklearn digits, 10 classes, 20 train / 50 unseen"),
+    "shapes": (lambda r: make_shapes(r, 40, 50), "shapes on clutter, 4 classes, 40 train / 50 unseen"),
+}  # fmt: skip
+
+
+def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, budget: str) -> dict:
+    run, cache = work / f"run-{mode}", work / f"cache-{mode}"
+    shutil.rmtree(cache, ignore_errors=True)
+    cmd = [*graft, "train", str(data / "train"), "--out", str(run), "--overwrite",
+           "--cache-dir", str(cache)]  # fmt: skip
+    if mode == "auto":
+        cmd += ["--auto", "--budget", budget]
+    elif mode == "last":  # defaults, but the last epoch kept instead of the best on val
+        cmd += ["--keep", "last"]
+    start = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    meta = json.loads((run / "model.json").read_text())
+    est = meta.get("estimate") or meta["val"]
+    ev = subprocess.run([*graft, "evaluate", str(run), str(data / "test"), "--json"], env=env,
+                        capture_output=True, text=True, check=True)  # fmt: skip
+    unseen = json.loads(ev.stdout)["accuracy"]
+    low, high = est["accuracy_ci95"]
+    return {"mode": mode, "printed": est["accuracy"], "ci95": [low, high], "unseen": unseen,
+            "inside": low <= unseen <= high, "wall_s": round(wall, 1),
+            "chosen": meta.get("selection", {}).get("chosen")}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/graft-quality"))
+    ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--modes", default="default,auto")
+    ap.add_argument("--budget", default="5m")
+    ap.add_argument("--label", default="now", help="names the results file: results-LABEL.json")
+    ap.add_argument("--src", type=Path, help="run graft from this src/ folder (PYTHONPATH)")
+    args = ap.parse_args()
+    env = dict(os.environ)
+    if args.src:
+        env["PYTHONPATH"] = str(args.src.resolve())
+    graft = [sys.executable, "-m", "graft"]
+    rows = []
+    print(f"{'set':8} {'mode':8} {'printed':>7} {'95% interval':>15} {'unseen':>7} {'inside':>6} "
+          f"{'wall s':>7}  chosen")  # fmt: skip
+    for name in args.sets.split(","):
+        maker, _ = SETS[name]
+        data = args.work / "data" / name
+        if not data.exists():
+            maker(data)
+        for mode in args.modes.split(","):
+            r = {"set": name, **run_mode(graft, env, data, args.work / args.label / name, mode,
+                                         args.budget)}  # fmt: skip
+            rows.append(r)
+            print(f"{name:8} {mode:8} {r['printed']:7.4f} {r['ci95'][0]:7.4f}-{r['ci95'][1]:.4f} "
+                  f"{r['unseen']:7.4f} {'yes' if r['inside'] else 'NO':>6} {r['wall_s']:7.1f}  "
+                  f"{r['chosen'] or ''}", flush=True)  # fmt: skip
+    (args.work / f"results-{args.label}.json").write_text(json.dumps(rows, indent=1))
+    for mode in args.modes.split(","):
+        mine = [r for r in rows if r["mode"] == mode]
+        print(f"mean {mode}: unseen {sum(r['unseen'] for r in mine) / len(mine):.4f}, "
+              f"wall {sum(r['wall_s'] for r in mine) / len(mine):.1f} s, inside "
+              f"{sum(r['inside'] for r in mine)}/{len(mine)}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
