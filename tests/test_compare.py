@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import graft
-from graft.compare import Candidate, _Plan, default_grid, parse_budget
+from graft.compare import Candidate, default_grid, parse_budget
+from graft.crossval import Trials
 from graft.errors import BackboneError, ConfigError
 from graft.runfolder import COMPARE_HTML, COMPARE_JSON, MODEL_META, MODEL_WEIGHTS
 from graft.splits import stratified_folds
@@ -77,7 +78,9 @@ def test_compare_scores_every_candidate_on_the_training_images_alone(small, swap
 
 
 def test_the_budget_runs_the_cheapest_first_and_says_what_it_skipped(small, monkeypatch):
-    monkeypatch.setattr(_Plan, "forward_seconds", lambda self, name, training=False: 0.05)  # a known cost model
+    monkeypatch.setattr(
+        Trials, "forward_seconds", lambda self, name, training=False: 0.05
+    )  # a known cost model
     seen = []
     rows = graft.compare(small, budget="30s", backbones=LITE0,
                          strategies=["finetune", "extract"], workers=0,

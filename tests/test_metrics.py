@@ -22,7 +22,8 @@ def test_report_from_confusion_matrix():
     rep = classification_report(cm, ["a", "b", "c"])
     assert rep["accuracy"] == pytest.approx(4 / 6) and rep["n"] == 6
     assert rep["per_class"]["a"] == pytest.approx(
-        {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+        {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3}
+    )
     assert rep["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
     assert rep["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     assert most_confused(cm, ["a", "b", "c"]) == [("a", "b", 1), ("c", "a", 1)]

@@ -16,72 +16,27 @@ The protocol never lets a scored image take part in a choice:
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from .backbones import Backbone, create_backbone, list_backbones
-from .config import STRATEGIES, TrainConfig, make_config
+from .backbones import create_backbone, list_backbones
+from .config import STRATEGIES, make_config
+from .crossval import Candidate, Trials
 from .data import discover
-from .engine import fit
-from .errors import ConfigError, DatasetError, GraftError
-from .features import extract_features
-from .freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
-from .loaders import check_bad, feature_job, prepare_job
-from .metrics import wilson_interval
-from .runtime import Progress, no_progress, resolve_runtime, seed_everything
-from .splits import DatasetSplit, Sample, stratified_folds
+from .errors import ConfigError
+from .runtime import Progress, no_progress
+from .splits import DatasetSplit, stratified_folds
+
+__all__ = ["Candidate", "Comparison", "compare", "default_grid", "parse_budget"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FOLDS = 5
 EXTRACT_VIEWS = 4  # the augmented-views variant of extract: random crops and flips in the cache
-# seconds per image and epoch, in forward passes at the training precision (lite0 on the demo,
-# 2-core CPU: partial 56.6 s and finetune 117.1 s for 10 epochs of 240 images + 60 scored):
-# backward through every block about 1.7 forwards, through the last third a sixth of one. Then
-# each strategy's estimates are scaled by what its candidates really took on this machine.
-_TRAIN_COST = {"finetune": 2.7, "partial": 1.15}
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One model to try: a backbone, a strategy and the settings that differ between them."""
-
-    backbone: str
-    strategy: str
-    unfreeze_last: int = 0  # partial: the last N blocks train
-    cache_views: int = 0  # extract: augmented views per training image
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Candidate:
-        return cls(row["backbone"], row["strategy"], row["unfreeze_last"], row["cache_views"])
-
-    @property
-    def name(self) -> str:
-        what = self.strategy
-        if self.strategy == "partial":
-            what += f" (last {self.unfreeze_last} blocks)"
-        if self.cache_views:
-            what += f" (+{self.cache_views} views)"
-        return f"{self.backbone} {what}"
-
-    def config(self, base: TrainConfig) -> TrainConfig:
-        """`base` with this candidate's backbone and strategy, the strategy's own defaults for
-        the rest, and the last epoch kept: the fold it is scored on chooses nothing."""
-        fields = dict(backbone=self.backbone, strategy=self.strategy,
-                      unfreeze_last=self.unfreeze_last, unfreeze=(),
-                      cache_views=self.cache_views, keep="last", patience=0,
-                      epochs=None, batch_size=None, optimizer=None, lr=None, weight_decay=None,
-                      schedule=None)  # fmt: skip
-        return dataclasses.replace(base, **fields)
 
 
 class Comparison(list):
@@ -179,7 +134,7 @@ def compare(
     split = discover(base.data_dir, base.val_fraction, base.seed)
     pool = split.train  # the val split is never read here
     _check_folds(split, folds)
-    plan = _Plan(base, split, pool, stratified_folds(pool, folds, base.seed), progress)
+    plan = Trials(base, split, pool, stratified_folds(pool, folds, base.seed), progress)
     rows: list[dict[str, Any]] = []
     for cand in sorted(grid, key=plan.estimate):
         need = plan.estimate(cand) + (plan.final_estimate(cand) if reserve_final else 0.0)
@@ -212,172 +167,3 @@ def _ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for rank, r in enumerate(scored, 1):
         r["rank"] = rank
     return scored + rest
-
-
-class _OutOfTime(Exception):
-    pass
-
-
-class _Plan:
-    """What candidates share: the split, the folds, the backbones made, the features computed,
-    the measured cost of a forward pass per backbone."""
-
-    def __init__(self, base: TrainConfig, split: DatasetSplit, pool: list[Sample],
-                 folds: list[list[int]], progress: Progress):  # fmt: skip
-        self.base, self.split, self.pool, self.folds = base, split, pool, folds
-        self.progress = progress
-        self._forward: dict[tuple[str, bool], float] = {}  # seconds per image, measured
-        self._scale: dict[str, float] = {}  # strategy -> how long it really took / estimate
-        self._features: dict[tuple[str, int], Any] = {}  # (backbone, views) -> FeatureSet
-
-    def protocol(self) -> str:
-        k, n = len(self.folds), len(self.pool)
-        return (f"stratified {k}-fold on the {n} training images: extract candidates on all "
-                f"{k} folds, partial/finetune on the first (an inner validation split of about "
-                f"{n // k} images); each fold's model trained for a fixed number of epochs and "
-                "kept as it ended; the val split took no part")  # fmt: skip
-
-    # ------------------------------------------------------------ cost
-
-    def forward_seconds(self, name: str, training: bool = False) -> float:
-        """Seconds per image of one forward pass at the precision extraction (or training) runs
-        in, measured once: two batches of 8."""
-        if (name, training) not in self._forward:
-            b = create_backbone(name, None, pretrained=False)
-            rt = resolve_runtime(self.base.device, self.base.precision, training=training)
-            net = rt.prepare(b.model.features.eval())
-            g = torch.Generator().manual_seed(0)  # leaves the global RNG alone
-            x = rt.batch(torch.rand(8, 3, b.spec.input_size, b.spec.input_size, generator=g))
-            with torch.inference_mode(), rt.autocast():
-                net(x)
-                t = time.perf_counter()
-                net(x)
-            self._forward[(name, training)] = (time.perf_counter() - t) / 8
-        return self._forward[(name, training)]
-
-    def estimate(self, c: Candidate) -> float:
-        """Seconds the candidate will take here: the measured forward cost x the work, scaled by
-        how far off the estimates of its strategy were so far."""
-        n, k = len(self.pool), len(self.folds)
-        if c.strategy == "extract":
-            f = self.forward_seconds(c.backbone)
-            todo = 0 if (c.backbone, c.cache_views) in self._features else n * (1 + c.cache_views)
-            seconds = todo * f * 1.3 + 0.5 * k  # decoding on top of the forward; a head per fold
-        else:
-            f = self.forward_seconds(c.backbone, training=True)
-            seconds = self._epochs(c) * (n - n // k) * f * (_TRAIN_COST[c.strategy] + 0.25) + 2.0
-        return seconds * self._scale.get(c.strategy, 1.0)
-
-    def final_estimate(self, c: Candidate) -> float:
-        """Seconds to retrain it on all training images and score the val split afterwards."""
-        n, nv = len(self.pool), len(self.split.val)
-        if c.strategy == "extract":
-            return nv * self.forward_seconds(c.backbone) * 2.5 + 3.0  # val features, fp32 scoring
-        f = self.forward_seconds(c.backbone, training=True)
-        seconds = self._epochs(c) * (n * _TRAIN_COST[c.strategy] + nv) * f + nv * f * 1.5
-        return seconds * self._scale.get(c.strategy, 1.0)
-
-    def _epochs(self, c: Candidate) -> int:
-        return c.config(self.base).resolve().epochs
-
-    # ------------------------------------------------------------ running
-
-    def row(self, c: Candidate, status: str, note: str = "", **values: Any) -> dict[str, Any]:
-        cfg = c.config(self.base).resolve()
-        return {"rank": None, "candidate": c.name, "backbone": c.backbone,
-                "strategy": c.strategy, "unfreeze_last": c.unfreeze_last,
-                "cache_views": c.cache_views,
-                "settings": {"epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr,
-                             "batch_size": cfg.batch_size},
-                "accuracy": None, "accuracy_ci95": None, "scored_images": 0, "folds": 0,
-                "seconds": 0.0, "trainable_params": None, "status": status, "note": note,
-                **values}  # fmt: skip
-
-    def run(self, c: Candidate, deadline: float) -> dict[str, Any]:
-        expected = self.estimate(c)
-        row = self._run(c, deadline)
-        if row["status"] == "scored" and expected > 5:  # long enough to learn from
-            self._scale[c.strategy] = self._scale.get(c.strategy, 1.0) * row["seconds"] / expected
-        return row
-
-    def _run(self, c: Candidate, deadline: float) -> dict[str, Any]:
-        start = time.perf_counter()
-        log.debug("candidate %s", c.name)
-        try:
-            if c.strategy == "extract":
-                correct, n, done, trainable = self._run_extract(c, deadline)
-            else:
-                correct, n, done, trainable = self._run_images(c, deadline)
-        except _OutOfTime as exc:
-            return self.row(c, "stopped", f"the budget ran out ({exc})",
-                            seconds=round(time.perf_counter() - start, 1))  # fmt: skip
-        except (ConfigError, DatasetError):
-            raise  # the data or the settings are wrong for every candidate: say it once
-        except GraftError as exc:  # this candidate alone: weights missing, diverged...
-            return self.row(c, "failed", str(exc), seconds=round(time.perf_counter() - start, 1))
-        lo, hi = wilson_interval(correct, n)
-        return self.row(c, "scored", accuracy=correct / n, accuracy_ci95=[lo, hi],
-                        scored_images=n, folds=done, trainable_params=trainable,
-                        seconds=round(time.perf_counter() - start, 1))  # fmt: skip
-
-    def _backbone(self, c: Candidate) -> tuple[Backbone, TrainConfig]:
-        cfg = c.config(self.base)
-        seed_everything(cfg.seed)  # the same head and order whatever ran before: order-free rows
-        b = create_backbone(c.backbone, len(self.split.classes), cfg.pretrained, cfg.weights)
-        cfg = cfg.resolve(input_size=b.spec.input_size)
-        return dataclasses.replace(b, spec=b.spec.with_size(cfg.image_size)), cfg
-
-    def _run_extract(self, c: Candidate, deadline: float) -> tuple[int, int, int, int]:
-        """A fresh head per fold on the shared features of every training image."""
-        backbone, cfg = self._backbone(c)
-        key = (c.backbone, c.cache_views)
-        if key not in self._features:
-            rt = resolve_runtime(cfg.device, cfg.precision)
-            fs = extract_features(backbone, self.pool, rt, cfg.cache_dir, views=cfg.cache_views,
-                                  workers=cfg.workers, progress=self.progress,
-                                  rotation=cfg.rotation, max_pixels=cfg.max_pixels)  # fmt: skip
-            check_bad(cfg, fs.bad)
-            self._features[key] = fs
-        fs = self._features[key]
-        kept = {s: i for i, s in enumerate(fs.samples)}  # bad files (--skip-bad) left out
-        init = copy.deepcopy(backbone.model.head.state_dict())
-        correct = n = 0
-        for k, fold in enumerate(self.folds):
-            if time.perf_counter() > deadline:
-                raise _OutOfTime(f"after {k} of {len(self.folds)} folds")
-            held = {kept[self.pool[i]] for i in fold if self.pool[i] in kept}
-            tr = torch.tensor([i for i in range(len(fs.samples)) if i not in held])
-            te = torch.tensor(sorted(held))
-            backbone.model.head.load_state_dict(init)
-            job = feature_job(cfg, backbone, (fs.features[tr], fs.aug[tr], fs.labels[tr]),
-                              (fs.features[te], fs.labels[te]), self.split.classes)  # fmt: skip
-            state = fit(job, epoch_plan(cfg, [], cfg.image_size), cfg)
-            correct += round(state.history[-1]["val_acc"] * len(te))
-            n += len(te)
-        return correct, n, len(self.folds), count_parameters(backbone.model.head)[0]
-
-    def _run_images(self, c: Candidate, deadline: float) -> tuple[int, int, int, int]:
-        """partial / finetune on the first fold: train on the rest, score the fold at the end."""
-        backbone, cfg = self._backbone(c)
-        blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
-        apply_freezing(backbone, blocks)
-        held = set(self.folds[0])
-        fold = DatasetSplit(
-            self.split.root,
-            self.split.classes,
-            [s for i, s in enumerate(self.pool) if i not in held],
-            [self.pool[i] for i in sorted(held)],
-            layout=self.split.layout,
-        )
-        rt = resolve_runtime(cfg.device, cfg.precision, training=True)
-        job = prepare_job(cfg, backbone, fold, rt, self.progress)
-        plan = epoch_plan(cfg, blocks, backbone.spec.input_size)
-
-        def in_time(row: dict[str, Any]) -> None:
-            if time.perf_counter() > deadline and row["epoch"] < len(plan):
-                raise _OutOfTime(f"after {row['epoch']} of {len(plan)} epochs")
-
-        state = fit(job, plan, cfg, on_epoch=in_time)
-        n = len(job.val_loader.dataset)
-        return (round(state.history[-1]["val_acc"] * n), n, 1,
-                count_parameters(backbone.model)[0])  # fmt: skip
