@@ -17,7 +17,7 @@ from PIL import Image
 import graft
 from graft.report import FIGURES
 
-SECTIONS = ("summary", "curves", "confusion", "per-class", "samples", "predictions",
+SECTIONS = ("how-good", "summary", "curves", "confusion", "per-class", "samples", "predictions",
             "top-losses", "most-confused", "explanations")  # fmt: skip
 
 
@@ -35,6 +35,10 @@ def test_every_file_written_at_its_size(report_run):
             im.load()
             assert list(im.size) == rep["figures"][name], name
     assert (run / "report.html").stat().st_size > 10_000
+    # a best-epoch run says its val number flatters; --auto runs are checked in test_compare.py
+    how = rep["how_good"]
+    assert how["how"].startswith("optimistic: the epoch kept is the one that scored best")
+    assert how["accuracy"] == rep["evaluation"]["accuracy"] and how["comparison"] is None
 
 
 def test_report_json_agrees_with_metrics_and_evaluate(report_run, shapes_dir):

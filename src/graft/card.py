@@ -47,7 +47,7 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         _intended_use(classes),
         _classes(meta, classes),
         _training(meta, cfg),
-        _evaluation(val, test),
+        _evaluation(val, test, cfg.get("keep", "best")),
         _limitations(meta, classes, val),
         _usage(name),
     ]
@@ -99,18 +99,23 @@ def _training(meta: dict[str, Any], cfg: dict[str, Any]) -> str:
         f"mean {list(spec.mean)}, std {list(spec.std)}",
         f"- strategy: `{meta.get('strategy')}`: trains {what}; "
         f"{meta.get('trainable_params', 0):,} of {meta.get('total_params', 0):,} parameters",
-        f"- {cfg.get('epochs')} epochs planned, best epoch {best.get('epoch')}"
-        + (f" (stopped: {meta['stopped']})" if meta.get("stopped") else ""),
+        f"- {cfg.get('epochs')} epochs planned, {cfg.get('keep', 'best')} epoch kept: "
+        f"{best.get('epoch')}" + (f" (stopped: {meta['stopped']})" if meta.get("stopped") else ""),
         f"- optimizer {cfg.get('optimizer')}, lr {cfg.get('lr')}, batch {cfg.get('batch_size')}, "
         f"schedule {cfg.get('schedule')}, weight decay {cfg.get('weight_decay')}, "
         f"seed {cfg.get('seed')}",
         f"- precision {meta.get('precision')}, {meta.get('wall_seconds')} s of training, "
         f"created {meta.get('created')}, graft {(meta.get('versions') or {}).get('graft')}",
     ]
+    sel = meta.get("selection")
+    if sel:
+        n = len(sel["candidates"])
+        lines.insert(0, f"- chosen by `graft train --auto` among {n} candidates "
+                        f"({sel['protocol']}); retrained {sel['retrained']}")  # fmt: skip
     return "## Training\n\n" + "\n".join(lines) + "\n"
 
 
-def _evaluation(val: dict[str, Any], test: dict[str, Any] | None) -> str:
+def _evaluation(val: dict[str, Any], test: dict[str, Any] | None, keep: str = "best") -> str:
     if not val:
         return "## Evaluation\n\nThis model was saved before graft scored it; run `graft report`.\n"
     out = ["## Evaluation\n"]
@@ -129,9 +134,15 @@ def _evaluation(val: dict[str, Any], test: dict[str, Any] | None) -> str:
             for c, m in scores["per_class"].items()
         ]
         out.append("")
+    if keep == "last":
+        how = ("The validation images took no part in any choice (a fixed number of epochs, the "
+               "last kept), so their accuracy is an unbiased estimate")  # fmt: skip
+    else:
+        how = ("The best epoch was chosen on the validation images, so their accuracy leans "
+               "optimistic")  # fmt: skip
     out.append(
-        "The saved model is scored exactly as `graft evaluate` scores it. The best epoch was "
-        "chosen on the validation images, so their accuracy leans optimistic"
+        "The saved model is scored exactly as `graft evaluate` scores it. "
+        + how
         + ("; the test images took no part in any choice." if test else ".")
     )
     return "\n".join(out) + "\n"

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # backward through every block about 1.7 forwards, through the last third a sixth of one. Then
 # each strategy's estimates are scaled by what its candidates really took on this machine.
 _TRAIN_COST = {"finetune": 2.7, "partial": 1.15}
+_REPORT_SECONDS = 8.0  # report.html after --auto's final training: figures, Grad-CAM (demo: 4-5 s)
 
 
 @dataclass(frozen=True)
@@ -99,18 +100,22 @@ class Trials:
 
     def forward_seconds(self, name: str, training: bool = False) -> float:
         """Seconds per image of one forward pass at the precision extraction (or training) runs
-        in, measured once: two batches of 8."""
+        in, measured once: the fastest of three batches of 8 after a warm-up (a busy machine
+        makes one timing read high, and the estimate then skips what would have fitted)."""
         if (name, training) not in self._forward:
             b = create_backbone(name, None, pretrained=False)
             rt = resolve_runtime(self.base.device, self.base.precision, training=training)
             net = rt.prepare(b.model.features.eval())
             g = torch.Generator().manual_seed(0)  # leaves the global RNG alone
             x = rt.batch(torch.rand(8, 3, b.spec.input_size, b.spec.input_size, generator=g))
+            times = []
             with torch.inference_mode(), rt.autocast():
                 net(x)
-                t = time.perf_counter()
-                net(x)
-            self._forward[(name, training)] = (time.perf_counter() - t) / 8
+                for _ in range(3):
+                    t = time.perf_counter()
+                    net(x)
+                    times.append(time.perf_counter() - t)
+            self._forward[(name, training)] = min(times) / 8
         return self._forward[(name, training)]
 
     def estimate(self, c: Candidate) -> float:
@@ -127,13 +132,14 @@ class Trials:
         return seconds * self._scale.get(c.strategy, 1.0)
 
     def final_estimate(self, c: Candidate) -> float:
-        """Seconds to retrain it on all training images and score the val split afterwards."""
+        """Seconds to retrain it on all training images, score the val split and write the
+        report (about 8 s: its figures and Grad-CAM) afterwards."""
         n, nv = len(self.pool), len(self.split.val)
-        if c.strategy == "extract":
-            return nv * self.forward_seconds(c.backbone) * 2.5 + 3.0  # val features, fp32 scoring
+        if c.strategy == "extract":  # val features, the fp32 scoring, the report
+            return nv * self.forward_seconds(c.backbone) * 2.5 + 3.0 + _REPORT_SECONDS
         f = self.forward_seconds(c.backbone, training=True)
         seconds = self._epochs(c) * (n * _TRAIN_COST[c.strategy] + nv) * f + nv * f * 1.5
-        return seconds * self._scale.get(c.strategy, 1.0)
+        return seconds * self._scale.get(c.strategy, 1.0) + _REPORT_SECONDS
 
     def _epochs(self, c: Candidate) -> int:
         return c.config(self.base).resolve().epochs
@@ -155,7 +161,8 @@ class Trials:
         expected = self.estimate(c)
         row = self._run(c, deadline)
         if row["status"] == "scored" and expected > 5:  # long enough to learn from
-            self._scale[c.strategy] = self._scale.get(c.strategy, 1.0) * row["seconds"] / expected
+            scale = self._scale.get(c.strategy, 1.0) * row["seconds"] / expected
+            self._scale[c.strategy] = min(3.0, max(0.5, scale))  # one slow run is not a trend
         return row
 
     def _run(self, c: Candidate, deadline: float) -> dict[str, Any]:

@@ -143,6 +143,7 @@ def _summary(meta: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
         "skipped_files",
     )
     return {"run_dir": str(run_dir), "data_dir": str(root), "classes": meta["classes"],
+            "keep": (meta.get("config") or {}).get("keep", "best"),
             **{k: meta.get(k) for k in keys}}  # fmt: skip
 
 
@@ -197,7 +198,11 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
         ],
         ["precision", run["precision"]],
         ["wall time (s)", run["wall_seconds"]],
-        ["best epoch (chosen on val loss/accuracy)", best.get("epoch")],
+        [
+            "epoch kept",
+            f"{best.get('epoch')} ({run.get('keep') or 'best'}"
+            + (" on val accuracy)" if run.get("keep", "best") == "best" else ", fixed epochs)"),
+        ],
         ["val accuracy, 95% CI", f"{ev['accuracy']:.4f} ({lo:.3f}-{hi:.3f}, n={ev['n']})"],
     ]
     if run.get("test"):
