@@ -192,14 +192,14 @@ def compare(
     rows = run_compare(
         str(data_dir), budget=budget, backbones=_list(backbones), strategies=_list(strategies),
         folds=folds, progress=render.progress, on_row=None if as_json else render.compare_row,
-        **{k: v for k, v in options.items() if v is not None},
+        **options,  # None = unset: make_config drops it
     )  # fmt: skip
-    folder = out or default_run_dir("compare")
-    write_comparison(folder, rows.to_dict())
+    folder, table = out or default_run_dir("compare"), rows.to_dict()
+    write_comparison(folder, table)
     if as_json:
-        render.as_json(rows.to_dict())
+        render.as_json(table)
         return
-    render.comparison(rows.to_dict())
+    render.comparison(table)
     render.out(f"saved {Path(folder) / COMPARE_HTML}")
 
 

@@ -43,14 +43,11 @@ class Comparison(list):
     """The rows, best first (scored ones, then those stopped, skipped or failed), plus how they
     were obtained: `protocol`, `budget_s`, `wall_s`, `folds`, the `pool` of training images."""
 
-    def __init__(self, rows: Sequence[dict[str, Any]], **facts: Any):
+    def __init__(self, rows: Sequence[dict[str, Any]], *, protocol: str, budget_s: float,
+                 wall_s: float, folds: int, pool: int, data_dir: str):  # fmt: skip
         super().__init__(rows)
-        self.protocol: str = facts.get("protocol", "")
-        self.budget_s: float = facts.get("budget_s", 0.0)
-        self.wall_s: float = facts.get("wall_s", 0.0)
-        self.folds: int = facts.get("folds", DEFAULT_FOLDS)
-        self.pool: int = facts.get("pool", 0)
-        self.data_dir: str = facts.get("data_dir", "")
+        self.protocol, self.budget_s, self.wall_s = protocol, budget_s, wall_s
+        self.folds, self.pool, self.data_dir = folds, pool, data_dir
 
     @property
     def chosen(self) -> dict[str, Any] | None:
@@ -137,12 +134,13 @@ def compare(
     plan = Trials(base, split, pool, stratified_folds(pool, folds, base.seed), progress)
     rows: list[dict[str, Any]] = []
     for cand in sorted(grid, key=plan.estimate):
-        need = plan.estimate(cand) + (plan.final_estimate(cand) if reserve_final else 0.0)
+        reserve = plan.final_estimate(cand) if reserve_final else 0.0  # to retrain it after
+        need = plan.estimate(cand) + reserve
         left = seconds - (time.perf_counter() - start)
         if need > left:
             row = plan.row(cand, "skipped", f"needs about {need:.0f} s, {max(0, left):.0f} s left")
         else:
-            row = plan.run(cand, deadline=start + seconds - (need - plan.estimate(cand)))
+            row = plan.run(cand, deadline=start + seconds - reserve)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -152,7 +150,7 @@ def compare(
 
 
 def _check_folds(split: DatasetSplit, folds: int) -> None:
-    counts = {c: n for c, n in split.counts()["train"].items()}
+    counts = split.counts()["train"]
     small = [f"{c} ({n})" for c, n in counts.items() if n < folds]
     if small:
         raise ConfigError(f"{folds}-fold selection needs at least {folds} training images per "

@@ -74,8 +74,6 @@ class Candidate:
 class OutOfTime(Exception):
     """A candidate stopped because the budget ran out."""
 
-    pass
-
 
 class Trials:
     """What candidates share: the split, the folds, the backbones made, the features computed,

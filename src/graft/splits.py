@@ -49,19 +49,29 @@ class DatasetSplit:
         }
 
 
+def _shuffled_classes(samples: Sequence[Sample], seed: int) -> list[list[int]]:
+    """Each class's sample indices (classes in label order), sorted by path then shuffled by one
+    seeded RNG: the same files and seed give the same order whatever the input order."""
+    by_class: dict[int, list[int]] = {}
+    for i, (_, y) in enumerate(samples):
+        by_class.setdefault(y, []).append(i)
+    rng = random.Random(seed)
+    out = []
+    for label in sorted(by_class):
+        idx = sorted(by_class[label], key=lambda i: samples[i])
+        rng.shuffle(idx)
+        out.append(idx)
+    return out
+
+
 def stratified_split(
     samples: Sequence[Sample], val_fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample]]:
     """Hold out `val_fraction` of every class (at least one image where a class has two)."""
-    rng = random.Random(seed)
-    by_class: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s[1], []).append(s)
     train: list[Sample] = []
     val: list[Sample] = []
-    for label in sorted(by_class):
-        items = sorted(by_class[label])
-        rng.shuffle(items)
+    for idx in _shuffled_classes(samples, seed):
+        items = [samples[i] for i in idx]
         n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
         val.extend(items[:n_val])
         train.extend(items[n_val:])
@@ -71,15 +81,9 @@ def stratified_split(
 def stratified_folds(samples: Sequence[Sample], k: int, seed: int) -> list[list[int]]:
     """`k` disjoint folds of sample indices, every class dealt round-robin after a seeded shuffle,
     so each fold holds about 1/k of every class. Each class needs at least `k` samples."""
-    by_class: dict[int, list[int]] = {}
-    for i, (_, y) in enumerate(samples):
-        by_class.setdefault(y, []).append(i)
-    rng = random.Random(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
     start = 0
-    for label in sorted(by_class):
-        idx = sorted(by_class[label], key=lambda i: samples[i][0])
-        rng.shuffle(idx)
+    for idx in _shuffled_classes(samples, seed):
         for j, i in enumerate(idx):
             folds[(start + j) % k].append(i)
         start += len(idx)  # the next class starts where this one stopped: folds stay even
