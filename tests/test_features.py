@@ -7,8 +7,9 @@ import torch
 
 from graft.backbones import create_backbone
 from graft.data import discover
-from graft.features import FeatureCache, extract_features, model_key
+from graft.features import extract_features, model_key
 from graft.runtime import resolve_runtime
+from graft.viewcache import FeatureCache
 
 from .conftest import draw_shape, make_shapes
 
@@ -121,7 +122,7 @@ def test_a_broken_cache_never_stops_extraction(tmp_path, caplog):
 
 
 def test_a_full_cache_volume_is_reported_once(tmp_path, monkeypatch, caplog):
-    import graft.features as features
+    import graft.viewcache as viewcache
     from graft.errors import GraftError
 
     data, split, bb, rt = _setup(tmp_path)
@@ -129,7 +130,7 @@ def test_a_full_cache_volume_is_reported_once(tmp_path, monkeypatch, caplog):
     def full(*a, **k):
         raise GraftError("disk full while writing x; free some space and retry")
 
-    monkeypatch.setattr(features, "atomic_path", full)
+    monkeypatch.setattr(viewcache, "atomic_path", full)
     got = extract_features(bb, split.train[:3], rt, cache_dir=tmp_path / "c")
     assert got.computed == 3
     assert sum("cannot be written" in r.message for r in caplog.records) == 1

@@ -1,8 +1,8 @@
-"""Cached backbone features: a frozen backbone sees each image once, ever.
+"""Pooled backbone features for the frozen extractor, computed once per image content.
 
 Entries are keyed by the backbone's weights, its preprocessing and precision (the model key) and
-by each file's content hash, so an edited or added file is recomputed and nothing stale is reused.
-Each entry is a small safetensors file with a checksum; a damaged entry is recomputed.
+by each file's content hash (viewcache.py), so an edited or added file is recomputed and nothing
+stale is reused. The network that computes them has its BatchNorm folded into the convolutions.
 """
 
 from __future__ import annotations
@@ -19,23 +19,12 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
-from .errors import GraftError, ImageError
-from .images import MAX_PIXELS, BadFile, file_digest, load_image
-from .runtime import (
-    Progress,
-    Runtime,
-    atomic_path,
-    default_cache_dir,
-    loader_errors,
-    loader_workers,
-    no_progress,
-)
+from .images import MAX_PIXELS, BadFile
+from .runtime import Progress, Runtime, default_cache_dir, no_progress
 from .splits import Sample
-from .transforms import build_transforms
+from .viewcache import STORE_DTYPE, FeatureCache, cached_views
 
 log = logging.getLogger(__name__)
-
-STORE_DTYPE = torch.float16  # pooled features are well inside fp16's range; halves the cache
 
 
 def model_key(backbone: Backbone, runtime: Runtime, rotation: float = 0.0) -> str:
@@ -51,98 +40,6 @@ def model_key(backbone: Backbone, runtime: Runtime, rotation: float = 0.0) -> st
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
-
-
-class FeatureCache:
-    """One folder per model key; one checksummed safetensors file per image content.
-
-    A speed-up, never a reason to fail: a cache that cannot be read or written (read-only, full,
-    a folder where a file should be, or the reverse) is reported once and training goes on
-    without it. The checksum covers the digest an entry is stored under, so an entry copied to
-    another image's name is refused rather than trained on.
-    """
-
-    def __init__(self, root: str | Path, key: str):
-        self.dir = Path(root) / key
-        self.enabled = True
-
-    def _path(self, digest: str) -> Path:
-        return self.dir / digest[:2] / f"{digest}.safetensors"
-
-    def get(self, digest: str, views: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(eval (D,), aug (views, D)) or None when absent, damaged or holding fewer views."""
-        from safetensors import safe_open
-
-        path = self._path(digest)
-        try:
-            if not self.enabled or not path.is_file():
-                return None
-            with safe_open(str(path), framework="pt") as f:
-                checksum = (f.metadata() or {}).get("sha256")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if checksum != _checksum(digest, tensors):
-                raise ValueError("checksum mismatch")
-        except Exception as exc:  # unreadable, truncated header, bad bytes, wrong dtype...
-            log.warning("feature cache entry %s is unusable (%s): recomputing", path, exc)
-            return None
-        aug = tensors.get("aug", tensors["eval"].new_zeros(0, tensors["eval"].numel()))
-        if aug.shape[0] < views:
-            return None
-        return tensors["eval"], aug[:views]
-
-    def put(self, digest: str, eval_feat: torch.Tensor, aug: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        if not self.enabled:
-            return
-        tensors = {"eval": eval_feat.to(STORE_DTYPE).contiguous()}
-        if aug.shape[0]:
-            tensors["aug"] = aug.to(STORE_DTYPE).contiguous()
-        try:
-            with atomic_path(self._path(digest), durable=False) as tmp:  # checksummed on reading
-                save_file(tensors, str(tmp), metadata={"sha256": _checksum(digest, tensors)})
-        except (OSError, GraftError) as exc:  # read-only, full, a file in place of a folder...
-            self.enabled = False
-            log.warning("the feature cache in %s cannot be written (%s); going on without it "
-                        "(set --cache-dir to a writable folder to keep features)", self.dir,
-                        getattr(exc, "strerror", None) or exc)  # fmt: skip
-
-
-def _checksum(digest: str, tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(digest.encode())  # bound to the image the entry claims to describe
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-class _ViewsDataset(torch.utils.data.Dataset):
-    """Eval view plus `views` augmented views of each file; augmentations seeded by content hash,
-    so the same file always gets the same cached views whatever the worker order."""
-
-    def __init__(self, paths: Sequence[str], digests: Sequence[str], backbone: Backbone,
-                 views: int, rotation: float = 0.0, max_pixels: int = MAX_PIXELS):  # fmt: skip
-        self.paths, self.digests, self.views = list(paths), list(digests), views
-        self.max_pixels = max_pixels
-        self.eval_tf = build_transforms(backbone.spec, train=False)
-        self.train_tf = build_transforms(backbone.spec, train=True, rotation=rotation)
-        self.min_side = backbone.spec.resize_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            side = self.min_side if not self.views else None  # views crop from the full image
-            img = load_image(self.paths[i], side, max_pixels=self.max_pixels)
-        except ImageError as exc:
-            return i, None, exc.reason
-        x = [self.eval_tf(img)]
-        if self.views:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(self.digests[i][:15], 16))
-                x.extend(self.train_tf(img) for _ in range(self.views))
-        return i, torch.stack(x), None
 
 
 def fold_batchnorm(features: nn.Module, size: int) -> nn.Module:
@@ -206,10 +103,6 @@ def _same_function(a: nn.Module, b: nn.Module, size: int) -> bool:
     return same
 
 
-def _collate(batch):
-    return batch
-
-
 @dataclass
 class FeatureSet:
     """Features of the samples that loaded, in input order; `bad` lists the ones that did not."""
@@ -223,7 +116,6 @@ class FeatureSet:
     computed: int = 0
 
 
-@torch.inference_mode()
 def extract_features(
     backbone: Backbone,
     samples: Sequence[Sample],
@@ -236,54 +128,32 @@ def extract_features(
     rotation: float = 0.0,
     max_pixels: int = MAX_PIXELS,
 ) -> FeatureSet:
-    """Pooled features of every sample, from the cache where possible, computed once otherwise.
-    `views` augmented views per sample (random crop, flip, `rotation`) are cached beside them."""
+    """Pooled features of every sample, from the cache where possible, computed once otherwise
+    (by a BatchNorm-folded copy of the network). `views` augmented views per sample (random crop,
+    flip, `rotation`) are cached beside them."""
     key = model_key(backbone, runtime, rotation if views else 0.0)
     cache = FeatureCache(cache_dir or default_cache_dir(), key)
-    digests, feats, augs, bad = {}, {}, {}, {}
-    for i, (path, _) in enumerate(samples):
-        try:
-            digests[i] = file_digest(path)
-        except OSError as exc:
-            bad[i] = exc.strerror or str(exc)
-            continue
-        hit = cache.get(digests[i], views)
-        if hit is not None:
-            feats[i], augs[i] = hit
-    todo = [i for i in digests if i not in feats]
-    hits = len(feats)
-    if todo:  # the network (BN folded, a copy) only when something is not in the cache
-        net = runtime.prepare(fold_batchnorm(backbone.model.features, backbone.spec.input_size))
-        ds = _ViewsDataset([samples[i][0] for i in todo], [digests[i] for i in todo], backbone,
-                           views, rotation, max_pixels)  # fmt: skip
-        n = max(1, batch_size // (1 + views))
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=n, collate_fn=_collate, **loader_workers(workers)
-        )
-        with loader_errors():
-            for batch in progress(loader, "features", len(loader)):
-                ok = [(j, x) for j, x, _ in batch if x is not None]
-                for j, _, reason in batch:
-                    if reason is not None:
-                        bad[todo[j]] = reason
-                if not ok:
-                    continue
-                x = runtime.batch(torch.cat([x for _, x in ok]))
-                with runtime.autocast():
-                    out = net(x).float().cpu()
-                out = out.view(len(ok), 1 + views, -1)
-                for (j, _), f in zip(ok, out):
-                    i = todo[j]
-                    feats[i], augs[i] = f[0].to(STORE_DTYPE), f[1:].to(STORE_DTYPE)
-                    cache.put(digests[i], feats[i], augs[i])
-    keep = [i for i in range(len(samples)) if i in feats]
+
+    def make_net() -> nn.Module:
+        return runtime.prepare(fold_batchnorm(backbone.model.features, backbone.spec.input_size))
+
+    found = cached_views(make_net, cache, backbone, samples, runtime, views,
+                         batch_size=batch_size, workers=workers, progress=progress,
+                         rotation=rotation, max_pixels=max_pixels)  # fmt: skip
+    keep = sorted(found.entries)
     dim = backbone.model.num_features
+
+    def stacked(part: int, empty: tuple[int, ...]) -> torch.Tensor:
+        if not keep:
+            return torch.zeros(empty)
+        return torch.stack([found.entries[i][part].to(STORE_DTYPE) for i in keep]).float()
+
     return FeatureSet(
-        features=torch.stack([feats[i] for i in keep]).float() if keep else torch.zeros(0, dim),
-        aug=torch.stack([augs[i] for i in keep]).float() if keep else torch.zeros(0, views, dim),
+        features=stacked(0, (0, dim)),
+        aug=stacked(1, (0, views, dim)),
         labels=torch.tensor([samples[i][1] for i in keep], dtype=torch.long),
         samples=[samples[i] for i in keep],
-        bad=[BadFile(samples[i][0], r) for i, r in sorted(bad.items())],
-        hits=hits,
-        computed=len(keep) - hits,
+        bad=[BadFile(samples[i][0], r) for i, r in sorted(found.bad.items())],
+        hits=found.hits,
+        computed=len(keep) - found.hits,
     )
