@@ -12,7 +12,7 @@ from graft.checkpoint import restore_last, save_last
 from graft.config import make_config
 from graft.engine import DivergedError, FitState, evaluate, fit
 from graft.freezing import epoch_plan
-from graft.loaders import Job
+from graft.jobs import Job
 from graft.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), None)

@@ -23,7 +23,7 @@ from .engine import fit
 from .errors import ConfigError, DatasetError, GraftError
 from .features import extract_features
 from .freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
-from .loaders import check_bad, feature_job, prepare_job
+from .jobs import check_bad, feature_job, prepare_job
 from .metrics import wilson_interval
 from .runtime import Progress, resolve_runtime, seed_everything
 from .splits import DatasetSplit, Sample

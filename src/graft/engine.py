@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .dist import Dist, all_gather, collective_errors, sync_buffers, wrap
 from .errors import GraftError
 from .freezing import Epoch, apply_freezing, param_groups
-from .loaders import Job
+from .jobs import Job
 from .metrics import classification_report, confusion_matrix
 from .runfolder import append_metrics, rewrite_metrics
 from .runtime import Progress, Runtime, loader_errors, no_progress

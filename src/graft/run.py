@@ -1,7 +1,7 @@
 """A training run, end to end: config -> data -> backbone -> job -> fit -> save.
 
 `train()` is the Python door behind `graft train`; read it top to bottom. What trains on which
-data is `loaders.prepare_job`, the epoch loop is `engine.fit`, the files are `checkpoint` and
+data is `jobs.prepare_job`, the epoch loop is `engine.fit`, the files are `checkpoint` and
 `runfolder`.
 """
 
@@ -26,7 +26,7 @@ from .dist import Dist, broadcast, from_env, process_group
 from .engine import fit
 from .errors import ConfigError, GraftError
 from .freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
-from .loaders import prepare_job
+from .jobs import prepare_job
 from .pages import write_comparison
 from .runfolder import CONFIG, SPLIT, claim, start_new_run
 from .runtime import (

@@ -91,7 +91,6 @@ class FeatureCache:
                         "(set --cache-dir to a writable folder to keep features)", self.dir,
                         getattr(exc, "strerror", None) or exc)  # fmt: skip
 
-
     def _stored(self, t: torch.Tensor) -> torch.Tensor:
         return (t if self.dtype is None else t.to(self.dtype)).contiguous()
 
@@ -200,8 +199,9 @@ def cached_views(
     ds = _ViewsDataset([samples[i][0] for i in todo], [digests[i] for i in todo], backbone,
                        views, rotation, max_pixels, eval_view)  # fmt: skip
     per = int(eval_view) + views
-    loader = torch.utils.data.DataLoader(ds, batch_size=max(1, batch_size // per),
-                                         collate_fn=_collate, **loader_workers(workers))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=max(1, batch_size // per), collate_fn=_collate, **loader_workers(workers)
+    )
     with loader_errors():
         for batch in progress(loader, label, len(loader)):
             ok = [(j, x) for j, x, _ in batch if x is not None]

@@ -1,0 +1,175 @@
+"""What trains on which data, per strategy: a `Job` (model, loaders, loss, runtime).
+
+extract: pooled features computed once (cached, features.py), and the head alone trains on them.
+finetune: images decoded once into memory and augmented every epoch (loaders.py).
+partial: the same as finetune, or, when it pays, the top blocks train on cached activations of
+the frozen trunk (activations.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .config import TrainConfig
+from .dist import Dist, all_gather, shard
+from .errors import ConfigError, DatasetError
+from .features import extract_features
+from .images import BadFile, format_bad_files
+from .loaders import ImageDataset, build_datasets
+from .runtime import Progress, Runtime, loader_workers
+from .splits import DatasetSplit
+from .transforms import build_transforms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """What trains, on what: everything `engine.fit` needs besides the plan and the config."""
+
+    backbone: Backbone  # for freezing and parameter groups at each stage
+    model: nn.Module  # what trains: the head on features (extract) or the whole network
+    train_loader: Any
+    val_loader: Any
+    criterion: nn.Module
+    runtime: Runtime
+    generator: torch.Generator  # data order; saved in `last` so a resumed epoch is not a replay
+    set_size: Callable[[int], None]  # train images at this side from now on
+    skipped: list[str]  # unreadable files left out (--skip-bad)
+    classes: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)  # facts for model.json
+    dist: Dist = Dist()  # under torchrun: DDP, sharded train and val (finetune/partial)
+    sampler: Any = None  # a DistributedSampler, to be told the epoch
+
+
+def prepare_job(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime,
+                progress: Progress, d: Dist = Dist()) -> Job:  # fmt: skip
+    """Decode (or look up) every image once, before the first epoch: bad files are known now."""
+    if cfg.strategy == "extract":
+        return _prepare_features(cfg, backbone, split, runtime, progress, d)
+    return _prepare_images(cfg, backbone, split, runtime, progress, d)
+
+
+def _prepare_features(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
+                      runtime: Runtime, progress: Progress, d: Dist) -> Job:  # fmt: skip
+    """extract: pooled features once (cached), then the head alone trains on them. Under
+    torchrun each rank computes a disjoint share into the shared cache first; then every rank
+    reads them all and trains the same head (a node whose cache is not shared computes what it
+    misses itself)."""
+    kw = dict(runtime=runtime, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress,
+              max_pixels=cfg.max_pixels)  # fmt: skip
+    stats: dict[str, Any] = {}
+    if d.enabled:
+        mine = extract_features(backbone, shard(split.train, d), views=cfg.cache_views,
+                                rotation=cfg.rotation, **kw).computed  # fmt: skip
+        mine += extract_features(backbone, shard(split.val, d), **kw).computed
+        stats["features_computed_per_rank"] = all_gather(d, mine, "extracting features")
+    tr = extract_features(backbone, split.train, views=cfg.cache_views, rotation=cfg.rotation, **kw)
+    va = extract_features(backbone, split.val, **kw)
+    skipped = check_bad(cfg, tr.bad + va.bad)
+    log.info("features: %d from cache, %d computed", tr.hits + va.hits, tr.computed + va.computed)
+    job = feature_job(cfg, backbone, (tr.features, tr.aug, tr.labels), (va.features, va.labels),
+                      split.classes)  # fmt: skip
+    job.skipped, job.stats = skipped, stats
+    return job
+
+
+def feature_job(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    classes: list[str],
+) -> Job:
+    """The head alone, trained on features: `train` is (eval features (N, D), augmented views
+    (N, V, D), labels), `val` is (features, labels). Used by `graft train` and by `compare`'s
+    folds, so a candidate is scored by the very training it stands for."""
+    feats, aug, labels = train
+    x = torch.cat([feats, aug.flatten(0, 1)])
+    y = torch.cat([labels, labels.repeat_interleave(aug.shape[1])])
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=cfg.batch_size, generator=g,
+        **_sampler_kwargs(cfg, y, g))  # fmt: skip
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*val), batch_size=1024)
+    cpu = Runtime(torch.device("cpu"), None)  # a Linear on a few MB of features: the CPU is fastest
+    criterion = _criterion(cfg, y, len(classes))
+    return Job(backbone, backbone.model.head, train_loader, val_loader, criterion, cpu, g,
+               lambda size: None, [], classes)  # fmt: skip
+
+
+def _prepare_images(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime,
+                    progress: Progress, d: Dist) -> Job:  # fmt: skip
+    """finetune / partial: images decoded once into memory, augmented every epoch. Under
+    torchrun a DistributedSampler (seeded, padded to equal shares) splits each epoch and each
+    rank scores its own share of val; --batch-size is per process."""
+    train_ds, val_ds, bad = build_datasets(split.train, split.val, backbone.spec, cfg.rotation,
+                                           cfg.workers + 1, max_pixels=cfg.max_pixels)  # fmt: skip
+    skipped = check_bad(cfg, bad)
+    # decoded datasets augment small uint8 tensors: worker processes would cost more than they save
+    workers = cfg.workers if isinstance(train_ds, ImageDataset) else 0
+    g = torch.Generator().manual_seed(cfg.seed)
+    labels = torch.tensor(list(train_ds.labels))
+    sampler = None
+    order = _sampler_kwargs(cfg, labels, g)
+    if d.enabled:
+        if cfg.balance == "sampler":
+            raise ConfigError("--balance sampler does not combine with torchrun yet; use "
+                              "--balance weights")  # fmt: skip
+        sampler = torch.utils.data.DistributedSampler(train_ds, d.world, d.rank, shuffle=True,
+                                                      seed=cfg.seed)  # fmt: skip
+        order = {"sampler": sampler, "shuffle": False}
+        val_ds = torch.utils.data.Subset(val_ds, shard(list(range(len(val_ds))), d))
+    per_rank = len(train_ds) // d.world
+    train_loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.batch_size, generator=g, drop_last=per_rank > cfg.batch_size,
+        **order, **loader_workers(workers))  # fmt: skip
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size,
+                                             **loader_workers(workers))  # fmt: skip
+
+    def set_size(size: int) -> None:
+        train_ds.transform = build_transforms(backbone.spec.with_size(size), True, cfg.rotation)
+
+    criterion = _criterion(cfg, labels, len(split.classes)).to(runtime.device)
+    if d.enabled and d.is_main:
+        glob = d.world * cfg.batch_size
+        log.info("%d processes x batch %d = global batch %d; --lr applies to that global batch "
+                 "as given (not rescaled)", d.world, cfg.batch_size, glob)  # fmt: skip
+    return Job(backbone, runtime.prepare(backbone.model), train_loader, val_loader, criterion,
+               runtime, g, set_size, skipped, split.classes, {}, d, sampler)  # fmt: skip
+
+
+def check_bad(cfg: TrainConfig, bad: list[BadFile]) -> list[str]:
+    """Unreadable files stop training with the list and the fix, unless skip_bad: the paths."""
+    if bad and not cfg.skip_bad:
+        raise DatasetError(
+            f"{len(bad)} file(s) cannot be used:\n{format_bad_files(bad)}\n"
+            "Fix or remove them, or pass --skip-bad to train without them "
+            f"(graft verify {cfg.data_dir} lists them all)"
+        )
+    if bad:
+        log.warning("skipping %d unreadable file(s):\n%s", len(bad), format_bad_files(bad))
+    return [b.path for b in bad]
+
+
+def _criterion(cfg: TrainConfig, labels: torch.Tensor, num_classes: int) -> nn.Module:
+    weight = None
+    if cfg.balance == "weights":
+        counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+        weight = counts.sum() / (num_classes * counts)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def _sampler_kwargs(cfg: TrainConfig, labels: torch.Tensor, g: torch.Generator) -> dict:
+    if cfg.balance != "sampler":
+        return {"shuffle": True}
+    weights = (1.0 / torch.bincount(labels).float())[labels]
+    sampler = torch.utils.data.WeightedRandomSampler(weights, len(labels), generator=g)
+    return {"sampler": sampler, "shuffle": False}
