@@ -63,7 +63,11 @@ def train(
     precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder.")] = None,
     cache_views: Annotated[
-        int | None, typer.Option(help="extract: augmented views per image")
+        int | None,
+        typer.Option(help="Augmented views per image in the cache (extract: 0, partial: 4)."),
+    ] = None,
+    memory_gb: Annotated[
+        float | None, typer.Option(help="RAM for decoded images or activations (default 2).")
     ] = None,
     max_pixels: Annotated[
         int | None,
@@ -118,7 +122,7 @@ def train(
         patience=patience, seed=seed, image_size=image_size, rotation=rotation,
         val_fraction=val_fraction, workers=workers, device=device, precision=precision,
         cache_dir=_str(cache_dir), cache_views=cache_views, skip_bad=skip_bad, dedupe=dedupe,
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, memory_gb=memory_gb,
         balance=balance, out=_str(out), report=report, keep=keep,
     )  # fmt: skip
     given = {k: v for k, v in options.items() if v is not None}

@@ -21,6 +21,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "none")
 BALANCE = ("none", "weights", "sampler")
 KEEP = ("best", "last")
+PARTIAL_VIEWS = 4  # cached trunk views per training image for partial (docs/PERFORMANCE.md)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,11 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     cache_dir: str | None = None  # feature cache; None: ~/.cache/graft (or $GRAFT_CACHE_DIR)
-    cache_views: int = 0  # extract: extra augmented views per training image in the cache
+    # augmented views per training image held in the cache. extract: extra training views (0).
+    # partial: the views the top blocks train on, from cached trunk activations (4, a view per
+    # image per epoch; 0 = run the trunk live every epoch)
+    cache_views: int | None = None
+    memory_gb: float = 2.0  # decoded images or cached activations kept in RAM; past it, from disk
     skip_bad: bool = False  # train without unreadable files instead of stopping
     max_pixels: int = MAX_PIXELS  # decoded pixels per image; Pillow's own refusal level
     dedupe: bool = False  # drop validation/test images that are also in train
@@ -95,7 +100,7 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         for name in ("warmup_epochs", "patience", "cache_views", "unfreeze_last", "rotation"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be 0 or more, got {self.workers}")
@@ -105,6 +110,7 @@ class TrainConfig:
         _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
         _check_range("gamma", self.gamma, 0.0, 1.0, low_open=True)
         _check_range("backbone_lr_mult", self.backbone_lr_mult, 0.0, math.inf)
+        _check_range("memory_gb", self.memory_gb, 0.0, math.inf)
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be between 0 and 2**63-1, got {self.seed}")
         if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
@@ -116,6 +122,10 @@ class TrainConfig:
 
     def _refuse_ignored(self) -> None:
         """Settings that would have no effect are refused, never silently dropped."""
+        if self.strategy == "finetune" and self.cache_views:
+            raise ConfigError("--cache-views is ignored with --strategy finetune (every block "
+                              "trains, so nothing below them can be cached); use it with "
+                              "extract or partial")  # fmt: skip
         if self.strategy != "extract":
             return
         if self.warmup_epochs:
@@ -139,6 +149,7 @@ class TrainConfig:
         finetune/partial keep the tutorial's SGD(0.9) + StepLR(7, 0.1), with a batch of 16 and the
         LR scaled linearly from the tutorial's 1e-3 at batch 4 (bench/train_step.py measured
         batch 4 faster per image on a 2-core CPU: an open question, docs/PERFORMANCE.md).
+        partial trains on 4 cached views of the trunk's activations (activations.py).
         """
         if self.strategy == "extract":
             defaults = dict(epochs=60, batch_size=64, optimizer="adamw", lr=3e-3,
@@ -146,6 +157,7 @@ class TrainConfig:
         else:
             defaults = dict(epochs=10, batch_size=16, optimizer="sgd", lr=4e-3,
                             weight_decay=1e-4, schedule="step")  # fmt: skip
+        defaults["cache_views"] = PARTIAL_VIEWS if self.strategy == "partial" else 0
         defaults.update(workers=default_workers(), cache_dir=str(default_cache_dir()),
                         out=str(default_run_dir(self.backbone)), image_size=input_size)  # fmt: skip
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}

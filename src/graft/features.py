@@ -27,16 +27,23 @@ from .viewcache import STORE_DTYPE, FeatureCache, cached_views
 log = logging.getLogger(__name__)
 
 
-def model_key(backbone: Backbone, runtime: Runtime, rotation: float = 0.0) -> str:
+def model_key(backbone: Backbone, runtime: Runtime, rotation: float = 0.0,
+              trunk: Sequence[str] = ()) -> str:  # fmt: skip
     """Hash of everything that changes a feature: weights, preprocessing, precision, format, and
-    the augmentation of the cached views (`rotation`)."""
+    the augmentation of the cached views (`rotation`). With `trunk` (the top blocks, which train),
+    the key of the activations entering the first of them: only the weights below count."""
     h = hashlib.sha256()
     what = {"backbone": backbone.name, "spec": backbone.spec.to_dict(),
             "precision": runtime.precision, "v": 2}  # fmt: skip  # v2: BatchNorm folded
     if rotation:  # absent when 0, so caches made before rotation was keyed stay valid
         what["rotation"] = rotation
+    if trunk:
+        what["activations_of"] = trunk[0]
     h.update(json.dumps(what, sort_keys=True).encode())
+    top = tuple(f"{b}." for b in trunk)
     for name, tensor in backbone.model.features.state_dict().items():
+        if top and name.startswith(top):
+            continue
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]

@@ -16,16 +16,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from .activations import (
+    EvalDataset,
+    Split,
+    TopNet,
+    ViewsDataset,
+    activation_bytes,
+    cached_activations,
+    split_backbone,
+)
 from .backbones import Backbone
 from .config import TrainConfig
 from .dist import Dist, all_gather, shard
 from .errors import ConfigError, DatasetError
 from .features import extract_features
+from .freezing import trainable_blocks
 from .images import BadFile, format_bad_files
 from .loaders import ImageDataset, build_datasets
-from .runtime import Progress, Runtime, loader_workers
+from .runtime import Progress, Runtime, default_cache_dir, loader_workers
 from .splits import DatasetSplit
 from .transforms import build_transforms
+from .viewcache import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +57,7 @@ class Job:
     classes: list[str]
     stats: dict[str, Any] = field(default_factory=dict)  # facts for model.json
     dist: Dist = Dist()  # under torchrun: DDP, sharded train and val (finetune/partial)
-    sampler: Any = None  # a DistributedSampler, to be told the epoch
+    sampler: Any = None  # told the epoch (set_epoch): a DistributedSampler, or cached views
 
 
 def prepare_job(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime,
@@ -54,6 +65,13 @@ def prepare_job(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runti
     """Decode (or look up) every image once, before the first epoch: bad files are known now."""
     if cfg.strategy == "extract":
         return _prepare_features(cfg, backbone, split, runtime, progress, d)
+    if cfg.strategy == "partial":
+        job, why = _prepare_cached(cfg, backbone, split, runtime, progress, d)
+        if job is not None:
+            return job
+        job = _prepare_images(cfg, backbone, split, runtime, progress, d)
+        job.stats["trunk"] = f"live every epoch: {why}"
+        return job
     return _prepare_images(cfg, backbone, split, runtime, progress, d)
 
 
@@ -105,13 +123,73 @@ def feature_job(
                lambda size: None, [], classes)  # fmt: skip
 
 
+def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
+                    runtime: Runtime, progress: Progress, d: Dist
+                    ) -> tuple[Job | None, str]:  # fmt: skip
+    """partial from cached trunk activations (activations.py), or (None, why not) when it does
+    not apply or does not pay: then the trunk runs live."""
+    views = cfg.cache_views or 0
+    blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
+    cut = split_backbone(backbone, blocks[0]) if blocks and not d.enabled and views else None
+    why = _why_live(cfg, views, d, cut)
+    in_memory = True
+    if why is None:
+        need = activation_bytes(cut, runtime, len(split.train), views, len(split.val))
+        in_memory = need <= cfg.memory_gb * 2**30
+        if not in_memory and not FeatureCache(cfg.cache_dir or default_cache_dir(), "").writable():
+            why = (f"{need / 1e9:.1f} GB of activations is over --memory-gb {cfg.memory_gb:g} "
+                   f"and the cache folder {cfg.cache_dir} cannot be written")  # fmt: skip
+    if why is not None:
+        log.info("partial: the trunk runs live every epoch (%s)", why)
+        return None, why
+    kw = dict(cache_dir=cfg.cache_dir, in_memory=in_memory, workers=cfg.workers,
+              progress=progress, max_pixels=cfg.max_pixels)  # fmt: skip
+    tr = cached_activations(backbone, cut, split.train, runtime, views, rotation=cfg.rotation, **kw)
+    va = cached_activations(backbone, cut, split.val, runtime, **kw)
+    skipped = check_bad(cfg, tr.bad + va.bad)
+    log.info("partial: %s trains on cached activations of the trunk (%d views per image, %s; "
+             "%d from cache, %d computed)", "+".join(cut.blocks), views,
+             "in memory" if in_memory else "read from the cache each epoch",
+             tr.hits + va.hits, len(tr.samples) + len(va.samples) - tr.hits - va.hits)  # fmt: skip
+    train_ds = ViewsDataset(tr, cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    labels = tr.labels
+    train_loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.batch_size, generator=g, drop_last=len(labels) > cfg.batch_size,
+        **_sampler_kwargs(cfg, labels, g))  # fmt: skip
+    val_loader = torch.utils.data.DataLoader(EvalDataset(va), batch_size=cfg.batch_size)
+    model = runtime.prepare(TopNet(backbone.model, cut.top))
+    criterion = _criterion(cfg, labels, len(split.classes)).to(runtime.device)
+    stats = {"trunk": f"cached activations: {views} views per image, blocks from {blocks[0]} on "
+                      "train"}  # fmt: skip
+    return Job(backbone, model, train_loader, val_loader, criterion, runtime, g,
+               lambda size: None, skipped, split.classes, stats, d, train_ds), ""  # fmt: skip
+
+
+def _why_live(cfg: TrainConfig, views: int, d: Dist, cut: Split | None) -> str | None:
+    """Why partial does not train from cached activations, or None when it does."""
+    if not views:
+        return "--cache-views 0"
+    if d.enabled:
+        return "under torchrun each process runs its share live"
+    if cfg.progressive:
+        return "--progressive changes the image size, and with it every activation"
+    if views >= cfg.epochs:
+        return (f"{views} cached views cost as many trunk passes as {cfg.epochs} live epochs; "
+                "cache fewer views (--cache-views) for the speed-up")  # fmt: skip
+    if cut is None:
+        return "the network is not a plain chain of blocks at the cut"
+    return None
+
+
 def _prepare_images(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime,
                     progress: Progress, d: Dist) -> Job:  # fmt: skip
     """finetune / partial: images decoded once into memory, augmented every epoch. Under
     torchrun a DistributedSampler (seeded, padded to equal shares) splits each epoch and each
     rank scores its own share of val; --batch-size is per process."""
     train_ds, val_ds, bad = build_datasets(split.train, split.val, backbone.spec, cfg.rotation,
-                                           cfg.workers + 1, max_pixels=cfg.max_pixels)  # fmt: skip
+                                           cfg.workers + 1, int(cfg.memory_gb * 2**30),
+                                           cfg.max_pixels)  # fmt: skip
     skipped = check_bad(cfg, bad)
     # decoded datasets augment small uint8 tensors: worker processes would cost more than they save
     workers = cfg.workers if isinstance(train_ds, ImageDataset) else 0
