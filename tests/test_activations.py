@@ -169,6 +169,10 @@ def test_changed_files_and_damaged_entries_are_recomputed(shapes, tmp_path):
 
     draw_shape("circle", random.Random(99)).save(samples[0][0])  # an edited picture
     assert cached_activations(bb, cut, samples, RT, 3, **kw).hits == 3
+    # the same images as validation (eval view): their own entries, the views' ones kept
+    assert cached_activations(bb, cut, samples, RT, 0, **kw).hits == 0
+    assert cached_activations(bb, cut, samples, RT, 0, **kw).hits == 4
+    assert cached_activations(bb, cut, samples, RT, 3, **kw).hits == 4
 
 
 def test_partial_runs_live_where_caching_does_not_pay_or_the_cut_does_not_hold(shapes, tmp_path):

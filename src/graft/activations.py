@@ -200,6 +200,9 @@ def cached_activations(
     `views` is 0), from the cache or computed once, kept in memory or (`in_memory=False`) left
     in the cache files."""
     key = model_key(backbone, runtime, rotation if views else 0.0, trunk=split.blocks)
+    # training views and eval views apart: one image is trained on in one run (or fold) and
+    # scored in another, and neither entry may replace the other
+    key += "-views" if views else "-eval"
     cache = FeatureCache(cache_dir or default_cache_dir(), key, dtype=None)
     found = cached_views(lambda: runtime.prepare(split.trunk), cache, backbone, samples, runtime,
                          views, eval_view=not views, keep=in_memory, batch_size=batch_size,
