@@ -1,8 +1,10 @@
 """One candidate scored on folds of the training images: what candidates share (the split, the
 folds, the features, the measured forward cost), the cost model the budget runs on, and the runs.
 
-A head on cached features (extract) is trained afresh on every fold; partial and finetune train
-on all folds but the first and are scored there. Every fold's model trains for a fixed number
+A head on cached features (extract) is trained afresh on every fold, and so are the top blocks of
+partial on cached trunk activations (activations.py: computed once, shared by the folds);
+finetune (and partial where the trunk runs live) trains on all folds but the first and is scored
+there. Every fold's model trains for a fixed number
 of epochs and is kept as it ends (`keep="last"`): not even the epoch is chosen on what is scored.
 """
 
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 # backward through every block about 1.7 forwards, through the last third a sixth of one. Then
 # each strategy's estimates are scaled by what its candidates really took on this machine.
 _TRAIN_COST = {"finetune": 2.7, "partial": 1.15}
+# partial on cached activations, per image and epoch, in forward passes: the top's forward and
+# backward (lite0, last 4 blocks, demo: 10 epochs of 300 images in about 6 s, ~0.2 of a forward)
+_CACHED_TOP_COST = 0.25
 _REPORT_SECONDS = 8.0  # report.html after --auto's final training: figures, Grad-CAM (demo: 4-5 s)
 
 
@@ -45,7 +50,7 @@ class Candidate:
     backbone: str
     strategy: str
     unfreeze_last: int = 0  # partial: the last N blocks train
-    cache_views: int = 0  # extract: augmented views per training image
+    cache_views: int | None = None  # augmented views in the cache; None: the strategy's own
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Candidate:
@@ -86,13 +91,15 @@ class Trials:
         self._forward: dict[tuple[str, bool], float] = {}  # seconds per image, measured
         self._scale: dict[str, float] = {}  # strategy -> how long it really took / estimate
         self._features: dict[tuple[str, int], Any] = {}  # (backbone, views) -> FeatureSet
+        self._trunks: set[tuple[str, int]] = set()  # (backbone, last N) with activations cached
 
     def protocol(self) -> str:
         k, n = len(self.folds), len(self.pool)
-        return (f"stratified {k}-fold on the {n} training images: extract candidates on all "
-                f"{k} folds, partial/finetune on the first (an inner validation split of about "
-                f"{n // k} images); each fold's model trained for a fixed number of epochs and "
-                "kept as it ended; the val split took no part")  # fmt: skip
+        return (f"stratified {k}-fold on the {n} training images: extract candidates and "
+                f"partial ones on cached activations on all {k} folds, the others on the first "
+                f"(an inner validation split of about {n // k} images); each fold's model "
+                "trained for a fixed number of epochs and kept as it ended; the val split took "
+                "no part")  # fmt: skip
 
     # ------------------------------------------------------------ cost
 
@@ -122,8 +129,15 @@ class Trials:
         n, k = len(self.pool), len(self.folds)
         if c.strategy == "extract":
             f = self.forward_seconds(c.backbone)
-            todo = 0 if (c.backbone, c.cache_views) in self._features else n * (1 + c.cache_views)
+            views = self._views(c)
+            todo = 0 if (c.backbone, views) in self._features else n * (1 + views)
             seconds = todo * f * 1.3 + 0.5 * k  # decoding on top of the forward; a head per fold
+        elif self.cached(c):
+            f = self.forward_seconds(c.backbone, training=True)
+            views = self._views(c)
+            trunk = 0 if (c.backbone, c.unfreeze_last) in self._trunks else n * (1 + views)
+            seconds = trunk * f * 1.3 + k * self._epochs(c) * (n - n // k) * f * _CACHED_TOP_COST
+            return (seconds + 2.0 * k) * self._scale.get("partial cached", 1.0)
         else:
             f = self.forward_seconds(c.backbone, training=True)
             seconds = self._epochs(c) * (n - n // k) * f * (_TRAIN_COST[c.strategy] + 0.25) + 2.0
@@ -136,11 +150,23 @@ class Trials:
         if c.strategy == "extract":  # val features, the fp32 scoring, the report
             return nv * self.forward_seconds(c.backbone) * 2.5 + 3.0 + _REPORT_SECONDS
         f = self.forward_seconds(c.backbone, training=True)
+        if self.cached(c):  # the training views are cached by now; val's eval views are not
+            seconds = self._epochs(c) * n * f * _CACHED_TOP_COST + nv * f * 2.5 + 2.0
+            return seconds * self._scale.get("partial cached", 1.0) + _REPORT_SECONDS
         seconds = self._epochs(c) * (n * _TRAIN_COST[c.strategy] + nv) * f + nv * f * 1.5
         return seconds * self._scale.get(c.strategy, 1.0) + _REPORT_SECONDS
 
     def _epochs(self, c: Candidate) -> int:
         return c.config(self.base).resolve().epochs
+
+    def _views(self, c: Candidate) -> int:
+        return c.config(self.base).resolve().cache_views
+
+    def cached(self, c: Candidate) -> bool:
+        """Whether the candidate trains on cached trunk activations (jobs._why_live agrees:
+        checked when it runs, by the job it gets)."""
+        cfg = c.config(self.base).resolve()
+        return c.strategy == "partial" and 0 < cfg.cache_views < cfg.epochs and not cfg.progressive
 
     # ------------------------------------------------------------ running
 
@@ -159,8 +185,9 @@ class Trials:
         expected = self.estimate(c)
         row = self._run(c, deadline)
         if row["status"] == "scored" and expected > 5:  # long enough to learn from
-            scale = self._scale.get(c.strategy, 1.0) * row["seconds"] / expected
-            self._scale[c.strategy] = min(3.0, max(0.5, scale))  # one slow run is not a trend
+            kind = "partial cached" if self.cached(c) else c.strategy
+            scale = self._scale.get(kind, 1.0) * row["seconds"] / expected
+            self._scale[kind] = min(3.0, max(0.5, scale))  # one slow run is not a trend
         return row
 
     def _run(self, c: Candidate, deadline: float) -> dict[str, Any]:
@@ -193,7 +220,7 @@ class Trials:
     def _run_extract(self, c: Candidate, deadline: float) -> tuple[int, int, int, int]:
         """A fresh head per fold on the shared features of every training image."""
         backbone, cfg = self._backbone(c)
-        key = (c.backbone, c.cache_views)
+        key = (c.backbone, cfg.cache_views)
         if key not in self._features:
             rt = resolve_runtime(cfg.device, cfg.precision)
             fs = extract_features(backbone, self.pool, rt, cfg.cache_dir, views=cfg.cache_views,
@@ -220,27 +247,37 @@ class Trials:
         return correct, n, len(self.folds), count_parameters(backbone.model.head)[0]
 
     def _run_images(self, c: Candidate, deadline: float) -> tuple[int, int, int, int]:
-        """partial / finetune on the first fold: train on the rest, score the fold at the end."""
+        """partial / finetune: train on the other folds, score the fold at the end; every fold
+        when the top trains on cached activations (cheap after the first), else the first."""
         backbone, cfg = self._backbone(c)
         blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
-        apply_freezing(backbone, blocks)
-        held = set(self.folds[0])
-        fold = DatasetSplit(
-            self.split.root,
-            self.split.classes,
-            [s for i, s in enumerate(self.pool) if i not in held],
-            [self.pool[i] for i in sorted(held)],
-            layout=self.split.layout,
-        )
+        init = copy.deepcopy(backbone.model.state_dict())
         rt = resolve_runtime(cfg.device, cfg.precision, training=True)
-        job = prepare_job(cfg, backbone, fold, rt, self.progress)
         plan = epoch_plan(cfg, blocks, backbone.spec.input_size)
+        correct = n = done = 0
+        fold_seconds = 0.0
+        for k, held in enumerate(map(set, self.folds)):
+            if k and time.perf_counter() + fold_seconds > deadline:
+                break  # scored on the folds done: the rows say how many
+            started = time.perf_counter()
+            backbone.model.load_state_dict(init)
+            seed_everything(cfg.seed)
+            apply_freezing(backbone, blocks)
+            fold = DatasetSplit(self.split.root, self.split.classes,
+                                [s for i, s in enumerate(self.pool) if i not in held],
+                                [self.pool[i] for i in sorted(held)],
+                                layout=self.split.layout)  # fmt: skip
+            job = prepare_job(cfg, backbone, fold, rt, self.progress)
 
-        def in_time(row: dict[str, Any]) -> None:
-            if time.perf_counter() > deadline and row["epoch"] < len(plan):
-                raise OutOfTime(f"after {row['epoch']} of {len(plan)} epochs")
+            def in_time(row: dict[str, Any]) -> None:
+                if time.perf_counter() > deadline and row["epoch"] < len(plan):
+                    raise OutOfTime(f"after {row['epoch']} of {len(plan)} epochs")
 
-        state = fit(job, plan, cfg, on_epoch=in_time)
-        n = len(job.val_loader.dataset)
-        return (round(state.history[-1]["val_acc"] * n), n, 1,
-                count_parameters(backbone.model)[0])  # fmt: skip
+            state = fit(job, plan, cfg, on_epoch=None if k else in_time)
+            m = len(job.val_loader.dataset)
+            correct, n, done = correct + round(state.history[-1]["val_acc"] * m), n + m, done + 1
+            if not job.stats.get("trunk", "").startswith("cached"):
+                break  # the trunk ran live: one fold is what the budget allows
+            self._trunks.add((c.backbone, c.unfreeze_last))
+            fold_seconds = time.perf_counter() - started
+        return correct, n, done, count_parameters(backbone.model)[0]
