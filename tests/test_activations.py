@@ -10,12 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from graft.activations import (
-    TopNet,
-    cached_activations,
-    split_backbone,
-    view_choice,
-)
+from graft.activations import TopNet, cached_activations, split_backbone, view_choice
 from graft.backbones import create_backbone
 from graft.config import make_config
 from graft.data import discover

@@ -61,6 +61,9 @@ def train(
     workers: Annotated[int | None, typer.Option()] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps")] = None,
     precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="Frozen extractor: torch | onnxruntime (CPU, faster).")
+    ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder.")] = None,
     cache_views: Annotated[
         int | None,
@@ -121,6 +124,7 @@ def train(
         warmup_epochs=warmup_epochs, backbone_lr_mult=backbone_lr_mult, progressive=progressive,
         patience=patience, seed=seed, image_size=image_size, rotation=rotation,
         val_fraction=val_fraction, workers=workers, device=device, precision=precision,
+        engine=engine,
         cache_dir=_str(cache_dir), cache_views=cache_views, skip_bad=skip_bad, dedupe=dedupe,
         max_pixels=max_pixels, memory_gb=memory_gb,
         balance=balance, out=_str(out), report=report, keep=keep,

@@ -21,6 +21,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "none")
 BALANCE = ("none", "weights", "sampler")
 KEEP = ("best", "last")
+ENGINES = ("torch", "onnxruntime")  # the frozen extractor's (engines.py)
 PARTIAL_VIEWS = 4  # cached trunk views per training image for partial (docs/PERFORMANCE.md)
 
 
@@ -62,6 +63,7 @@ class TrainConfig:
     workers: int | None = None  # None: cores - 1, at most 8
     device: str = "auto"
     precision: str = "auto"
+    engine: str = "torch"  # frozen extractor; onnxruntime: ~2x on a CPU, opt-in (engines.py)
     cache_dir: str | None = None  # feature cache; None: ~/.cache/graft (or $GRAFT_CACHE_DIR)
     # augmented views per training image held in the cache. extract: extra training views (0).
     # partial: the views the top blocks train on, from cached trunk activations (4, a view per
@@ -79,6 +81,7 @@ class TrainConfig:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("balance", self.balance, BALANCE)
         _check_choice("keep", self.keep, KEEP)
+        _check_choice("engine", self.engine, ENGINES)
         if self.keep == "last" and self.patience:
             raise ConfigError("--patience lets the val split choose when to stop, and --keep last "
                               "means it chooses nothing: use one of them")  # fmt: skip

@@ -22,6 +22,7 @@ import torch
 from .backbones import Backbone, create_backbone
 from .config import TrainConfig
 from .engine import fit
+from .engines import resolve_engine
 from .errors import ConfigError, DatasetError, GraftError
 from .features import extract_features
 from .freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
@@ -225,7 +226,8 @@ class Trials:
             rt = resolve_runtime(cfg.device, cfg.precision)
             fs = extract_features(backbone, self.pool, rt, cfg.cache_dir, views=cfg.cache_views,
                                   workers=cfg.workers, progress=self.progress,
-                                  rotation=cfg.rotation, max_pixels=cfg.max_pixels)  # fmt: skip
+                                  rotation=cfg.rotation, max_pixels=cfg.max_pixels,
+                                  engine=resolve_engine(cfg.engine, rt, cfg.precision))  # fmt: skip
             check_bad(cfg, fs.bad)
             self._features[key] = fs
         fs = self._features[key]

@@ -11,7 +11,7 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
+from .engines import engine_runtime, frozen_runner
 from .images import MAX_PIXELS, BadFile
 from .runtime import Progress, Runtime, default_cache_dir, no_progress
 from .splits import Sample
@@ -134,15 +135,20 @@ def extract_features(
     progress: Progress = no_progress,
     rotation: float = 0.0,
     max_pixels: int = MAX_PIXELS,
+    engine: str = "torch",
 ) -> FeatureSet:
     """Pooled features of every sample, from the cache where possible, computed once otherwise
-    (by a BatchNorm-folded copy of the network). `views` augmented views per sample (random crop,
-    flip, `rotation`) are cached beside them."""
+    by a BatchNorm-folded copy of the network in `engine` (torch, onnxruntime: engines.py).
+    `views` augmented views per sample (random crop, flip, `rotation`) are cached beside them."""
+    runtime = engine_runtime(engine, runtime)
     key = model_key(backbone, runtime, rotation if views else 0.0)
-    cache = FeatureCache(cache_dir or default_cache_dir(), key)
+    root = Path(cache_dir or default_cache_dir())
+    cache = FeatureCache(root, key)
 
-    def make_net() -> nn.Module:
-        return runtime.prepare(fold_batchnorm(backbone.model.features, backbone.spec.input_size))
+    def make_net() -> Callable[[torch.Tensor], torch.Tensor]:
+        net = fold_batchnorm(backbone.model.features, backbone.spec.input_size)
+        return frozen_runner(net, backbone.spec.input_size, runtime, engine, root / "onnx",
+                             model_key(backbone, runtime))  # fmt: skip
 
     found = cached_views(make_net, cache, backbone, samples, runtime, views,
                          batch_size=batch_size, workers=workers, progress=progress,

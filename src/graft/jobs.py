@@ -28,6 +28,7 @@ from .activations import (
 from .backbones import Backbone
 from .config import TrainConfig
 from .dist import Dist, all_gather, shard
+from .engines import resolve_engine
 from .errors import ConfigError, DatasetError
 from .features import extract_features
 from .freezing import trainable_blocks
@@ -82,7 +83,8 @@ def _prepare_features(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
     reads them all and trains the same head (a node whose cache is not shared computes what it
     misses itself)."""
     kw = dict(runtime=runtime, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress,
-              max_pixels=cfg.max_pixels)  # fmt: skip
+              max_pixels=cfg.max_pixels,
+              engine=resolve_engine(cfg.engine, runtime, cfg.precision))  # fmt: skip
     stats: dict[str, Any] = {}
     if d.enabled:
         mine = extract_features(backbone, shard(split.train, d), views=cfg.cache_views,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .backbones import Backbone
 from .errors import GraftError, ImageError
@@ -162,7 +161,7 @@ class Lookup:
 
 @torch.inference_mode()
 def cached_views(
-    make_net: Callable[[], nn.Module],
+    make_net: Callable[[], Callable[[torch.Tensor], torch.Tensor]],
     cache: FeatureCache,
     backbone: Backbone,
     samples: Sequence[Sample],
