@@ -144,8 +144,9 @@ def process(args: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 2**20  # KB on Linux
 
 
-def throughput(data: Path, backbone: str, cache: Path) -> tuple[float, float]:
-    """(pure forward img/s on random tensors, graft's cold feature extraction img/s)."""
+def throughput(data: Path, backbone: str, cache: Path) -> tuple[float, float, float, float]:
+    """(pure forward img/s on random tensors, graft's cold feature extraction img/s, the same
+    with --engine onnxruntime once its export exists, the export's seconds)."""
     bb = create_backbone(backbone, num_classes=2)
     rt = resolve_runtime()
     net = rt.prepare(bb.model.features).eval()
@@ -159,7 +160,15 @@ def throughput(data: Path, backbone: str, cache: Path) -> tuple[float, float]:
     samples = discover(data).train
     t = time.perf_counter()
     extract_features(bb, samples, rt, cache_dir=cache / "cold", workers=1)
-    return forward, len(samples) / (time.perf_counter() - t)
+    torch_rate = len(samples) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    extract_features(bb, samples[:1], rt, cache_dir=cache / "ort", engine="onnxruntime")
+    export = time.perf_counter() - t
+    for entry in (cache / "ort").rglob("*.safetensors"):
+        entry.unlink()
+    t = time.perf_counter()
+    extract_features(bb, samples, rt, cache_dir=cache / "ort", workers=1, engine="onnxruntime")
+    return forward, torch_rate, len(samples) / (time.perf_counter() - t), export
 
 
 def main() -> None:
@@ -228,9 +237,11 @@ def main() -> None:
             best = max(acc for _, acc in tutorial[mode][1])
             print(f"(the tutorial's best {args.epochs}-epoch val accuracy, {mode}: {best:.4f})")
     if not args.no_ceiling:
-        fwd, ext = throughput(data, args.backbone, tmp)
+        fwd, ext, ort, export = throughput(data, args.backbone, tmp)
         print(f"\nceiling: pure forward {fwd:.1f} img/s (batch 64, random tensors); graft feature "
-              f"extraction end to end {ext:.1f} img/s = {ext / fwd:.0%} of it")  # fmt: skip
+              f"extraction end to end {ext:.1f} img/s = {ext / fwd:.0%} of it; with --engine "
+              f"onnxruntime {ort:.1f} img/s = {ort / fwd:.0%} (its one-time export and first "
+              f"image: {export:.1f} s)")  # fmt: skip
     if args.process:
         print("\n| `graft train DATA` as a process | cache | wall s | peak RSS GB |")
         print("|---|---|---:|---:|")
