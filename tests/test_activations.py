@@ -68,7 +68,8 @@ class _LiveViews(torch.utils.data.Dataset):
 
 def _views(bb, samples, views):
     paths = [p for p, _ in samples]
-    ds = _ViewsDataset(paths, [file_digest(p) for p in paths], bb, views, eval_view=not views)
+    ds = _ViewsDataset(paths, [file_digest(p) for p in paths], bb, views, eval_view=not views,
+                       views_side=bb.spec.resize_size)  # fmt: skip
     return torch.stack([ds[i][1] for i in range(len(ds))])
 
 

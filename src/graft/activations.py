@@ -207,7 +207,8 @@ def cached_activations(
     found = cached_views(lambda: runtime.prepare(split.trunk), cache, backbone, samples, runtime,
                          views, eval_view=not views, keep=in_memory, batch_size=batch_size,
                          workers=workers, progress=progress, rotation=rotation,
-                         max_pixels=max_pixels, label="activations")  # fmt: skip
+                         max_pixels=max_pixels, label="activations",
+                         views_side=backbone.spec.resize_size)  # fmt: skip
     keep = sorted(found.entries)
     memory = None
     if in_memory:

@@ -4,8 +4,8 @@ folds, the features, the measured forward cost), the cost model the budget runs 
 A head on cached features (extract) is trained afresh on every fold, and so are the top blocks of
 partial on cached trunk activations (activations.py: computed once, shared by the folds);
 finetune (and partial where the trunk runs live) trains on all folds but the first and is scored
-there. Every fold's model trains for a fixed number
-of epochs and is kept as it ends (`keep="last"`): not even the epoch is chosen on what is scored.
+there. Every fold's model trains for a fixed number of epochs and is kept as it ends
+(`keep="last"`): not even the epoch is chosen on what is scored.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # each strategy's estimates are scaled by what its candidates really took on this machine.
 _TRAIN_COST = {"finetune": 2.7, "partial": 1.15}
 # partial on cached activations, per image and epoch, in forward passes: the top's forward and
-# backward (lite0, last 4 blocks, demo: 10 epochs of 300 images in about 6 s, ~0.2 of a forward)
+# backward (lite0's last 3 blocks: 0.6 s an epoch of 300 demo images, about 0.1 of a forward;
+# compare trains the last 4, more). The trunk's views cost a forward each, once.
 _CACHED_TOP_COST = 0.25
 _REPORT_SECONDS = 8.0  # report.html after --auto's final training: figures, Grad-CAM (demo: 4-5 s)
 

@@ -38,8 +38,9 @@ def model_key(backbone: Backbone, runtime: Runtime, rotation: float = 0.0,
             "precision": runtime.precision, "v": 2}  # fmt: skip  # v2: BatchNorm folded
     if rotation:  # absent when 0, so caches made before rotation was keyed stay valid
         what["rotation"] = rotation
-    if trunk:
+    if trunk:  # training views cropped from the image decoded at the eval resize side
         what["activations_of"] = trunk[0]
+        what["views_from"] = backbone.spec.resize_size
     h.update(json.dumps(what, sort_keys=True).encode())
     top = tuple(f"{b}." for b in trunk)
     for name, tensor in backbone.model.features.state_dict().items():

@@ -32,6 +32,16 @@ MAX_ASPECT = 10.0  # longer/shorter side beyond this is padded, so resizing cann
 MAX_SIDE = 4096  # longer side kept before padding an extreme-aspect image
 
 
+def shrink_to_side(img: Image.Image, side: int) -> Image.Image:
+    """`img` with its shorter side brought down to `side` (bilinear; never enlarged)."""
+    w, h = img.size
+    scale = side / min(w, h)
+    if scale >= 1:
+        return img
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
 def load_image(path: str | Path | bytes, min_side: int | None = None, name: str | None = None,
                max_pixels: int = MAX_PIXELS) -> Image.Image:  # fmt: skip
     """Open any image as an 8-bit RGB picture a network can trust, or raise `ImageError`.

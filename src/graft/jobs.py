@@ -18,7 +18,6 @@ from torch import nn
 
 from .activations import (
     EvalDataset,
-    Split,
     TopNet,
     ViewsDataset,
     activation_bytes,
@@ -132,8 +131,10 @@ def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
     not apply or does not pay: then the trunk runs live."""
     views = cfg.cache_views or 0
     blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
-    cut = split_backbone(backbone, blocks[0]) if blocks and not d.enabled and views else None
-    why = _why_live(cfg, views, d, cut)
+    why = _why_live(cfg, views, d)
+    cut = split_backbone(backbone, blocks[0]) if why is None and blocks else None
+    if why is None and cut is None:
+        why = "the network is not a plain chain of blocks at the cut"
     in_memory = True
     if why is None:
         need = activation_bytes(cut, runtime, len(split.train), views, len(split.val))
@@ -168,7 +169,7 @@ def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
                lambda size: None, skipped, split.classes, stats, d, train_ds), ""  # fmt: skip
 
 
-def _why_live(cfg: TrainConfig, views: int, d: Dist, cut: Split | None) -> str | None:
+def _why_live(cfg: TrainConfig, views: int, d: Dist) -> str | None:
     """Why partial does not train from cached activations, or None when it does."""
     if not views:
         return "--cache-views 0"
@@ -179,8 +180,6 @@ def _why_live(cfg: TrainConfig, views: int, d: Dist, cut: Split | None) -> str |
     if views >= cfg.epochs:
         return (f"{views} cached views cost as many trunk passes as {cfg.epochs} live epochs; "
                 "cache fewer views (--cache-views) for the speed-up")  # fmt: skip
-    if cut is None:
-        return "the network is not a plain chain of blocks at the cut"
     return None
 
 

@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
-from .images import MAX_PIXELS, BadFile, decode_files, load_image, verify_files
+from .images import MAX_PIXELS, BadFile, decode_files, load_image, shrink_to_side, verify_files
 from .splits import Sample
 from .transforms import PreprocessSpec, build_transforms, geometry_transforms, tensor_transforms
 
@@ -28,15 +27,7 @@ MEMORY_BUDGET = 2 << 30  # bytes of decoded pixels kept in memory, train and val
 
 def decode_to_tensor(path: str, side: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """uint8 (3, H, W) with the shorter side resized to `side` (never enlarged past it)."""
-    im = load_image(path, min_side=side, max_pixels=max_pixels)
-    w, h = im.size
-    scale = side / min(w, h)
-    if scale < 1:
-        im = im.resize(
-            (max(1, round(w * scale)), max(1, round(h * scale))),
-            Image.Resampling.BILINEAR,
-            reducing_gap=2.0,
-        )
+    im = shrink_to_side(load_image(path, min_side=side, max_pixels=max_pixels), side)
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 

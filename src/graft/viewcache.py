@@ -20,7 +20,7 @@ import torch
 
 from .backbones import Backbone
 from .errors import GraftError, ImageError
-from .images import MAX_PIXELS, file_digest, load_image
+from .images import MAX_PIXELS, file_digest, load_image, shrink_to_side
 from .runtime import Progress, Runtime, atomic_path, loader_errors, loader_workers, no_progress
 from .splits import Sample
 from .transforms import build_transforms
@@ -115,13 +115,15 @@ def _checksum(digest: str, tensors: dict[str, torch.Tensor]) -> str:
 
 class _ViewsDataset(torch.utils.data.Dataset):
     """Eval view plus `views` augmented views of each file; augmentations seeded by content hash,
-    so the same file always gets the same cached views whatever the worker order."""
+    so the same file always gets the same cached views whatever the worker order. Views crop
+    from the full image, or (`views_side`) from one whose shorter side was decoded to that size,
+    as finetune and live partial crop theirs (loaders.py): a JPEG photo then decodes at 1/8."""
 
     def __init__(self, paths: Sequence[str], digests: Sequence[str], backbone: Backbone,
                  views: int, rotation: float = 0.0, max_pixels: int = MAX_PIXELS,
-                 eval_view: bool = True):  # fmt: skip
+                 eval_view: bool = True, views_side: int | None = None):  # fmt: skip
         self.paths, self.digests, self.views = list(paths), list(digests), views
-        self.eval_view = eval_view
+        self.eval_view, self.views_side = eval_view, views_side
         self.max_pixels = max_pixels
         self.eval_tf = build_transforms(backbone.spec, train=False)
         self.train_tf = build_transforms(backbone.spec, train=True, rotation=rotation)
@@ -132,8 +134,10 @@ class _ViewsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            side = self.min_side if not self.views else None  # views crop from the full image
+            side = self.min_side if not self.views else self.views_side
             img = load_image(self.paths[i], side, max_pixels=self.max_pixels)
+            if self.views and side:
+                img = shrink_to_side(img, side)
         except ImageError as exc:
             return i, None, exc.reason
         x = [self.eval_tf(img)] if self.eval_view else []
@@ -176,6 +180,7 @@ def cached_views(
     rotation: float = 0.0,
     max_pixels: int = MAX_PIXELS,
     label: str = "features",
+    views_side: int | None = None,
 ) -> Lookup:
     """`make_net()`'s output for the eval view and `views` augmented views of every sample: read
     from `cache` where it holds them, computed in batches otherwise (the network is built only
@@ -196,7 +201,7 @@ def cached_views(
         return Lookup(entries, digests, bad, hits)
     net = make_net()
     ds = _ViewsDataset([samples[i][0] for i in todo], [digests[i] for i in todo], backbone,
-                       views, rotation, max_pixels, eval_view)  # fmt: skip
+                       views, rotation, max_pixels, eval_view, views_side)  # fmt: skip
     per = int(eval_view) + views
     loader = torch.utils.data.DataLoader(
         ds, batch_size=max(1, batch_size // per), collate_fn=_collate, **loader_workers(workers)
