@@ -63,7 +63,7 @@ class TrainConfig:
     workers: int | None = None  # None: cores - 1, at most 8
     device: str = "auto"
     precision: str = "auto"
-    engine: str = "torch"  # frozen extractor; onnxruntime: ~2x on a CPU, opt-in (engines.py)
+    engine: str = "torch"  # frozen extractor; onnxruntime: faster on a CPU, opt-in (engines.py)
     cache_dir: str | None = None  # feature cache; None: ~/.cache/graft (or $GRAFT_CACHE_DIR)
     # augmented views per training image held in the cache. extract: extra training views (0).
     # partial: the views the top blocks train on, from cached trunk activations (4, a view per
