@@ -133,13 +133,13 @@ def split_backbone(backbone: Backbone, first: str) -> Split | None:
             # folding a BN into its conv moves the BN's work before its input: never at the cut
             at_bn = isinstance(blocks[0], nn.modules.batchnorm._BatchNorm)
             for fold in (False,) if at_bn else (True, False):
-                copy = fold_batchnorm(net.features, size) if fold else _frozen_copy(net.features)
-                trunk = Trunk(copy, first)
+                frozen = fold_batchnorm(net.features, size) if fold else _frozen_copy(net.features)
+                trunk = Trunk(frozen, first)
                 a = trunk(x)
                 for tail in _tails(net.features):
                     got = Top(blocks, tail)(a).float()
                     if got.shape == want.shape and bool(
-                        (got - want).abs().max() <= 1e-3 * want.abs().max().clamp_min(1e-6)
+                        (got - want).abs().max() <= 1e-4 * want.abs().max().clamp_min(1e-6)
                     ):
                         return Split(trunk, Top(blocks, tail), names, tuple(a.shape[1:]))
     finally:
