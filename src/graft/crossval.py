@@ -26,7 +26,7 @@ from .engines import resolve_engine
 from .errors import ConfigError, DatasetError, GraftError
 from .features import extract_features
 from .freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
-from .jobs import check_bad, feature_job, prepare_job
+from .jobs import check_bad, feature_job, prepare_job, why_trunk_live
 from .metrics import wilson_interval
 from .runtime import Progress, resolve_runtime, seed_everything
 from .splits import DatasetSplit, Sample
@@ -165,10 +165,9 @@ class Trials:
         return c.config(self.base).resolve().cache_views
 
     def cached(self, c: Candidate) -> bool:
-        """Whether the candidate trains on cached trunk activations (jobs._why_live agrees:
-        checked when it runs, by the job it gets)."""
-        cfg = c.config(self.base).resolve()
-        return c.strategy == "partial" and 0 < cfg.cache_views < cfg.epochs and not cfg.progressive
+        """Whether the candidate's settings let it train on cached trunk activations (the job it
+        gets says for sure: the cut and the memory are checked on the data)."""
+        return c.strategy == "partial" and why_trunk_live(c.config(self.base).resolve()) is None
 
     # ------------------------------------------------------------ running
 

@@ -148,8 +148,11 @@ def extract_features(
 
     def make_net() -> Callable[[torch.Tensor], torch.Tensor]:
         net = fold_batchnorm(backbone.model.features, backbone.spec.input_size)
+        export_key = key  # the exported network does not depend on the views' rotation
+        if engine == "onnxruntime" and views and rotation:
+            export_key = model_key(backbone, runtime)
         return frozen_runner(net, backbone.spec.input_size, runtime, engine, root / "onnx",
-                             model_key(backbone, runtime))  # fmt: skip
+                             export_key)  # fmt: skip
 
     found = cached_views(make_net, cache, backbone, samples, runtime, views,
                          batch_size=batch_size, workers=workers, progress=progress,

@@ -131,7 +131,7 @@ def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
     not apply or does not pay: then the trunk runs live."""
     views = cfg.cache_views or 0
     blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
-    why = _why_live(cfg, views, d)
+    why = why_trunk_live(cfg, d)
     cut = split_backbone(backbone, blocks[0]) if why is None and blocks else None
     if why is None and cut is None:
         why = "the network is not a plain chain of blocks at the cut"
@@ -169,8 +169,10 @@ def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
                lambda size: None, skipped, split.classes, stats, d, train_ds), ""  # fmt: skip
 
 
-def _why_live(cfg: TrainConfig, views: int, d: Dist) -> str | None:
-    """Why partial does not train from cached activations, or None when it does."""
+def why_trunk_live(cfg: TrainConfig, d: Dist = Dist()) -> str | None:
+    """Why partial (resolved `cfg`) does not train from cached activations, as far as its
+    settings tell, or None when they allow it (the cut and the memory are checked on the data)."""
+    views = cfg.cache_views or 0
     if not views:
         return "--cache-views 0"
     if d.enabled:
