@@ -115,8 +115,8 @@ def graft_train(data: Path, mode: str, epochs: int | None, backbone: str, cache:
     saved model's val accuracy (as graft evaluate gives it)."""
     strategy = "partial" if mode.startswith("partial") else mode
     extra = {"unfreeze_last": unfreeze_last} if strategy == "partial" else {}
-    if mode == "partial-live":
-        extra["cache_views"] = 0
+    if mode == "partial":
+        extra["cache_views"] = 4  # the trunk's activations cached for 4 views; partial-live: 0
     curve = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:

@@ -52,7 +52,7 @@ class Candidate:
     backbone: str
     strategy: str
     unfreeze_last: int = 0  # partial: the last N blocks train
-    cache_views: int | None = None  # augmented views in the cache; None: the strategy's own
+    cache_views: int = 0  # views in the cache: extract's extra ones, partial's trunk views
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Candidate:
@@ -64,7 +64,8 @@ class Candidate:
         if self.strategy == "partial":
             what += f" (last {self.unfreeze_last} blocks)"
         if self.cache_views:
-            what += f" (+{self.cache_views} views)"
+            cached = " cached" if self.strategy == "partial" else ""
+            what += f" (+{self.cache_views}{cached} views)"
         return f"{self.backbone} {what}"
 
     def config(self, base: TrainConfig) -> TrainConfig:
@@ -131,12 +132,12 @@ class Trials:
         n, k = len(self.pool), len(self.folds)
         if c.strategy == "extract":
             f = self.forward_seconds(c.backbone)
-            views = self._views(c)
+            views = c.cache_views
             todo = 0 if (c.backbone, views) in self._features else n * (1 + views)
             seconds = todo * f * 1.3 + 0.5 * k  # decoding on top of the forward; a head per fold
         elif self.cached(c):
             f = self.forward_seconds(c.backbone, training=True)
-            views = self._views(c)
+            views = c.cache_views
             trunk = 0 if (c.backbone, c.unfreeze_last) in self._trunks else n * (1 + views)
             seconds = trunk * f * 1.3 + k * self._epochs(c) * (n - n // k) * f * _CACHED_TOP_COST
             return (seconds + 2.0 * k) * self._scale.get("partial cached", 1.0)
@@ -160,9 +161,6 @@ class Trials:
 
     def _epochs(self, c: Candidate) -> int:
         return c.config(self.base).resolve().epochs
-
-    def _views(self, c: Candidate) -> int:
-        return c.config(self.base).resolve().cache_views
 
     def cached(self, c: Candidate) -> bool:
         """Whether the candidate's settings let it train on cached trunk activations (the job it

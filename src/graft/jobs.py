@@ -129,7 +129,7 @@ def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
                     ) -> tuple[Job | None, str]:  # fmt: skip
     """partial from cached trunk activations (activations.py), or (None, why not) when it does
     not apply or does not pay: then the trunk runs live."""
-    views = cfg.cache_views or 0
+    views = cfg.cache_views
     blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
     why = why_trunk_live(cfg, d)
     cut = split_backbone(backbone, blocks[0]) if why is None and blocks else None
@@ -172,7 +172,7 @@ def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
 def why_trunk_live(cfg: TrainConfig, d: Dist = Dist()) -> str | None:
     """Why partial (resolved `cfg`) does not train from cached activations, as far as its
     settings tell, or None when they allow it (the cut and the memory are checked on the data)."""
-    views = cfg.cache_views or 0
+    views = cfg.cache_views
     if not views:
         return "--cache-views 0"
     if d.enabled:
