@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 import graft
-from graft.export import export
-from graft.predict import Classifier, OnnxClassifier
+from graft.inference.classifier import Classifier, OnnxClassifier
+from graft.inference.export import export
 
 
 def timed(fn, runs: int) -> tuple[float, float]:

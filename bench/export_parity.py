@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from graft.backbones import EMBEDDED, TORCHVISION, create_backbone
-from graft.checkpoint import save_model
-from graft.export import export
+from graft.inference.export import export
+from graft.models.backbones import EMBEDDED, TORCHVISION, create_backbone
+from graft.models.checkpoint import save_model
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from graft.backbones import EMBEDDED, create_backbone
-from graft.features import fold_batchnorm
-from graft.runtime import resolve_runtime
+from graft.core.runtime import resolve_runtime
+from graft.frozen.features import fold_batchnorm
+from graft.models.backbones import EMBEDDED, create_backbone
 
 
 def rate(net, x, calls: int) -> float:

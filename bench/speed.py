@@ -36,11 +36,11 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 import graft
-from graft.backbones import create_backbone
-from graft.data import discover
-from graft.features import extract_features
-from graft.runtime import resolve_runtime
-from graft.transforms import INTERPOLATIONS
+from graft.core.runtime import resolve_runtime
+from graft.data.discovery import discover
+from graft.data.transforms import INTERPOLATIONS
+from graft.frozen.features import extract_features
+from graft.models.backbones import create_backbone
 
 
 def tutorial_train(data: Path, mode: str, epochs: int, backbone: str) -> tuple[float, list]:

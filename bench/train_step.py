@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from graft.backbones import create_backbone
+from graft.models.backbones import create_backbone
 
 CONFIGS = [  # (batch, bf16 autocast, channels_last, image size)
     (4, False, False, 224), (4, False, True, 224), (16, False, True, 224),

@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import graft
-from graft.errors import CheckpointError, ImageError
-from graft.images import load_image
-from graft.transforms import PreprocessSpec, build_transforms
+from graft.core.errors import CheckpointError, ImageError
+from graft.data.images import load_image
+from graft.data.transforms import PreprocessSpec, build_transforms
 
 from .conftest import draw_shape, make_shapes
-from .test_data import _png_claiming
+from .data.test_discovery import _png_claiming
 
 
 def _jpeg_bytes(im: Image.Image, **kw) -> bytes:
@@ -92,7 +92,7 @@ def _orientation(value: int) -> bytes:
 
 def graft_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "graft.cli", *map(str, args)],
+        [sys.executable, "-m", "graft", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -152,7 +152,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
         def deny(*args, **kwargs):
             raise PermissionError(13, "Permission denied", str(path))
 
-        monkeypatch.setattr("graft.images.Image.open", deny)
+        monkeypatch.setattr("graft.data.images.Image.open", deny)
     with pytest.raises(ImageError) as err:
         load_image(path)
     assert err.value.reason == "permission denied; make the file readable"

@@ -7,11 +7,8 @@
 
 from __future__ import annotations
 
-from .backbones import Backbone, create_backbone, list_backbones
-from .compare import Comparison, compare
-from .config import TrainConfig, make_config
-from .data import discover, verify
-from .errors import (
+from .core.config import TrainConfig, make_config
+from .core.errors import (
     BackboneError,
     CheckpointError,
     ConfigError,
@@ -19,18 +16,21 @@ from .errors import (
     GraftError,
     ImageError,
 )
-from .export import export
-from .images import load_image
-from .predict import Classifier, OnnxClassifier
-from .report import build_report as report
-from .run import Run, train
+from .data.discovery import discover, verify
+from .data.images import load_image
+from .inference.classifier import Classifier, OnnxClassifier
+from .inference.export import export
+from .models.backbones import Backbone, create_backbone, list_backbones
+from .outputs.report import build_report as report
+from .selection.compare import Comparison, compare
+from .workflows.train import Run, train
 
 __version__ = "0.1.0"
 
 
 def load(run_dir, **kwargs) -> Classifier:
     """Load a trained classifier from a run folder, or an exported `.onnx` file."""
-    from .predict import load_classifier
+    from .inference.classifier import load_classifier
 
     return load_classifier(run_dir, **kwargs)
 

@@ -1,5 +1,5 @@
 """`python -m graft ...` (and `torchrun -m graft ...`): the same as the `graft` command."""
 
-from .cli import main
+from .cli.main import main
 
 main()

@@ -1,0 +1,1 @@
+"""The `graft` command: each command parses, calls one library function, renders."""

@@ -1,0 +1,83 @@
+"""The `graft` commands about data and backbones: verify, backbones, datasets fetch.
+Plain functions with typer annotations, registered on the app in cli.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import render
+
+
+def verify(
+    data_dir: Annotated[Path, typer.Argument(help="Data folder to check.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Refuse images decoding to more pixels (default: Pillow's limit)."
+        ),
+    ] = None,
+) -> None:
+    """Check a data folder's layout and decode every image; list each bad file and why."""
+    from ..core.runtime import default_workers
+    from ..data.discovery import verify as verify_data
+    from ..data.images import MAX_PIXELS
+
+    split, bad, large = verify_data(data_dir, default_workers() + 1, max_pixels or MAX_PIXELS)
+    render.verification(split, bad, large, "json" if as_json else "text")
+    if bad:
+        raise typer.Exit(1)
+
+
+def backbones(
+    name: Annotated[str | None, typer.Argument(help="Show one backbone.")] = None,
+    blocks: Annotated[
+        bool, typer.Option("--blocks", help="List block names for --unfreeze.")
+    ] = False,
+) -> None:
+    """List the backbones (parameters, input size, weights offline) or one backbone's blocks."""
+    from ..models.backbones import create_backbone, list_backbones
+
+    if name is not None:
+        bb = create_backbone(name, num_classes=2, pretrained=False)
+        render.out(
+            f"{bb.name}: input {bb.spec.input_size}px, mean {bb.spec.mean}, std {bb.spec.std}"
+        )
+        if blocks:
+            render.out("blocks (first to last), for --unfreeze:")
+            for b in bb.blocks:
+                n = sum(p.numel() for p in bb.block(b).parameters())
+                render.out(f"  {b:<24} {n:>12,} params")
+        return
+    render.backbone_table(list_backbones())
+
+
+def datasets_fetch(
+    name: Annotated[str, typer.Argument(help="hymenoptera")],
+    dest: Annotated[Path, typer.Argument(help="Folder to unpack into.")] = Path("data"),
+    url: Annotated[str | None, typer.Option(help="Download from this URL instead.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the zip.")] = None,
+) -> None:
+    """Download and unpack a public example dataset."""
+    from ..data.fetch import fetch_dataset
+
+    bar = None
+
+    def progress(done: int, total: int | None) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=total, unit="B", unit_scale=True, desc=name, disable=not sys.stderr.isatty()
+            )
+        bar.update(done - bar.n)
+
+    fetched = fetch_dataset(name, dest, url=url, sha256=sha256, progress=progress)
+    if bar is not None:
+        bar.close()
+    render.out(f"{fetched.path}  ({fetched.bytes:,} bytes, sha256 {fetched.sha256})")

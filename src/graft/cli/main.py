@@ -1,0 +1,193 @@
+"""The `graft` command: each command parses its flags, calls one library function, renders."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..core.errors import GraftError
+from . import data as cli_data
+from . import render
+from . import train as cli_train
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Teach a pretrained image network new classes from a folder of images.",
+)
+datasets_app = typer.Typer(no_args_is_help=True, help="Fetch public example datasets.")
+app.add_typer(datasets_app, name="datasets")
+log = logging.getLogger("graft")
+
+# the commands that train (cli_train.py), first in --help
+app.command()(cli_train.train)
+app.command()(cli_train.compare)
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run folder from graft train, or an exported .onnx file.")
+    ],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    top_k: Annotated[
+        int, typer.Option(min=1, help="Classes per image (at most the class count).")
+    ] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list on stdout.")] = False,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", help="CSV: path,rank,class,probability.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Class probabilities for images; unreadable files are reported, not fatal."""
+    from ..data.discovery import expand_inputs
+    from ..inference.classifier import load_classifier
+
+    clf = load_classifier(run_dir, device=device)
+    results = clf.predict_files(expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
+    render.predictions(results, "json" if as_json else "csv" if as_csv else "text")
+    if any(r.error for r in results):
+        typer.echo(f"{sum(bool(r.error) for r in results)} file(s) could not be read", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run folder from graft train, or an exported .onnx file.")
+    ],
+    data_dir: Annotated[
+        Path, typer.Argument(help="Class folders (or a folder with test/ or val/).")
+    ],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled images."""
+    from ..inference.classifier import load_classifier
+
+    report = load_classifier(run_dir, device=device).evaluate(data_dir)
+    if as_json:
+        render.as_json(report)
+    else:
+        render.evaluation(report)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    data: Annotated[
+        Path | None, typer.Option(help="Where the run's images are now, if they moved.")
+    ] = None,
+) -> None:
+    """Write report.html, report.json and the figures (PNG) into the run folder."""
+    from ..core.runfolder import REPORT_HTML
+    from ..outputs.report import build_report
+
+    result = build_report(run_dir, data)
+    render.out(f"{Path(run_dir) / REPORT_HTML}  ({result['build_seconds']:.1f}s)")
+
+
+@app.command()
+def explain(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    method: Annotated[
+        str, typer.Option(help="gradcam (fast) | shap (signed Shapley values)")
+    ] = "gradcam",
+    classes: Annotated[int, typer.Option(min=1, help="Heatmaps for the top K classes.")] = 2,
+    out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("explanations"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+) -> None:
+    """One figure per image: the image, then a heatmap per top class with its probability."""
+    from ..data.discovery import expand_inputs
+    from ..inference.classifier import Classifier
+    from ..inference.explain import explain_files
+
+    clf = Classifier.load(run_dir, device=device)
+    for path in explain_files(clf, expand_inputs(images), out, method, classes):
+        render.out(str(path))
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Serve the classifier over HTTP: POST /predict with image files, GET /health, /classes."""
+    from ..serve.app import serve as run_server
+
+    run_server(run_dir, host, port, device)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    format: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output file (default RUN/model.onnx).")] = None,
+    opset: Annotated[int, typer.Option(min=7, help="ONNX opset.")] = 18,
+    dynamic_batch: Annotated[
+        bool, typer.Option("--dynamic-batch/--no-dynamic-batch", help="Any batch size.")
+    ] = True,
+) -> None:
+    """Export the model (normalisation inside, softmax out) and check it against PyTorch."""
+    from ..inference.export import export as run_export
+
+    if format != "onnx":
+        raise typer.BadParameter(f"unknown format {format!r}; graft exports onnx")
+    result = run_export(run_dir, out, opset, dynamic_batch)
+    render.export_result(result)
+
+
+# data and backbone commands (cli_data.py), after the model commands in --help
+app.command()(cli_data.verify)
+app.command()(cli_data.backbones)
+datasets_app.command("fetch")(cli_data.datasets_fetch)
+
+
+def main() -> None:
+    """Entry point: known errors become one line and exit code 2; GRAFT_DEBUG=1 shows tracebacks.
+
+    Usage errors (unknown option, bad value, missing argument) print the usage line and one line
+    naming the problem, exit 2; bare `graft` prints the help. Typer raises its own copies of
+    click's exceptions (typer.TyperException, typer.Exit, typer.Abort): those are caught here.
+    """
+    debug = bool(os.environ.get("GRAFT_DEBUG"))
+    if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(encoding="utf-8")  # JSON and CSV are UTF-8 whatever the locale
+    logging.basicConfig(  # libraries at WARNING; graft's own progress at INFO
+        level=logging.WARNING,
+        format="%(levelname)s %(message)s" if debug else "%(message)s",
+        stream=sys.stderr,
+    )
+    log.setLevel(logging.INFO)
+    try:
+        # standalone_mode=False: an Exit's code is returned, errors are raised to be shown here
+        code = app(standalone_mode=False, prog_name="graft")
+    except GraftError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors: usage line + "Error: ...", exit 2
+        if debug:
+            raise
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Presentation at the edge: what the `graft` commands print (text, JSON, CSV), progress bars.
+
+JSON and CSV are written as UTF-8 text, never `\\u`-escaped: a file name in Cyrillic stays
+readable to a person and to grep.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import typer
+
+
+def out(text: str = "") -> None:
+    typer.echo(text)
+
+
+def as_json(value: Any) -> None:
+    out(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def progress(it: Iterable, desc: str, total: int) -> Iterable:
+    """A bar with ETA on a terminal; nothing on a pipe (the per-epoch lines say enough)."""
+    if not sys.stderr.isatty():
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=f"{desc:>8}", total=total, leave=False, dynamic_ncols=True)
+
+
+def epoch_line(row: dict[str, Any]) -> None:
+    out(
+        f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
+        f"  |  val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  |  lr {row['lr']:.2e}"
+        f"  {row['seconds']:.1f}s"
+    )
+    recall = row.get("val_recall") or {}
+    if 1 < len(recall) <= 8:
+        out("           val recall  " + "  ".join(f"{c} {r:.2f}" for c, r in recall.items()))
+
+
+def run_summary(run: Any) -> None:
+    """The end of `graft train`: best epoch with its interval, test score, what was skipped."""
+    lo, hi = run.val_ci95
+    kept = "last" if run.config is not None and run.config.keep == "last" else "best"
+    out(
+        f"{kept} epoch {run.best['epoch']}: val acc {run.val_accuracy:.4f} (95% CI {lo:.3f}-"
+        f"{hi:.3f}, n={run.val_images}), val loss {run.best['val_loss']:.4f}  "
+        f"({run.trainable_params:,} of {run.total_params:,} parameters trained, "
+        f"{run.wall_seconds:.1f}s)"
+    )
+    if run.test:
+        lo, hi = run.test["accuracy_ci95"]
+        out(f"test acc {run.test['accuracy']:.4f} (95% CI {lo:.3f}-{hi:.3f}, n={run.test['n']})")
+    if run.skipped:
+        out(f"skipped {len(run.skipped)} unreadable file(s)")
+    if run.stopped:
+        out(f"stopped early: {run.stopped}")
+    out(f"saved {run.run_dir}")
+
+
+def compare_row(row: dict[str, Any]) -> None:
+    """One candidate as it finishes (or is skipped), on stderr like the epoch lines."""
+    if row["status"] == "scored":
+        lo, hi = row["accuracy_ci95"]
+        what = f"fold acc {row['accuracy']:.4f} ({lo:.3f}-{hi:.3f}, n={row['scored_images']})"
+    else:
+        what = f"{row['status']}: {row['note']}"
+    typer.echo(f"  {row['candidate']}: {what}, {row['seconds']:.1f}s", err=True)
+
+
+def comparison(c: dict[str, Any]) -> None:
+    """The comparison table, best first, and how it was obtained."""
+    from ..outputs.pages import COMPARE_HEADER, comparison_rows, fmt
+
+    rows = [[fmt(v) for v in r] for r in comparison_rows(c)]
+    header = COMPARE_HEADER[:-1]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    out("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  status")
+    for r in rows:
+        out("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    out(f"{c['protocol']}; {c['wall_s']:.0f} s of a {c['budget_s']:.0f} s budget")
+    out(f"chosen: {c['chosen'] or 'none'}")
+
+
+def predictions(results: Sequence[Any], fmt: str) -> None:
+    """One row per file: `text` (tab-separated), `json` or `csv` (path,rank,class,probability)."""
+    if fmt == "json":
+        as_json([{"path": r.path, "probabilities": r.probs, "error": r.error} for r in results])
+    elif fmt == "csv":
+        out("path,rank,class,probability,error")
+        for r in results:
+            if r.error:
+                out(f"{_csv(r.path)},,,,{_csv(r.error)}")
+            for rank, (c, p) in enumerate((r.probs or {}).items(), 1):
+                out(f"{_csv(r.path)},{rank},{_csv(c)},{p:.6f},")
+    else:
+        for r in results:
+            shown = f"error: {r.error}" if r.error else ", ".join(
+                f"{c} {p:.2f}" for c, p in r.probs.items())  # fmt: skip
+            out(f"{r.path}\t{shown}")
+
+
+def _csv(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"' if any(ch in value for ch in ',"\n') else value
+
+
+def evaluation(report: dict[str, Any]) -> None:
+    lo, hi = report["accuracy_ci95"]
+    out(f"accuracy {report['accuracy']:.4f}  (95% CI {lo:.3f}-{hi:.3f}, n={report['n']})")
+    out(f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for name, m in report["per_class"].items():
+        out(f"{name:<20} {m['precision']:>9.3f} {m['recall']:>9.3f} {m['f1']:>9.3f} "
+            f"{m['support']:>8}")  # fmt: skip
+    out("\nconfusion matrix (rows: true, columns: predicted)")
+    classes = report["classes"]
+    width = max(6, *(len(c) for c in classes)) + 1
+    out(" " * width + "".join(f"{c[: width - 1]:>{width}}" for c in classes))
+    for name, row in zip(classes, report["confusion_matrix"]):
+        out(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row))
+    for s in report["skipped"]:
+        out(f"skipped {s['path']}: {s['reason']}")
+
+
+def verification(split: Any, bad: Sequence[Any], large: Sequence[Any], fmt: str) -> None:
+    counts = split.counts()
+    if fmt == "json":
+        as_json({"classes": split.classes, "counts": counts, "layout": split.layout,
+                 "bad": [{"path": b.path, "reason": b.reason} for b in bad],
+                 "large": [{"path": b.path, "note": b.reason} for b in large]})  # fmt: skip
+        return
+    for name, per_class in counts.items():
+        out(f"{name}: {sum(per_class.values())} images  "
+            + ", ".join(f"{c} {n}" for c, n in per_class.items()))  # fmt: skip
+    for b in large:
+        out(f"large: {b.path}: {b.reason}")
+    for b in bad:
+        out(f"bad: {b.path}: {b.reason}")
+    out(f"{len(bad)} bad file(s)" if bad else "all images decode")
+
+
+def export_result(r: Any) -> None:
+    out(f"{r.path}: parity on {r.images} {r.source} image(s): max |p_onnx - p_torch| = "
+        f"{r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.0%}")  # fmt: skip
+
+
+def backbone_table(infos: Sequence[Any]) -> None:
+    out(f"{'name':<22} {'source':<12} {'params':>12} {'input':>6}  weights offline")
+    for i in infos:
+        offline = "yes" if i.offline else "no (downloads on first use)"
+        out(f"{i.name:<22} {i.source:<12} {i.params:>12,} {i.input_size:>6}  {offline}")
+    out("any timm model: timm:<name>  (weights download on first use, or --weights PATH)")

@@ -1,0 +1,1 @@
+"""A saved model in use: class probabilities, explanations, ONNX export and the ONNX file."""

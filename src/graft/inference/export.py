@@ -1,0 +1,183 @@
+"""Export: `model.onnx` with the normalisation inside and softmax out, checked against PyTorch.
+
+The graph takes `image`: float32 N x 3 x H x W RGB in [0, 1], resized and cropped as model.json
+says (graft's own preprocessing code does that: `transforms.build_transforms(normalize=False)`),
+and returns `probabilities`: N x C. Class names, preprocessing, backbone and graft's version
+travel in the file's metadata. Every export is run with ONNX Runtime on real images of the run
+and compared with PyTorch before it replaces anything; a file that disagrees is not kept.
+Needs the `graft[export]` extra (onnx, onnxruntime, onnxscript), imported here only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.errors import GraftError
+from ..core.runfolder import SPLIT
+from ..core.runtime import atomic_path
+from ..data.transforms import PreprocessSpec
+from .classifier import Classifier, OnnxClassifier
+from .onnxfile import FORMAT, require
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+DEFAULT_OPSET = 18
+MAX_ABS_DIFF = 1e-3  # probabilities; fp32 ONNX Runtime vs PyTorch agree to ~1e-7 on lite0
+CHECK_IMAGES = 16
+
+
+class ExportError(GraftError):
+    """The exported model does not reproduce the PyTorch one (or cannot be written)."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    images: int  # how many images the parity check ran
+    max_abs_diff: float  # largest |p_onnx - p_torch| over those images and classes
+    top1_agreement: float  # share of images with the same top class
+    source: str  # "val split" or "generated"
+
+
+class _WithPreprocessing(nn.Module):
+    """image in [0, 1] -> normalise -> network -> softmax."""
+
+    def __init__(self, net: nn.Module, spec: PreprocessSpec):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net((image - self.mean) / self.std).softmax(1)
+
+
+def export(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+) -> ExportResult:
+    """Write `RUN/model.onnx` (or `out`) and check it against the PyTorch model.
+
+    >>> graft.export("runs/demo").max_abs_diff  # doctest: +SKIP
+    2.9e-08
+    """
+    require()
+    run_dir = Path(run_dir)
+    clf = Classifier.load(run_dir, device="cpu", precision="fp32")
+    out = Path(out) if out is not None else run_dir / ONNX_FILE
+    model = _WithPreprocessing(clf.model.to(memory_format=torch.contiguous_format), clf.spec)
+    model.eval()
+    size = clf.spec.input_size
+    with tempfile.TemporaryDirectory(prefix="graft-export-") as work:
+        raw = Path(work) / "raw.onnx"  # the exporter may put weights beside it in raw.onnx.data
+        _export_graph(model, raw, size, opset, dynamic_batch)
+        proto = _with_meta(raw, clf, opset, dynamic_batch)
+    with atomic_path(out) as tmp:  # one self-contained file, kept only if it agrees
+        _save(proto, tmp)
+        result = check_parity(clf, tmp, run_dir, dynamic_batch)
+        if result.max_abs_diff > MAX_ABS_DIFF or result.top1_agreement < 1.0:
+            raise ExportError(
+                f"the exported model disagrees with PyTorch on {result.images} {result.source} "
+                f"image(s): max |p_onnx - p_torch| = {result.max_abs_diff:.2e} (limit "
+                f"{MAX_ABS_DIFF:.0e}), top-1 agreement {result.top1_agreement:.1%}; nothing was "
+                f"written (try another --opset)"
+            )
+    result.path = out
+    return result
+
+
+def _export_graph(model: nn.Module, path: Path, size: int, opset: int, dynamic: bool) -> None:
+    import warnings
+
+    x = torch.rand(2, 3, size, size)
+    kw: dict[str, Any] = {"dynamo": True}
+    if dynamic:
+        kw["dynamic_shapes"] = {"image": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), str(path), input_names=["image"],
+                              output_names=["probabilities"], opset_version=opset,
+                              verbose=False, **kw)  # fmt: skip
+    except Exception as exc:  # the exporter raises many types; the message is what matters
+        raise ExportError(f"torch.onnx.export failed at opset {opset}: {exc}") from exc
+
+
+def _with_meta(path: Path, clf: Classifier, opset: int, dynamic: bool):
+    """The exported graph with its weights inline and graft's metadata added."""
+    import onnx
+
+    from ..models.checkpoint import versions
+
+    proto = onnx.load(str(path))  # external weights, if any, are read in
+    meta = {
+        "format": FORMAT,
+        "classes": json.dumps(clf.classes, ensure_ascii=False),
+        "preprocess": json.dumps(clf.spec.to_dict()),
+        "backbone": clf.meta.get("backbone", ""),
+        "graft_version": versions().get("graft", ""),
+        "max_pixels": str(clf.max_pixels),
+        "opset": str(opset),
+        "dynamic_batch": str(dynamic).lower(),
+        "input": "image: float32 N x 3 x H x W, RGB in [0, 1], resized and center-cropped",
+        "output": "probabilities: float32 N x C (softmax), classes in metadata 'classes'",
+    }
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = f"graft {clf.meta.get('backbone', '')} classifier: {', '.join(clf.classes)}"
+    return proto
+
+
+def _save(proto, path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.save(proto, str(path), save_as_external_data=False)
+    except ValueError as exc:  # protobuf's 2 GB limit
+        raise ExportError(f"the model is too large for one ONNX file ({exc})") from exc
+
+
+def check_parity(
+    clf: Classifier, onnx_path: Path, run_dir: Path, dynamic_batch: bool = True
+) -> ExportResult:
+    """Run both models on up to CHECK_IMAGES images of the run's val split (generated ones if the
+    images are gone): the largest probability difference and the top-1 agreement."""
+    images, source = _check_images(clf, run_dir)
+    onnx_clf = OnnxClassifier(onnx_path)
+    if dynamic_batch:
+        p_onnx = onnx_clf.probabilities(images, batch_size=8)
+    else:  # a fixed-batch graph takes exactly the batch it was exported with
+        p_onnx = torch.cat([onnx_clf.probabilities(images[i : i + 2], 2)
+                            for i in range(0, len(images) - 1, 2)])  # fmt: skip
+        images = images[: len(p_onnx)]
+    p_torch = clf.probabilities(images, batch_size=8)
+    diff = float((p_onnx - p_torch).abs().max())
+    agree = float((p_onnx.argmax(1) == p_torch.argmax(1)).float().mean())
+    return ExportResult(onnx_path, len(images), diff, agree, source)
+
+
+def _check_images(clf: Classifier, run_dir: Path) -> tuple[list, str]:
+    from ..data.splits import load_split
+
+    try:
+        val = [p for p, _ in load_split(run_dir / SPLIT).val]
+        picked = val[:: max(1, len(val) // CHECK_IMAGES)][:CHECK_IMAGES]
+        if picked and all(Path(p).is_file() for p in picked):
+            return picked, "val split"
+    except GraftError:
+        pass
+    g = torch.Generator().manual_seed(0)
+    size = clf.spec.resize_size
+    return [torch.rand(3, size, size, generator=g) for _ in range(CHECK_IMAGES)], "generated"

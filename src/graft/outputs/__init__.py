@@ -1,0 +1,1 @@
+"""What a run shows a person: figures, HTML pages, the model card, the report."""

@@ -1,0 +1,178 @@
+"""The model card: `RUN/README.md` in Hugging Face's model-card form (a YAML header with library,
+tags and metrics, then intended use, classes, data, training, evaluation and limitations), made
+from model.json alone, so every number in it is the saved model's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.runfolder import CARD
+from ..core.runtime import atomic_write_text
+from ..models.checkpoint import read_meta
+
+
+def write_card(run_dir: str | Path) -> Path:
+    """Write (or rewrite) RUN/README.md from RUN/model.json; return its path.
+
+    >>> graft.card.write_card("runs/demo")  # doctest: +SKIP
+    PosixPath('runs/demo/README.md')
+    """
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    path = run_dir / CARD
+    atomic_write_text(path, model_card(meta, run_dir.name))
+    return path
+
+
+def model_card(meta: dict[str, Any], name: str) -> str:
+    val, test, cfg = meta.get("val") or {}, meta.get("test"), meta.get("config") or {}
+    classes, backbone = meta["classes"], meta["backbone"]
+    data = Path(str(meta.get("data_dir", ""))).name or "images"
+    metrics = [_metric("accuracy", val["accuracy"], "val accuracy", data, "val")] if val else []
+    if test:
+        metrics.append(_metric("accuracy", test["accuracy"], "test accuracy", data, "test"))
+    header = {
+        "library_name": "graft",
+        "pipeline_tag": "image-classification",
+        "tags": ["graft", "image-classification", "transfer-learning", backbone],
+        "metrics": ["accuracy"],
+        "model-index": [{"name": name, "results": metrics}],
+    }
+    parts = [
+        "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n",
+        f"# {name}: {backbone} classifier for {len(classes)} classes\n",
+        _intended_use(classes),
+        _classes(meta, classes),
+        _training(meta, cfg),
+        _evaluation(val, test, cfg.get("keep", "best")),
+        _limitations(meta, classes, val),
+        _usage(name),
+    ]
+    return "\n".join(parts)
+
+
+def _metric(kind: str, value: float, label: str, data: str, split: str) -> dict[str, Any]:
+    return {
+        "task": {"type": "image-classification"},
+        "dataset": {"name": data, "type": "imagefolder", "split": split},
+        "metrics": [{"type": kind, "value": round(float(value), 4), "name": label}],
+    }
+
+
+def _intended_use(classes: list[str]) -> str:
+    return (
+        "## Intended use\n\nSorts one picture into one of these classes: "
+        f"{', '.join(f'`{c}`' for c in classes)}. It was trained by transfer learning from an "
+        "ImageNet-pretrained network on the labelled folder below, and is meant for pictures "
+        "like those.\n"
+    )
+
+
+def _classes(meta: dict[str, Any], classes: list[str]) -> str:
+    counts = meta.get("class_counts") or {}
+    splits = list(counts)
+    rows = [f"| class | {' | '.join(splits)} |", "|---|" + "---:|" * len(splits)]
+    rows += [
+        f"| {c} | " + " | ".join(str(counts[s].get(c, 0)) for s in splits) + " |" for c in classes
+    ]
+    skipped = meta.get("skipped_files") or []
+    note = f"\n{len(skipped)} unreadable file(s) were left out.\n" if skipped else ""
+    return (
+        f"## Classes and data\n\nFrom `{meta.get('data_dir')}` ({meta.get('layout')} "
+        f"layout), images per split:\n\n" + "\n".join(rows) + "\n" + note
+    )
+
+
+def _training(meta: dict[str, Any], cfg: dict[str, Any]) -> str:
+    best = meta.get("best") or {}
+    blocks, spec = meta.get("trainable_blocks") or [], meta["preprocess"]
+    what = {
+        "extract": "the new head only (frozen backbone, cached features)",
+        "finetune": "the whole network",
+        "partial": f"the head and blocks {', '.join(blocks)}",
+    }.get(meta.get("strategy"), "")
+    lines = [
+        f"- backbone: `{meta['backbone']}` (ImageNet weights), input {spec.input_size} px, "
+        f"mean {list(spec.mean)}, std {list(spec.std)}",
+        f"- strategy: `{meta.get('strategy')}`: trains {what}; "
+        f"{meta.get('trainable_params', 0):,} of {meta.get('total_params', 0):,} parameters",
+        f"- {cfg.get('epochs')} epochs planned, {cfg.get('keep', 'best')} epoch kept: "
+        f"{best.get('epoch')}" + (f" (stopped: {meta['stopped']})" if meta.get("stopped") else ""),
+        f"- optimizer {cfg.get('optimizer')}, lr {cfg.get('lr')}, batch {cfg.get('batch_size')}, "
+        f"schedule {cfg.get('schedule')}, weight decay {cfg.get('weight_decay')}, "
+        f"seed {cfg.get('seed')}",
+        f"- precision {meta.get('precision')}, {meta.get('wall_seconds')} s of training, "
+        f"created {meta.get('created')}, graft {(meta.get('versions') or {}).get('graft')}",
+    ]
+    sel = meta.get("selection")
+    if sel:
+        n = len(sel["candidates"])
+        lines.insert(0, f"- chosen by `graft train --auto` among {n} candidates "
+                        f"({sel['protocol']}); retrained {sel['retrained']}")  # fmt: skip
+    return "## Training\n\n" + "\n".join(lines) + "\n"
+
+
+def _evaluation(val: dict[str, Any], test: dict[str, Any] | None, keep: str = "best") -> str:
+    if not val:
+        return "## Evaluation\n\nThis model was saved before graft scored it; run `graft report`.\n"
+    out = ["## Evaluation\n"]
+    for label, scores in (("validation", val), ("test", test)):
+        if not scores:
+            continue
+        lo, hi = scores["accuracy_ci95"]
+        out.append(
+            f"On the {scores['n']} {label} images: accuracy **{scores['accuracy']:.4f}** (95% "
+            f"Wilson interval {lo:.3f}-{hi:.3f}), balanced accuracy "
+            f"{scores['balanced_accuracy']:.4f}.\n"
+        )
+        out.append("| class | precision | recall | support |\n|---|---:|---:|---:|")
+        out += [
+            f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['support']} |"
+            for c, m in scores["per_class"].items()
+        ]
+        out.append("")
+    if keep == "last":
+        how = ("The validation images took no part in any choice (a fixed number of epochs, the "
+               "last kept), so their accuracy is an unbiased estimate")  # fmt: skip
+    else:
+        how = ("The best epoch was chosen on the validation images, so their accuracy leans "
+               "optimistic")  # fmt: skip
+    out.append(
+        "The saved model is scored exactly as `graft evaluate` scores it. "
+        + how
+        + ("; the test images took no part in any choice." if test else ".")
+    )
+    return "\n".join(out) + "\n"
+
+
+def _limitations(meta: dict[str, Any], classes: list[str], val: dict[str, Any]) -> str:
+    weakest = min(
+        (val.get("per_class") or {}).items(), key=lambda kv: kv[1]["recall"], default=None
+    )
+    items = [
+        f'- It always answers one of its {len(classes)} classes: it has no "none of these". '
+        "A picture of something else still gets a class, often with high confidence.",
+        f"- {val.get('n', 0)} validation images give an interval, not a promise: read the 95% "
+        "interval above before trusting the second decimal.",
+        "- It learned from the folder above: other cameras, lighting, framing or image sizes "
+        "can lower its accuracy.",
+    ]
+    if weakest:
+        items.append(
+            f"- Weakest class on validation: `{weakest[0]}` (recall {weakest[1]['recall']:.2f})."
+        )
+    return "## Limitations\n\n" + "\n".join(items) + "\n"
+
+
+def _usage(name: str) -> str:
+    return (
+        "## How to use\n\n```bash\n"
+        f"graft predict {name} IMAGE...            # class probabilities\n"
+        f"graft serve {name}                       # a web page and an HTTP API\n"
+        f"graft export {name}                      # model.onnx, checked against PyTorch\n"
+        "```\n\n```python\nimport graft\n"
+        f'graft.load("{name}").predict("image.jpg", top_k=3)\n```\n'
+    )

@@ -1,0 +1,153 @@
+"""The report's figures (matplotlib): training curves, confusion matrices, image grids of
+samples and predictions, Grad-CAM rows. Each function returns a figure; report.py saves them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.images import load_image
+from ..data.transforms import build_transforms, denormalize
+from ..inference.classifier import Classifier
+
+
+def spread(items, k: int) -> list:
+    """At most `k` items evenly spaced through `items`: every class of a class-sorted split,
+    not only the first."""
+    items = list(items)
+    return items[:: max(1, len(items) // max(1, k))][:k]
+
+
+def curves(history: list[dict[str, float]]):
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ep = [r["epoch"] for r in history]
+    for key, ax in (("loss", a), ("acc", b)):
+        ax.plot(ep, [r[f"train_{key}"] for r in history], label=f"train {key}")
+        ax.plot(ep, [r[f"val_{key}"] for r in history], label=f"val {key}")
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    a.set_title("loss")
+    b.set_title("accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_time(rows: list[dict[str, Any]]):
+    """graft compare: each scored candidate's fold accuracy (with its 95% interval) against its
+    wall time, one colour per strategy."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {"extract": "tab:blue", "partial": "tab:orange", "finetune": "tab:red"}
+    for r in (r for r in rows if r["status"] == "scored"):
+        lo, hi = r["accuracy_ci95"]
+        err = [[max(0.0, r["accuracy"] - lo)], [max(0.0, hi - r["accuracy"])]]  # float rounding
+        ax.errorbar(r["seconds"], r["accuracy"], yerr=err,
+                    fmt="o", color=colours.get(r["strategy"], "gray"), capsize=3)  # fmt: skip
+        ax.annotate(r["candidate"], (r["seconds"], r["accuracy"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("wall seconds")
+    ax.set_ylabel("fold accuracy (95% interval)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion(evaluation: dict[str, Any], classes: list[str]):
+    import matplotlib.pyplot as plt
+
+    cm = np.array(evaluation["confusion_matrix"], dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.6 * len(classes) + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
+    for ax, data, title, fmt in (
+        (axes[0], cm, "counts", "{:.0f}"),
+        (axes[1], norm, "row-normalised (recall)", "{:.2f}"),
+    ):
+        ax.imshow(data, cmap="Blues")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        peak = data.max() or 1
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if data[i, j] > peak / 2 else "black")  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
+def grid(n: int, cols: int = 4, cell: float = 2.4):
+    import matplotlib.pyplot as plt
+
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * (cell + 0.3)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def samples(clf: Classifier, train: list[tuple[str, int]]):
+    """Training images as the network sees them (augmented), de-normalised correctly."""
+    tf = build_transforms(clf.spec, train=True)
+    picks = spread(train, 16)
+    fig, axes = grid(len(picks))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for ax, (path, y) in zip(axes, picks):
+            x = tf(load_image(path, clf.spec.resize_size, max_pixels=clf.max_pixels))
+            ax.imshow(denormalize(x, clf.spec).permute(1, 2, 0).numpy())
+            ax.set_title(clf.classes[y], fontsize=9)
+    fig.suptitle("Augmented training samples")
+    fig.tight_layout()
+    return fig
+
+
+def predictions(clf: Classifier, items: list, title: str):
+    tf = build_transforms(clf.spec, train=False)
+    fig, axes = grid(max(1, len(items)))
+    for ax, (path, y, p) in zip(axes, items):
+        x = tf(load_image(path, clf.spec.resize_size, max_pixels=clf.max_pixels))
+        ax.imshow(denormalize(x, clf.spec).permute(1, 2, 0).numpy())
+        k = int(p.argmax())
+        right = k == y
+        ax.set_title(f"{clf.classes[k]} {float(p[k]):.2f}\ntrue: {clf.classes[y]}", fontsize=8,
+                     color="black" if right else "red")  # fmt: skip
+        if not right:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_color("red")
+                s.set_linewidth(3)
+    if not items:
+        axes[0].text(0.5, 0.5, "none", ha="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def explanations(clf: Classifier, items: list):
+    import matplotlib.pyplot as plt
+
+    from ..inference.explain import draw_explanations, explain
+
+    rows = max(1, len(items))
+    fig, axes = plt.subplots(rows, 3, figsize=(8, 2.8 * rows), squeeze=False)
+    for row, (path, y, _) in zip(axes, items):
+        x, maps = explain(clf, path, "gradcam", 2)
+        rgb = denormalize(x, clf.spec).permute(1, 2, 0).numpy()
+        draw_explanations(row, rgb, maps, "gradcam", f"true: {clf.classes[y]}")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("Grad-CAM: where the network looked for its top-2 classes")
+    fig.tight_layout()
+    return fig

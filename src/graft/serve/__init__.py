@@ -1,0 +1,1 @@
+"""HTTP: the FastAPI app around a Classifier, and its page."""

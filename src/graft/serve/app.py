@@ -1,0 +1,121 @@
+"""HTTP serving: a small FastAPI app around a `Classifier` loaded from a run folder.
+
+GET / is a page to try the model in a browser (webpage.py); GET /card the model card's facts;
+GET /health, GET /classes, POST /predict (multipart, one or more `files`, optional `top_k`):
+per file its class probabilities, or the reason it could not be read; POST /explain (one `file`):
+a PNG of the Grad-CAM overlay for its top class (needs `graft[explain]`). Needs `graft[serve]`.
+
+The network runs in a worker thread, one request at a time (a lock: two requests computing at
+once on the same cores would only slow each other down), never on the event loop, so /health
+and new connections are answered while a large request is being predicted.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run
+# time, and UploadFile is imported inside create_app (fastapi is an optional extra).
+import importlib.util
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import GraftError
+from ..inference.classifier import Classifier
+
+MAX_UPLOAD_BYTES = 25 << 20  # per file; larger uploads are refused, not decoded
+MAX_FILES = 64  # per request: a 999-file request would hold the model for everyone else
+
+
+def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_UPLOAD_BYTES,
+               max_files: int = MAX_FILES):  # fmt: skip
+    """The ASGI app; the model is loaded once, here.
+
+    >>> app = create_app("runs/demo")  # doctest: +SKIP
+    >>> # uvicorn.run(app) or fastapi.testclient.TestClient(app)
+    """
+    for module in ("fastapi", "multipart"):
+        if importlib.util.find_spec(module) is None:
+            raise GraftError("serving needs FastAPI: pip install 'graft[serve]'")
+    from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+    from fastapi.responses import HTMLResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    from .page import PAGE
+
+    clf = Classifier.load(run_dir, device=device)
+    model_lock = threading.Lock()
+
+    def run_model(blobs: list[bytes], top_k: int, names: list[str]):
+        with model_lock:
+            return clf.predict_files(blobs, top_k=top_k, names=names)
+
+    app = FastAPI(title="graft", description=f"{clf.meta['backbone']} classifier from {run_dir}")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE
+
+    @app.get("/card")
+    def card() -> dict[str, Any]:
+        return model_facts(clf.meta)
+
+    @app.post("/explain")
+    async def explain(file: UploadFile = File(...)) -> Response:
+        data = await file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"larger than {max_bytes:,} bytes")
+
+        def draw() -> bytes:
+            with model_lock:
+                return clf.explanation_png(data)
+
+        try:
+            png = await run_in_threadpool(draw)
+        except GraftError as exc:  # unreadable upload, or the explain extra missing
+            raise HTTPException(422, str(exc)) from exc
+        return Response(png, media_type="image/png")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "backbone": clf.meta["backbone"], "classes": len(clf.classes)}
+
+    @app.get("/classes")
+    def classes() -> list[str]:
+        return clf.classes
+
+    @app.post("/predict")
+    async def predict(files: list[UploadFile] = File(...), top_k: int = Form(5)) -> list[dict]:
+        if len(files) > max_files:
+            raise HTTPException(413, f"{len(files)} files in one request; at most {max_files}")
+        if top_k < 1:
+            raise HTTPException(422, "top_k must be at least 1")
+        names, blobs, too_big = [], [], {}
+        for f in files:
+            data = await f.read(max_bytes + 1)
+            names.append(f.filename or "<upload>")
+            blobs.append(b"" if len(data) > max_bytes else data)
+            if len(data) > max_bytes:
+                too_big[len(names) - 1] = f"larger than {max_bytes:,} bytes"
+        results = await run_in_threadpool(run_model, blobs, top_k, names)
+        return [{"filename": r.path, "probabilities": None if i in too_big else r.probs,
+                 "error": too_big.get(i, r.error)} for i, r in enumerate(results)]  # fmt: skip
+
+    return app
+
+
+def model_facts(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the page's model card shows, from model.json."""
+    val = meta.get("val") or {}
+    counts = (meta.get("class_counts") or {}).get("train") or {}
+    return {"backbone": meta.get("backbone"), "strategy": meta.get("strategy"),
+            "classes": meta.get("classes"), "val_accuracy": val.get("accuracy"),
+            "val_ci95": val.get("accuracy_ci95"), "val_images": val.get("n"),
+            "train_images": sum(counts.values()), "created": meta.get("created")}  # fmt: skip
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          device: str = "auto") -> None:  # fmt: skip
+    """Run the app with uvicorn until interrupted."""
+    if importlib.util.find_spec("uvicorn") is None:
+        raise GraftError("serving needs uvicorn: pip install 'graft[serve]'")
+    import uvicorn
+
+    uvicorn.run(create_app(run_dir, device), host=host, port=port)

@@ -1,0 +1,1 @@
+"""What trains on which data (a Job per strategy) and the loop that trains it."""

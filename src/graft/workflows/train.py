@@ -1,0 +1,280 @@
+"""A training run, end to end: config -> data -> backbone -> job -> fit -> save.
+
+`train()` is the Python door behind `graft train`; read it top to bottom. What trains on which
+data is `jobs.prepare_job`, the epoch loop is `engine.fit`, the files are `checkpoint` and
+`runfolder`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.config import TrainConfig, dump_yaml, make_config
+from ..core.dist import Dist, broadcast, from_env, process_group
+from ..core.errors import ConfigError, GraftError
+from ..core.runfolder import CONFIG, SPLIT, claim, start_new_run
+from ..core.runtime import (
+    Progress,
+    atomic_write_text,
+    no_progress,
+    resolve_runtime,
+    seed_everything,
+    sigterm_as_interrupt,
+)
+from ..data.discovery import discover
+from ..data.splits import load_split, report_duplicates, write_split
+from ..models import checkpoint
+from ..models.backbones import Backbone, create_backbone
+from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
+from ..outputs.card import write_card
+from ..outputs.pages import write_comparison
+from ..selection.compare import DEFAULT_FOLDS, Candidate, Comparison, compare
+from ..training.jobs import prepare_job
+from ..training.loop import fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What `train` leaves behind: the folder and the numbers that matter."""
+
+    run_dir: Path
+    classes: list[str]
+    best: dict[str, Any]
+    history: list[dict[str, Any]]
+    trainable_params: int
+    total_params: int
+    wall_seconds: float
+    stopped: str | None = None
+    skipped: list[str] = field(default_factory=list)
+    test: dict[str, Any] | None = None
+    val_images: int = 0
+    config: TrainConfig | None = None  # the resolved config that ran
+    val: dict[str, Any] | None = None  # the saved model on the val split, as `graft evaluate`
+    selection: dict[str, Any] | None = None  # --auto: the comparison (compare.json's content)
+
+    @property
+    def val_accuracy(self) -> float:
+        """The saved model's val accuracy: the same number `graft evaluate` and the report give."""
+        return self.val["accuracy"] if self.val else self.best["val_acc"]
+
+    @property
+    def val_ci95(self) -> tuple[float, float]:
+        """Wilson 95% interval of the val accuracy: 150 images read as what they are."""
+        from ..core.metrics import wilson_interval
+
+        if self.val:
+            return tuple(self.val["accuracy_ci95"])
+        return wilson_interval(round(self.best["val_acc"] * self.val_images), self.val_images)
+
+    def load(self, **kwargs: Any):
+        from ..inference.classifier import Classifier
+
+        return Classifier.load(self.run_dir, **kwargs)
+
+
+def train(
+    data: str | Path | TrainConfig | None = None,
+    *,
+    config_file: str | Path | None = None,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress = no_progress,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    auto: bool = False,
+    budget: str | float = "5m",
+    backbones: Sequence[str] | None = None,
+    strategies: Sequence[str] | None = None,
+    folds: int = DEFAULT_FOLDS,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
+) -> Run:
+    """Train a classifier on a folder of images and save it in a run folder.
+
+    `data` is the data folder (options are `TrainConfig` fields: strategy, epochs, lr, ...) or a
+    whole `TrainConfig`. A folder holding a run is replaced only with `overwrite=True`.
+    `resume=RUN` continues an interrupted run from its `last` checkpoint with the config saved
+    in it; then `data` may say where its images are now, and `skip_bad=True` drops files that
+    became unreadable.
+
+    `auto=True` chooses the backbone and strategy first (`compare`: `budget`, `backbones`,
+    `strategies`, `folds`), then trains the winner on all the training images for its fixed
+    number of epochs, keeping the last: the val split chose nothing, so its accuracy is an
+    unbiased estimate. The comparison is saved beside the model (compare.json, compare.html).
+
+    >>> run = graft.train("data/demo", epochs=5)  # doctest: +SKIP
+    >>> run.load().predict(["data/demo/val/bag/0001.png"])
+    [{'bag': 0.97, ...}]
+    """
+    d = from_env()
+    select = dict(budget=budget, backbones=backbones, strategies=strategies, folds=folds,
+                  on_row=on_row) if auto else None  # fmt: skip
+    with process_group(d):
+        return _train(d, data, config_file, resume, overwrite, progress, on_epoch, options, select)
+
+
+def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, options,
+           select) -> Run:  # fmt: skip
+    start = time.perf_counter()
+    last = checkpoint.restore_last(resume) if resume is not None else None
+    if last is not None and last.meta.get("world_size", 1) != d.world:
+        was = last.meta.get("world_size", 1)
+        raise ConfigError(f"{resume} was trained by {was} process(es) and this is {d.world}: "
+                          "resume it with the same number (torchrun --nproc_per_node), so the "
+                          "data order and the resume point match")  # fmt: skip
+    cfg = _config(data, config_file, resume, options)
+    comparison = None
+    if select is not None:
+        comparison, cfg = _choose(d, cfg, resume, progress, select)
+    runtime = resolve_runtime(cfg.device, cfg.precision, training=cfg.strategy != "extract",
+                              local_rank=d.local_rank)  # fmt: skip
+    seed_everything(cfg.seed)
+    split = load_split(Path(resume) / SPLIT, data) if resume else report_duplicates(
+        discover(cfg.data_dir, cfg.val_fraction, cfg.seed), cfg.dedupe)  # fmt: skip
+    backbone = create_backbone(cfg.backbone, len(split.classes), cfg.pretrained, cfg.weights)
+    cfg = broadcast(d, cfg.resolve(input_size=backbone.spec.input_size))  # one run folder
+    backbone = dataclasses.replace(backbone, spec=backbone.spec.with_size(cfg.image_size))
+    blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
+    apply_freezing(backbone, blocks)
+    trainable, total = count_parameters(backbone.model)
+    log.info("%s: %s trainable of %s parameters (%s), %s on %s", cfg.backbone, f"{trainable:,}",
+             f"{total:,}", cfg.strategy, runtime.precision, runtime.device)  # fmt: skip
+
+    writer = claim if d.is_main else _no_claim  # rank 0 alone writes the run folder
+    with writer(cfg.out, resuming=last is not None, overwrite=overwrite) as run_dir:
+        job = prepare_job(cfg, backbone, split, runtime, progress, d)  # bad files stop us here
+        if not d.is_main:  # the same training, nothing written: rank 0 saves the model
+            with sigterm_as_interrupt():
+                fit(job, epoch_plan(cfg, blocks, backbone.spec.input_size), cfg, resume=last)
+            return Run(run_dir, split.classes, {}, [], trainable, total, 0.0, config=cfg)
+        if last is None:
+            start_new_run(run_dir)
+            atomic_write_text(run_dir / CONFIG, dump_yaml(cfg))
+            write_split(split, run_dir / SPLIT)
+            if comparison is not None:
+                write_comparison(run_dir, comparison.to_dict())
+        plan = epoch_plan(cfg, blocks, backbone.spec.input_size)
+        with sigterm_as_interrupt():
+            state = fit(job, plan, cfg, run_dir=run_dir, resume=last, progress=progress,
+                        on_epoch=on_epoch, world=d.world)  # fmt: skip
+        if state.best_state is None:
+            raise GraftError("training stopped before the first epoch finished; nothing saved")
+        job.model.load_state_dict(state.best_state)
+        clf = _classifier(backbone, split.classes, cfg.device)
+        val_preds = clf.predict_files([p for p, _ in split.val])
+        val = _scores(clf.evaluate_samples(split.val, val_preds))
+        val["protocol"] = _val_protocol(cfg, comparison)
+        test = _scores(clf.evaluate_samples(split.test)) if split.test else None
+        log.info("val accuracy of the saved model: %.4f on %d images", val["accuracy"], val["n"])
+        wall = time.perf_counter() - start
+        checkpoint.save_model(run_dir, backbone, split.classes, {
+            "strategy": cfg.strategy, "trainable_blocks": blocks, "trainable_params": trainable,
+            "total_params": total, "metric": "val_acc", "mode": "max", "best": state.best,
+            "stopped": state.stopped, "val": val, "test": test, "precision": runtime.precision,
+            "wall_seconds": round(wall, 2), "data_dir": split.root, "layout": split.layout,
+            "class_counts": split.counts(), "skipped_files": job.skipped,
+            "config": cfg.to_dict(), "world_size": d.world, **job.stats,
+            **({"selection": _selection(comparison, cfg)} if comparison is not None else {}),
+        })  # fmt: skip
+        write_card(run_dir)
+        if cfg.report:
+            _report(run_dir, val_preds)
+        if state.stopped != "interrupted":  # a finished run needs no resume point
+            checkpoint.discard_last(run_dir)
+    return Run(run_dir, split.classes, state.best, state.history, trainable, total, wall,
+               state.stopped, job.skipped, test, val["n"], cfg, val,
+               comparison.to_dict() if comparison is not None else None)  # fmt: skip
+
+
+def _choose(d: Dist, cfg: TrainConfig, resume, progress: Progress,
+            select: dict[str, Any]) -> tuple[Comparison, TrainConfig]:  # fmt: skip
+    """--auto: the comparison on the training images, and the winner's config to train."""
+    if resume is not None or d.enabled:
+        raise ConfigError("--auto runs in one process on a new run: not with --resume, not "
+                          "under torchrun (train the chosen config there)")  # fmt: skip
+    shared = {k: v for k, v in cfg.to_dict().items() if k != "data_dir"}
+    comparison = compare(cfg.data_dir, reserve_final=True, progress=progress, **select, **shared)
+    if comparison.chosen is None:
+        raise GraftError(f"no candidate finished within the budget of "
+                         f"{comparison.budget_s:.0f} s: give more, e.g. --budget "
+                         f"{max(2, round(comparison.budget_s * 2 / 60))}m")  # fmt: skip
+    chosen = Candidate.from_row(comparison.chosen)
+    log.info("chosen: %s (fold accuracy %.4f)", chosen.name, comparison.chosen["accuracy"])
+    return comparison, chosen.config(cfg)
+
+
+def _val_protocol(cfg: TrainConfig, comparison: Comparison | None) -> str:
+    if cfg.keep == "best":
+        return "best epoch chosen on val: optimistic"
+    if comparison is not None:
+        return "unbiased: model chosen by cross-validation on train, last epoch kept"
+    return "unbiased: fixed epochs, last kept"
+
+
+def _selection(comparison: Comparison, cfg: TrainConfig) -> dict[str, Any]:
+    """What model.json records of an --auto run: the choice, why, and how the winner trained."""
+    best = comparison.chosen
+    return {"chosen": best["candidate"], "fold_accuracy": best["accuracy"],
+            "fold_accuracy_ci95": best["accuracy_ci95"], "protocol": comparison.protocol,
+            "budget_s": comparison.budget_s, "compare_seconds": comparison.wall_s,
+            "retrained": f"on all {comparison.pool} training images, {cfg.epochs} epochs, the "
+                         "last kept; scored once on the val split, which no choice used",
+            "candidates": [{k: r[k] for k in ("candidate", "accuracy", "status", "seconds")}
+                           for r in comparison]}  # fmt: skip
+
+
+def _config(
+    data: str | Path | TrainConfig | None,
+    config_file: str | Path | None,
+    resume: str | Path | None,
+    options: dict[str, Any],
+) -> TrainConfig:
+    """The config to run: a resumed run's saved one, a given TrainConfig, or file + options."""
+    if resume is not None:
+        if config_file is not None or set(options) - {"skip_bad"} or isinstance(data, TrainConfig):
+            raise ConfigError("resume reuses the run's config.yaml: it takes the run folder, "
+                              "and only where the images are now and skip_bad")  # fmt: skip
+        moved = str(data) if data is not None else None  # where the images are now
+        return make_config(moved, Path(resume) / CONFIG, out=str(resume), **options)
+    if isinstance(data, TrainConfig):
+        if config_file is not None:
+            raise ConfigError("pass a TrainConfig or a config file, not both")
+        if not options:
+            return data
+        values = {**data.to_dict(), **options}
+        return make_config(values.pop("data_dir"), None, **values)
+    return make_config(data, config_file, **options)
+
+
+@contextlib.contextmanager
+def _no_claim(run_dir: str, **_: Any) -> Iterator[Path]:
+    yield Path(run_dir)
+
+
+def _classifier(backbone: Backbone, classes: list[str], device: str):
+    """The saved model as `graft evaluate` runs it (fp32, its batching): one model, one number."""
+    from ..inference.classifier import Classifier
+
+    return Classifier(backbone, classes, resolve_runtime(device, "fp32"))
+
+
+def _scores(report: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", "accuracy_ci95", "balanced_accuracy", "n", "per_class", "skipped")
+    return {k: report[k] for k in keys}
+
+
+def _report(run_dir: Path, val_predictions: list) -> None:
+    from ..outputs.report import build_report
+
+    try:
+        build_report(run_dir, val_predictions=val_predictions)
+    except GraftError as exc:  # the model is saved; a missing figure must not undo that
+        log.warning("report not written: %s", exc)

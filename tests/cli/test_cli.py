@@ -1,0 +1,189 @@
+"""End to end through the `graft` command: train, evaluate, predict, verify, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ..conftest import make_shapes
+
+
+def graft(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "graft", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict_end_to_end(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=20, n_val=10, seed=1)
+    run = tmp_path / "run"
+    r = graft("train", data, "--out", run, "--workers", "0", "--epochs", "30")
+    assert r.returncode == 0, r.stderr
+    assert f"saved {run}" in r.stdout
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 30 and set(rows[0]) == {
+        "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+        "val_recall/circle", "val_recall/square", "val_recall/triangle",
+    }  # fmt: skip
+    assert (run / "report.html").exists() and (run / "report.json").exists()
+    best = max(float(row["val_acc"]) for row in rows)
+    assert best >= 0.9
+
+    r = graft("evaluate", run, data, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["n"] == 30 and report["accuracy"] == pytest.approx(best)
+    assert sum(map(sum, report["confusion_matrix"])) == 30
+
+    (tmp_path / "broken.jpg").write_bytes(b"")
+    r = graft(
+        "predict",
+        run,
+        data / "val" / "circle" / "000.png",
+        tmp_path / "broken.jpg",
+        "--json",
+        "--top-k",
+        "2",
+    )
+    assert r.returncode == 1
+    out = json.loads(r.stdout)
+    assert out[0]["error"] is None and len(out[0]["probabilities"]) == 2
+    assert out[1] == {
+        "path": str(tmp_path / "broken.jpg"),
+        "probabilities": None,
+        "error": "empty file (0 bytes)",
+    }
+    assert "1 file(s) could not be read" in r.stderr
+
+
+def test_bad_files_stop_training_before_the_first_epoch(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=4, n_val=2)
+    (data / "train" / "circle" / "trunc.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    r = graft("train", data, "--out", tmp_path / "run", "--workers", "0", "--epochs", "2")
+    assert r.returncode == 2
+    assert "error: 1 file(s) cannot be used:" in r.stderr
+    assert f"{data / 'train' / 'circle' / 'trunc.png'}: not a recognised image format" in r.stderr
+    assert "--skip-bad" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+    r = graft(
+        "train", data, "--out", tmp_path / "run", "--workers", "0", "--epochs", "2", "--skip-bad"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 unreadable file(s)" in r.stdout
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["skipped_files"] == [str(data / "train" / "circle" / "trunc.png")]
+
+
+def test_verify_and_backbones(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=3, n_val=1)
+    r = graft("verify", data)
+    assert r.returncode == 0 and "all images decode" in r.stdout
+    (data / "val" / "square" / "x.png").write_text("not an image")
+    r = graft("verify", data)
+    assert r.returncode == 1
+    assert f"bad: {data / 'val' / 'square' / 'x.png'}: a text file, not an image" in r.stdout
+    r = graft("backbones", "resnet18", "--blocks")
+    assert r.returncode == 0 and "layer4" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "/no/such/folder"], "error: data folder /no/such/folder does not exist"),
+        (["train", "{data}", "--backbone", "resnet81"], "did you mean: resnet18"),
+        (["train", "{data}", "--strategy", "partial"], "strategy 'partial' needs the blocks"),
+        (["train", "{data}", "--optimizer", "sgdd"], "unknown optimizer 'sgdd' (did you mean"),
+        (["predict", "/no/run", "x.png"], "is not a graft run folder"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(tmp_path, args, message):
+    data = make_shapes(tmp_path, n_train=2, n_val=1)
+    r = graft(*[a.replace("{data}", str(data)) for a in args])
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "{data}", "--bogus"], "Error: No such option: --bogus"),
+        (["train", "{data}", "--epochs", "abc"], "Error: Invalid value for '--epochs'"),
+        (["predict"], "Error: Missing argument 'run_dir'."),
+        (["nosuch"], "Error: No such command 'nosuch'."),
+    ],
+)
+def test_usage_errors_are_usage_and_one_line(tmp_path, args, message):
+    data = make_shapes(tmp_path, n_train=2, n_val=1)
+    r = graft(*[a.replace("{data}", str(data)) for a in args])
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "╭" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("Usage: graft") and lines[-1].startswith(message)
+
+
+def test_bare_graft_prints_help_not_a_traceback():
+    r = graft()
+    assert r.returncode in (0, 2)
+    assert "Traceback" not in r.stderr and "Usage: graft" in r.stdout + r.stderr
+    assert "train" in r.stdout + r.stderr
+
+
+def test_json_and_csv_keep_non_ascii_names_readable(trained_run, tmp_path):
+    from PIL import Image
+
+    names = ["пчела.png", "🐝 bee.png"]
+    for name in names:
+        Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / name)
+    r = graft("predict", trained_run.run_dir, tmp_path, "--json", "--top-k", "1")
+    assert r.returncode == 0, r.stderr
+    assert "\\u" not in r.stdout and all(n in r.stdout for n in names)
+    assert sorted(os.path.basename(x["path"]) for x in json.loads(r.stdout)) == sorted(names)
+    r = graft("predict", trained_run.run_dir, tmp_path, "--csv", "--top-k", "1")
+    rows = list(csv.DictReader(r.stdout.splitlines()))
+    assert sorted(os.path.basename(x["path"]) for x in rows) == sorted(names)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "{run}", "x.png", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+        (["predict", "{run}", "x.png", "--top-k", "0"], "Invalid value for '--top-k'"),
+        (["serve", "{run}", "--port", "99999"], "Invalid value for '--port'"),
+    ],
+)
+def test_out_of_range_flags_are_usage_errors(trained_run, args, message):
+    r = graft(*[a.replace("{run}", str(trained_run.run_dir)) for a in args])
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hostile_values_end_in_one_line(trained_run, shapes_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "circle").mkdir()
+    (tmp_path / "bad" / "circle" / "a.png").write_text("not an image")
+    (tmp_path / "latin1.yaml").write_bytes(b"data_dir: d\nepochs: \xe9\n")
+    cases = [
+        (["train", shapes_dir, "--lr", "inf"], "lr must be a finite number"),
+        (["train", shapes_dir, "--label-smoothing", "5"], "label_smoothing must be"),
+        (["train", shapes_dir, "--seed", "100000000000000000000"], "seed must be between"),
+        (["train", shapes_dir, "--image-size", "100000"], "image_size 100000 is over"),
+        (["train", shapes_dir, "--out", tmp_path / "file"], "is a file, not a folder"),
+        (["train", "--config", tmp_path / "latin1.yaml"], "is not UTF-8 text"),
+        (["evaluate", trained_run.run_dir, tmp_path / "bad"], "none of the 1 image(s) could be"),
+    ]
+    for args, message in cases:
+        r = graft(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

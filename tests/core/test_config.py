@@ -1,0 +1,103 @@
+"""Config: defaults resolved per strategy, YAML loading, unknown keys and bad values refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from graft.core.config import dump_yaml, make_config
+from graft.core.errors import ConfigError
+
+
+def test_defaults_resolved_per_strategy():
+    extract = make_config("d").resolve()
+    assert (extract.strategy, extract.optimizer, extract.schedule) == ("extract", "adamw", "cosine")
+    ft = make_config("d", strategy="finetune").resolve()
+    assert (ft.optimizer, ft.momentum, ft.schedule, ft.step_size, ft.gamma) == (
+        "sgd",
+        0.9,
+        "step",
+        7,
+        0.1,
+    )
+    assert make_config("d", strategy="finetune", lr=0.01).resolve().lr == 0.01
+
+
+def test_yaml_overridden_by_flags_and_round_trip(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "data_dir: data\nepochs: 3\nlr: 0.5\nunfreeze: [layer4]\nstrategy: partial\n"
+    )
+    cfg = make_config(None, tmp_path / "c.yaml", epochs=7)
+    assert (cfg.data_dir, cfg.epochs, cfg.lr, cfg.unfreeze) == ("data", 7, 0.5, ("layer4",))
+    (tmp_path / "saved.yaml").write_text(dump_yaml(cfg))
+    assert make_config(None, tmp_path / "saved.yaml") == cfg
+
+
+def test_unknown_key_gets_a_suggestion(tmp_path):
+    (tmp_path / "c.yaml").write_text("data_dir: d\nlearning_rate: 0.1\nepoch: 3\n")
+    with pytest.raises(ConfigError) as err:
+        make_config(None, tmp_path / "c.yaml")
+    assert "unknown config key 'learning_rate'" in str(err.value)
+    with pytest.raises(ConfigError, match="did you mean: epochs"):
+        make_config("d", epoch=3)
+
+
+def test_wrong_types_and_values(tmp_path):
+    (tmp_path / "c.yaml").write_text("data_dir: d\nepochs: many\n")
+    with pytest.raises(ConfigError, match="'epochs' .* must be int"):
+        make_config(None, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="val_fraction must be between 0 and 1"):
+        make_config("d", val_fraction=1.5)
+    with pytest.raises(ConfigError, match="unknown schedule 'cosin' \\(did you mean: cosine\\?\\)"):
+        make_config("d", schedule="cosin")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"warmup_epochs": 2}, "--warmup-epochs is ignored with --strategy extract"),
+        ({"progressive": True}, "--progressive is ignored with --strategy extract"),
+        ({"rotation": 15.0}, "--rotation is ignored with --strategy extract unless the cache "
+         "holds augmented views: add --cache-views N"),
+    ],
+)  # fmt: skip
+def test_settings_extract_would_ignore_are_refused(options, message):
+    with pytest.raises(ConfigError) as err:
+        make_config("d", **options)
+    assert message in str(err.value)
+    make_config("d", strategy="finetune", **options)  # they do apply there
+    if "rotation" in options:
+        assert make_config("d", cache_views=2, **options).rotation == 15.0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"lr": float("inf")}, "lr must be a finite number in (0, inf]"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"label_smoothing": 5.0}, "label_smoothing must be a finite number in [0, 1)"),
+        ({"momentum": -1.0}, "momentum must be a finite number in [0, 1)"),
+        ({"weight_decay": -1.0}, "weight_decay must be a finite number in [0, inf]"),
+        ({"cache_views": -1}, "cache_views must be 0 or more"),
+        ({"seed": 10**20}, "seed must be between 0 and 2**63-1"),
+        ({"image_size": 100000}, "image_size 100000 is over 1024 pixels"),
+    ],
+)
+def test_values_out_of_range_are_refused(options, message):
+    with pytest.raises(ConfigError) as err:
+        make_config("d", **options)
+    assert message in str(err.value)
+
+
+def test_resolve_fills_every_value_that_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAFT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = make_config("d", backbone="resnet18").resolve(input_size=224)
+    assert cfg.image_size == 224 and cfg.workers is not None and cfg.workers >= 0
+    assert cfg.cache_dir == str(tmp_path / "cache")
+    assert cfg.out.startswith("runs/") and cfg.out.endswith("-resnet18")
+    assert cfg.resolve(input_size=299) == cfg  # idempotent: a resolved config stays as it is
+
+
+def test_non_utf8_config_file_is_a_config_error(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"data_dir: d\nepochs: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        make_config(None, tmp_path / "c.yaml")

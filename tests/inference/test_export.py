@@ -1,0 +1,112 @@
+"""ONNX export: preprocessing inside, dynamic batch, parity with PyTorch checked on every export,
+the exported file usable by `graft predict`, tampered files refused in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+import graft  # noqa: E402
+from graft.core.errors import CheckpointError  # noqa: E402
+from graft.inference.classifier import OnnxClassifier  # noqa: E402
+from graft.inference.export import ExportError, export  # noqa: E402
+from graft.inference.onnxfile import read_onnx_meta  # noqa: E402
+
+
+def _graft(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "graft", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "lite0.onnx"
+    return export(trained_run.run_dir, out=out), trained_run
+
+
+@pytest.mark.slow
+def test_export_keeps_preprocessing_and_matches_pytorch(exported, shapes_dir):
+    result, run = exported
+    assert result.path.is_file() and result.source == "val split" and result.images == 16
+    assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0
+    meta = read_onnx_meta(result.path)
+    assert meta["classes"] == ["circle", "square", "triangle"]
+    assert meta["backbone"] == "efficientnet_lite0" and meta["preprocess"].input_size == 224
+    onnx_clf, torch_clf = OnnxClassifier(result.path), graft.load(run.run_dir)
+    images = sorted((shapes_dir / "val").rglob("*.png"))[:5]
+    for batch in (1, 5):  # dynamic batch
+        p_onnx = onnx_clf.probabilities(images[:batch], batch_size=batch)
+        assert torch.allclose(p_onnx, torch_clf.probabilities(images[:batch]), atol=1e-4)
+    r = _graft("predict", result.path, images[0], "--json", "--top-k", "1")
+    assert r.returncode == 0, r.stderr
+    via_run = _graft("predict", run.run_dir, images[0], "--json", "--top-k", "1")
+    got, want = json.loads(r.stdout)[0], json.loads(via_run.stdout)[0]
+    assert list(got["probabilities"]) == list(want["probabilities"])
+    assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_torchvision_classic_exports_too(shapes_dir, tmp_path):
+    run = graft.train(shapes_dir, backbone="resnet18", pretrained=False, epochs=1, workers=0,
+                      report=False, out=str(tmp_path / "r18"))  # fmt: skip
+    result = export(run.run_dir)
+    assert result.path == run.run_dir / "model.onnx"
+    assert result.max_abs_diff <= 1e-3 and result.top1_agreement == 1.0
+
+
+def test_a_disagreeing_export_is_not_kept(trained_run, tmp_path, monkeypatch):
+    import importlib
+
+    ex = importlib.import_module("graft.inference.export")  # graft.export: the function
+
+    monkeypatch.setattr(ex, "MAX_ABS_DIFF", -1.0)  # any difference at all is too much
+    with pytest.raises(ExportError, match="disagrees with PyTorch on 16 val split image"):
+        ex.export(trained_run.run_dir, out=tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_tampered_onnx_files_are_refused_in_one_line(exported, tmp_path, shapes_dir):
+    import onnx
+
+    result, _ = exported
+    image = sorted((shapes_dir / "val").rglob("*.png"))[0]
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(result.path.read_bytes()[:5000])
+    proto = onnx.load(str(result.path))
+    for p in proto.metadata_props:
+        if p.key == "classes":
+            p.value = json.dumps(["a", "b", "c", "d"])
+    onnx.save(proto, str(tmp_path / "four.onnx"))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "foreign.onnx"))
+    for name, message in [("truncated.onnx", "is damaged or not an ONNX model"),
+                          ("four.onnx", "the graph has 3 outputs but its metadata names 4"),
+                          ("foreign.onnx", "was not exported by graft")]:  # fmt: skip
+        r = _graft("predict", tmp_path / name, image)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(CheckpointError):
+        OnnxClassifier(tmp_path / "missing.onnx")
+
+
+@pytest.mark.slow
+def test_the_readmes_plain_python_example_gives_graft_s_probabilities(exported, shapes_dir):
+    """The docs' onnxruntime + Pillow + numpy snippet preprocesses exactly as graft does."""
+    import re
+    from pathlib import Path
+
+    result, _ = exported
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"```python\n(import json\n\nimport numpy.*?)```", readme, re.S).group(1)
+    image = sorted((shapes_dir / "val").rglob("*.png"))[3]
+    snippet = snippet.replace("runs/demo/model.onnx", str(result.path))
+    snippet = snippet.replace("data/demo/val/bag/0000.png", str(image))
+    scope: dict = {}
+    exec(compile(snippet.replace("print(", "top3 = ("), "README", "exec"), scope)
+    want = OnnxClassifier(result.path).probabilities([image])[0]
+    assert torch.allclose(torch.from_numpy(scope["probabilities"]), want, atol=1e-5)

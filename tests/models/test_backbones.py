@@ -1,0 +1,109 @@
+"""Backbone registry: embedded weights are real, heads are replaced, blocks are named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from graft.core.errors import BackboneError
+from graft.data.transforms import build_transforms
+from graft.models.backbones import create_backbone, list_backbones
+
+
+def test_embedded_lite0_knows_a_cat():
+    skimage_data = pytest.importorskip("skimage.data")
+    bb = create_backbone("efficientnet_lite0", num_classes=None)  # keep the ImageNet head
+    x = build_transforms(bb.spec, train=False)(Image.fromarray(skimage_data.chelsea()))
+    with torch.inference_mode():
+        top3 = bb.model.eval()(x[None]).topk(3).indices[0].tolist()
+    assert any(281 <= i <= 285 for i in top3), top3
+    assert bb.spec.mean == (0.5, 0.5, 0.5) and bb.spec.std == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    "name, blocks_tail",
+    [
+        ("resnet18", ["layer3", "layer4"]),
+        ("vgg11", ["features.18", "classifier"]),
+        ("efficientnet_lite0", ["conv_head", "bn2"]),
+        ("timm:resnet10t", ["layer3", "layer4"]),
+    ],
+)
+def test_head_replaced_and_blocks_named(name, blocks_tail):
+    bb = create_backbone(name, num_classes=3, pretrained=False)
+    assert bb.blocks[-2:] == blocks_tail
+    assert bb.model.head.out_features == 3
+    with torch.inference_mode():
+        out = bb.model.eval()(torch.zeros(2, 3, bb.spec.input_size, bb.spec.input_size))
+    assert out.shape == (2, 3)
+
+
+def test_inception_aux_head_replaced_too():
+    bb = create_backbone("inception_v3", num_classes=4, pretrained=False)
+    assert bb.spec.input_size == 299
+    assert bb.model.aux_head().out_features == 4
+    logits, aux = bb.model.train()(torch.zeros(2, 3, 299, 299))
+    assert logits.shape == aux.shape == (2, 4)
+
+
+def test_unknown_backbone_suggests_close_names():
+    with pytest.raises(BackboneError) as err:
+        create_backbone("resnet81", 2)
+    assert "did you mean: resnet18" in str(err.value)
+    with pytest.raises(BackboneError, match="timm has no model 'resnett18'"):
+        create_backbone("timm:resnett18", 2)
+
+
+def test_offline_download_error_names_file_and_remedies(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import urllib.request
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(BackboneError) as err:
+        create_backbone("resnet18", 2)
+    msg = str(err.value)
+    assert "--weights PATH" in msg and "resnet18-f37072fd.pth" in msg and str(tmp_path) in msg
+
+
+def test_local_weights_file(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import resnet18
+
+    ref = resnet18()
+    save_file(ref.state_dict(), str(tmp_path / "r18.safetensors"))
+    bb = create_backbone("resnet18", 2, weights=tmp_path / "r18.safetensors")
+    assert torch.equal(bb.model.features.conv1.weight, ref.conv1.weight)
+    torch.save({"conv1.weight": ref.conv1.weight}, tmp_path / "partial.pth")
+    with pytest.raises(BackboneError, match="do not fit resnet18"):
+        create_backbone("resnet18", 2, weights=tmp_path / "partial.pth")
+
+
+def test_list_backbones_reports_offline_embedded():
+    infos = {i.name: i for i in list_backbones()}
+    assert infos["efficientnet_lite0"].offline and infos["efficientnet_lite0"].input_size == 224
+    assert infos["resnet18"].params == 11_689_512
+    assert infos["inception_v3"].input_size == 299
+
+
+def test_timm_models_use_timms_own_classifier_surface():
+    """reset_classifier(0) leaves the pooled features; the new head sits on num_features."""
+    bb = create_backbone("timm:resnet10t", num_classes=5, pretrained=False)
+    assert bb.model.num_features == bb.model.features.num_features == 512
+    assert isinstance(bb.model.features.get_classifier(), torch.nn.Identity)
+    with torch.inference_mode():
+        assert bb.model.features.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
+    lite = create_backbone("efficientnet_lite0", num_classes=2, pretrained=False).model
+    assert not [k for k in lite.state_dict() if k.startswith("features.classifier")]
+
+
+def test_backbone_is_not_mutated():
+    import dataclasses
+
+    bb = create_backbone("efficientnet_lite0", num_classes=2, pretrained=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bb.spec = bb.spec.with_size(160)
+    assert dataclasses.replace(bb, spec=bb.spec.with_size(160)).spec.input_size == 160

@@ -1,0 +1,133 @@
+"""Model files: round trip gives the same probabilities; hostile or damaged files are refused."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+import graft
+from graft.core.errors import CheckpointError
+
+
+def test_saved_model_predicts_like_the_trained_one(trained_run, shapes_dir):
+    clf = graft.load(trained_run.run_dir)
+    images = sorted((shapes_dir / "val" / "circle").glob("*.png"))[:4]
+    probs = clf.probabilities(images)
+    # the same network in memory, rebuilt from the same state: identical numbers
+    from graft.inference.classifier import Classifier
+
+    again = Classifier(clf.backbone, clf.classes, clf.runtime).probabilities(images)
+    assert torch.allclose(probs, again)
+    assert probs.shape == (4, 3) and torch.allclose(probs.sum(1), torch.ones(4))
+    top = clf.predict(images, top_k=2)
+    assert all(len(p) == 2 and next(iter(p)) == "circle" for p in top)
+
+
+def test_run_folder_contents(trained_run):
+    names = {p.name for p in trained_run.run_dir.iterdir()}
+    assert {"model.safetensors", "model.json", "config.yaml", "metrics.csv", "split"} <= names
+    meta = json.loads((trained_run.run_dir / "model.json").read_text())
+    assert meta["classes"] == ["circle", "square", "triangle"]
+    assert meta["backbone"] == "efficientnet_lite0" and meta["strategy"] == "extract"
+    assert meta["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["best"]["val_acc"] == trained_run.best["val_acc"]
+    assert {"torch", "timm", "graft"} <= set(meta["versions"])
+    assert not list(trained_run.run_dir.glob(".graft-tmp-*"))
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(trained_run.run_dir, dst)
+    return dst
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/graft-pwned', 'w').write('x')",))
+
+
+def test_pickle_payload_in_place_of_weights_never_runs(run_copy, tmp_path):
+    (run_copy / "model.safetensors").write_bytes(pickle.dumps(_Payload()))
+    with pytest.raises(CheckpointError, match="damaged or not a safetensors file"):
+        graft.load(run_copy)
+    import os
+
+    assert not os.path.exists("/tmp/graft-pwned")
+
+
+def test_truncated_weights_refused(run_copy):
+    data = (run_copy / "model.safetensors").read_bytes()
+    (run_copy / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="damaged or not a safetensors file"):
+        graft.load(run_copy)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"classes": "circle"}, "'classes' must be a list of at least two names"),
+        ({"classes": ["a", 2]}, "'classes' must be a list of at least two names"),
+        ({"backbone": 7}, "'backbone' must be a backbone name"),
+        ({"preprocess": {"mean": 1}}, "'preprocess' is malformed"),
+        ({"format_version": 99}, "has format_version 99; this graft reads 1"),
+        ({"classes": ["a", "b", "c", "d"]}, "model.json lists 4 classes; the weights have"),
+        ({"backbone": "resnet18"}, "does not fit the backbone in model.json"),
+    ],
+)
+def test_malformed_model_json_refused(run_copy, change, message):
+    meta = json.loads((run_copy / "model.json").read_text())
+    meta.update(change)
+    (run_copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        graft.load(run_copy)
+
+
+def test_not_a_run_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a graft run folder"):
+        graft.load(tmp_path)
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    import os
+
+    from graft.core.runtime import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_predict_accepts_one_image_any_iterable_and_arrays(trained_run, shapes_dir):
+    import numpy as np
+    from PIL import Image
+
+    from graft.core.errors import GraftError, ImageError
+
+    clf = graft.load(trained_run.run_dir)
+    path = shapes_dir / "val" / "circle" / "000.png"
+    one = clf.predict(str(path))
+    assert len(one) == 1 and set(one[0]) == {"circle", "square", "triangle"}
+    assert clf.predict(path) == one == clf.predict(p for p in [path])
+    array = np.asarray(Image.open(path).convert("RGB"))
+    assert clf.predict(array)[0].keys() == one[0].keys()
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+    top = max(one[0], key=one[0].get)
+    assert max(clf.predict(tensor)[0], key=clf.predict(tensor)[0].get) == top
+    with pytest.raises(ImageError) as err:
+        clf.predict(np.zeros((5, 7, 9, 2)))
+    assert "an array of shape (5, 7, 9, 2) is not an image" in str(err.value)
+    assert len(str(err.value)) < 300  # names the shape, never prints the array
+    with pytest.raises(GraftError, match="cannot read images from a int: pass a file path"):
+        clf.predict(42)
+    assert clf.predict_files([array])[0].path == "<ndarray (64, 64, 3)>"

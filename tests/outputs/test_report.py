@@ -1,0 +1,182 @@
+"""The report: every file written and consistent with metrics.csv and evaluate; the page is
+self-contained and renders in a real browser; explanations point at what decides the class."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import graft
+from graft.outputs.report import FIGURES
+
+SECTIONS = ("how-good", "summary", "curves", "confusion", "per-class", "samples", "predictions",
+            "top-losses", "most-confused", "explanations")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report_run(trained_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(trained_run.run_dir, run)
+    return run, graft.report(run)
+
+
+def test_every_file_written_at_its_size(report_run):
+    run, rep = report_run
+    for name in FIGURES:
+        with Image.open(run / name) as im:
+            im.load()
+            assert list(im.size) == rep["figures"][name], name
+    assert (run / "report.html").stat().st_size > 10_000
+    # a best-epoch run says its val number flatters; --auto runs are checked in test_compare.py
+    how = rep["how_good"]
+    assert how["how"].startswith("optimistic: the epoch kept is the one that scored best")
+    assert how["accuracy"] == rep["evaluation"]["accuracy"] and how["comparison"] is None
+
+
+def test_report_json_agrees_with_metrics_and_evaluate(report_run, shapes_dir):
+    run, rep = report_run
+    on_disk = json.loads((run / "report.json").read_text())
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in on_disk["history"]] == [float(r["epoch"]) for r in rows]
+    assert on_disk["history"][-1]["val_acc"] == pytest.approx(float(rows[-1]["val_acc"]))
+    ev = graft.load(run).evaluate(shapes_dir / "val")
+    assert on_disk["evaluation"]["confusion_matrix"] == ev["confusion_matrix"]
+    assert on_disk["evaluation"]["accuracy"] == pytest.approx(ev["accuracy"])
+    best = max(float(r["val_acc"]) for r in rows)
+    assert on_disk["run"]["best"]["val_acc"] == pytest.approx(best)
+
+
+def test_html_is_self_contained(report_run):
+    run, _ = report_run
+    page = (run / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)
+    assert "http://" not in page and "https://" not in page
+    for sid in SECTIONS:
+        assert f'<section id="{sid}">' in page
+    assert page.count("data:image/png;base64,") == len(FIGURES)
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(report_run, tmp_path, chrome):
+    run, driver = report_run[0], chrome
+    driver.get((run / "report.html").resolve().as_uri())
+    widths = driver.execute_script(
+        "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)"
+    )
+    assert len(widths) == len(FIGURES) and all(w > 0 for w in widths), widths
+    ids = driver.execute_script(
+        "return Array.from(document.querySelectorAll('section')).map(s => s.id)"
+    )
+    assert tuple(ids) == SECTIONS
+    driver.save_screenshot(str(tmp_path / "report.png"))
+
+
+# ---------------------------------------------------------------- explanations mean something
+
+
+def _patch_dataset(root: Path, n_train: int, n_test: int) -> None:
+    """Noise background; the class is the colour of one small square at a random place."""
+    rng = random.Random(0)
+    colours = {"red": (230, 20, 20), "blue": (20, 40, 230)}
+    for split, n in (("train", n_train), ("val", n_test)):
+        for name, colour in colours.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = np.random.default_rng(rng.randrange(2**31)).integers(
+                    90, 170, (224, 224, 3), dtype=np.uint8
+                )
+                s = 56
+                # inside the eval view: the center crop drops 14px of each border
+                x0, y0 = rng.randrange(16, 208 - s), rng.randrange(16, 208 - s)
+                arr[y0 : y0 + s, x0 : x0 + s] = colour
+                path = root / split / name / f"{i:03d}.png"
+                Image.fromarray(arr).save(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gradcam", "shap"])
+def test_attribution_concentrates_on_the_deciding_patch(tmp_path_factory, method):
+    root = tmp_path_factory.getbasetemp() / "patches"
+    if not root.exists():
+        _patch_dataset(root, n_train=20, n_test=3)
+    run_dir = tmp_path_factory.getbasetemp() / "patch-run"
+    if not (run_dir / "model.json").exists():
+        graft.train(root, out=str(run_dir), workers=0, report=False)
+    clf = graft.load(run_dir)
+    ratios = []
+    for path in sorted(root.glob("val/*/*.png")):
+        x0, y0, x1, y1 = _box_of(path)
+        maps = clf.explain(path, method=method, classes=1)
+        true = path.parent.name
+        assert maps[0].class_name == true
+        heat = maps[0].heatmap
+        inside = np.zeros_like(heat, dtype=bool)
+        inside[max(0, y0) : y1, max(0, x0) : x1] = True
+        ratios.append(heat[inside].mean() / max(heat[~inside].mean(), 1e-6))
+    good = sum(r >= 2 for r in ratios)
+    assert good >= 0.75 * len(ratios), ratios
+
+
+def _box_of(path: Path) -> tuple[int, int, int, int]:
+    """The patch's box in the network's input: found from the pixels themselves, mapped through
+    the eval transform (resize 224 -> 256, center crop 224)."""
+    arr = np.asarray(Image.open(path))
+    colour = arr.reshape(-1, 3)[
+        np.argmax(
+            (arr.reshape(-1, 3) == [230, 20, 20]).all(1)
+            | (arr.reshape(-1, 3) == [20, 40, 230]).all(1)
+        )
+    ]
+    ys, xs = np.nonzero((arr == colour).all(2))
+    scale, off = 256 / 224, (256 - 224) // 2
+    return (
+        int(xs.min() * scale) - off,
+        int(ys.min() * scale) - off,
+        int((xs.max() + 1) * scale) - off,
+        int((ys.max() + 1) * scale) - off,
+    )
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11", "timm:resnet10t"])
+def test_gradcam_works_for_other_backbones(name):
+    from graft.core.runtime import resolve_runtime
+    from graft.inference.classifier import Classifier
+    from graft.models.backbones import create_backbone
+
+    bb = create_backbone(name, 3, pretrained=False)
+    clf = Classifier(bb, ["a", "b", "c"], resolve_runtime("cpu", "fp32"))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), np.uint8))
+    maps = clf.explain(img, method="gradcam", classes=2)
+    assert len(maps) == 2 and maps[0].heatmap.shape == (bb.spec.input_size,) * 2
+    assert maps[0].probability >= maps[1].probability
+
+
+def test_model_card_holds_the_real_numbers(trained_run):
+    import yaml
+
+    from graft.outputs.card import write_card
+
+    card = write_card(trained_run.run_dir).read_text(encoding="utf-8")
+    meta = json.loads((trained_run.run_dir / "model.json").read_text())
+    _, header, body = card.split("---\n", 2)
+    head = yaml.safe_load(header)
+    assert head["library_name"] == "graft" and "efficientnet_lite0" in head["tags"]
+    [result] = head["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == round(meta["val"]["accuracy"], 4)
+    lo, hi = meta["val"]["accuracy_ci95"]
+    assert (
+        f"accuracy **{meta['val']['accuracy']:.4f}** (95% Wilson interval {lo:.3f}-{hi:.3f})"
+        in body
+    )
+    for c in ("circle", "square", "triangle"):
+        assert f"| {c} | 16 | 8 |" in body  # train and val images per class
+    assert 'it has no "none of these"' in body
+    assert not re.search(r"TODO|TBD|XXX|lorem|\{\{", card)

@@ -1,0 +1,168 @@
+"""`graft compare` and `graft train --auto`: a row per candidate, the budget honoured, and a
+selection protocol that never lets a scored image take part in a choice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import graft
+from graft.core.errors import BackboneError, ConfigError
+from graft.core.runfolder import COMPARE_HTML, COMPARE_JSON, MODEL_META, MODEL_WEIGHTS
+from graft.data.splits import stratified_folds
+from graft.selection.compare import Candidate, default_grid, parse_budget
+from graft.selection.crossval import Trials
+
+from ..conftest import make_shapes
+
+LITE0 = ["efficientnet_lite0"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    return make_shapes(tmp_path_factory.mktemp("cmp"), n_train=10, n_val=5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def swapped(small, tmp_path_factory) -> Path:
+    """The same training images; val/ with every class folder's images moved to another class.
+    A protocol that chose anything on val would choose differently here."""
+    root = tmp_path_factory.mktemp("swapped")
+    shutil.copytree(small / "train", root / "train")
+    names = sorted(p.name for p in (small / "val").iterdir())
+    for a, b in zip(names, names[1:] + names[:1]):
+        shutil.copytree(small / "val" / a, root / "val" / b)
+    return root
+
+
+def _scores(rows):
+    return [(r["candidate"], r["status"], r["accuracy"]) for r in rows]
+
+
+def test_stratified_folds_partition_every_class_evenly():
+    samples = [(f"{c}/{i}.png", c) for c in range(3) for i in range(11)]
+    folds = stratified_folds(samples, 5, seed=0)
+    flat = sorted(i for f in folds for i in f)
+    assert flat == list(range(33))  # disjoint and complete
+    for f in folds:
+        per_class = [sum(samples[i][1] == c for i in f) for c in range(3)]
+        assert all(n in (2, 3) for n in per_class)
+    assert folds == stratified_folds(samples, 5, seed=0) != stratified_folds(samples, 5, seed=1)
+
+
+def test_compare_scores_every_candidate_on_the_training_images_alone(small, swapped):
+    rows = graft.compare(small, budget="10m", backbones=LITE0, strategies=["extract"], workers=0)
+    assert [r["candidate"] for r in rows] != [] and len(
+        rows
+    ) == 2  # extract, with and without views
+    assert {r["candidate"] for r in rows} == {"efficientnet_lite0 extract",
+                                              "efficientnet_lite0 extract (+4 views)"}  # fmt: skip
+    for r in rows:
+        assert r["status"] == "scored" and r["folds"] == 5 and r["scored_images"] == 30
+        assert r["accuracy"] >= 0.8, r  # the shapes are easy
+        lo, hi = r["accuracy_ci95"]
+        assert lo <= r["accuracy"] <= hi
+    assert rows[0]["rank"] == 1 and rows.chosen is rows[0]
+    assert rows[0]["accuracy"] >= rows[1]["accuracy"]
+    # val/ with its labels swapped changes nothing: it took no part
+    again = graft.compare(swapped, budget="10m", backbones=LITE0, strategies=["extract"],
+                          workers=0)  # fmt: skip
+    assert _scores(again) == _scores(rows)
+
+
+def test_the_budget_runs_the_cheapest_first_and_says_what_it_skipped(small, monkeypatch):
+    monkeypatch.setattr(
+        Trials, "forward_seconds", lambda self, name, training=False: 0.05
+    )  # a known cost model
+    seen = []
+    rows = graft.compare(small, budget="30s", backbones=LITE0,
+                         strategies=["finetune", "extract"], workers=0,
+                         on_row=seen.append)  # fmt: skip
+    assert [r["candidate"] for r in seen] == ["efficientnet_lite0 extract",
+                                              "efficientnet_lite0 extract (+4 views)",
+                                              "efficientnet_lite0 finetune"]  # fmt: skip
+    status = {r["candidate"]: r for r in rows}
+    assert status["efficientnet_lite0 extract"]["status"] == "scored"
+    skipped = status["efficientnet_lite0 finetune"]
+    assert skipped["status"] == "skipped" and skipped["note"].startswith("needs about 37 s")
+    assert rows[-1] is skipped  # scored rows first
+    nothing = graft.compare(small, budget="1s", backbones=LITE0, strategies=["extract"], workers=0)
+    assert {r["status"] for r in nothing} == {"skipped"} and nothing.chosen is None
+
+
+def test_auto_trains_the_winner_on_train_and_scores_val_once(small, swapped, tmp_path):
+    kw = dict(auto=True, budget="10m", backbones=LITE0, strategies=["extract"], workers=0,
+              report=True)  # fmt: skip
+    run = graft.train(small, out=str(tmp_path / "a"), **kw)
+    meta = json.loads((run.run_dir / MODEL_META).read_text())
+    table = json.loads((run.run_dir / COMPARE_JSON).read_text())
+    assert meta["selection"]["chosen"] == table["chosen"] == run.selection["chosen"]
+    assert meta["config"]["keep"] == "last" and meta["val"]["protocol"].startswith("unbiased")
+    assert meta["best"]["epoch"] == len(run.history) == 60  # the last epoch, not the best
+    assert run.val_accuracy >= 0.8
+    probs = graft.load(run.run_dir).predict([small / "val" / "circle" / "000.png"])[0]
+    assert set(probs) == {"circle", "square", "triangle"}
+    html = (run.run_dir / "report.html").read_text()
+    assert "How good is it really" in html and table["chosen"] in html and "unbiased" in html
+    assert (run.run_dir / COMPARE_HTML).is_file()
+    # by construction: val swapped, the same choice and the very same weights; only the
+    # reported number moves, and it falls to what a swapped val deserves
+    other = graft.train(swapped, out=str(tmp_path / "b"), **kw)
+    assert other.selection["chosen"] == run.selection["chosen"]
+    a, b = load_file(run.run_dir / MODEL_WEIGHTS), load_file(other.run_dir / MODEL_WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert other.val_accuracy <= 0.2
+
+
+def test_bad_grids_and_budgets_are_one_line_errors(small, tmp_path):
+    with pytest.raises(BackboneError, match="efficientnet_lite0"):
+        default_grid(["efficientnet_lite9"])
+    with pytest.raises(ConfigError, match="unknown strategy 'fine' in the grid; choose from "
+                       "extract, finetune, partial"):  # fmt: skip
+        default_grid(LITE0, ["fine"])
+    for bad in ("0", "abc", "-5m", ""):
+        with pytest.raises(ConfigError, match="budget must be a positive duration like 300s, "
+                           "5m or 1h"):  # fmt: skip
+            parse_budget(bad)
+    assert parse_budget("90s") == 90 and parse_budget("1.5h") == 5400
+    with pytest.raises(ConfigError, match=r"20-fold selection needs at least 20 training images "
+                       r"per class; too few in: circle \(10\).*--folds 10"):  # fmt: skip
+        graft.compare(small, folds=20, backbones=LITE0)
+    r = subprocess.run([sys.executable, "-m", "graft", "compare", str(small), "--budget", "abc",
+                        "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("error: budget must be a positive duration like 300s, 5m or 1h, "
+                                "got 'abc'")  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "graft", "train", str(small), "--auto",
+                        "--strategy", "finetune"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "--auto chooses the backbone and the strategy" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_candidates_train_with_the_last_epoch_kept():
+    cfg = Candidate("efficientnet_lite0", "partial", unfreeze_last=4).config(
+        graft.make_config("x", strategy="extract", patience=3, epochs=99)
+    )
+    assert (cfg.strategy, cfg.unfreeze_last, cfg.keep, cfg.patience) == ("partial", 4, "last", 0)
+    assert cfg.resolve().epochs == 10  # the strategy's own defaults, not the base's
+    with pytest.raises(ConfigError, match="--patience lets the val split choose"):
+        graft.make_config("x", keep="last", patience=2)
+
+
+def test_partial_on_cached_activations_is_scored_on_every_fold_finetune_on_the_first(small):
+    rows = graft.compare(small, budget="10m", backbones=LITE0, strategies=["partial", "finetune"],
+                         workers=0, image_size=64)  # fmt: skip
+    by = {r["strategy"]: r for r in rows}
+    assert set(by) == {"partial", "finetune"}
+    assert all(r["status"] == "scored" for r in rows), rows
+    assert (by["finetune"]["folds"], by["finetune"]["scored_images"]) == (1, 6)
+    assert (by["partial"]["folds"], by["partial"]["scored_images"]) == (5, 30)
+    assert by["partial"]["unfreeze_last"] == 4  # the last third of lite0's 11 blocks
+    assert by["partial"]["trainable_params"] < by["finetune"]["trainable_params"]

@@ -1,0 +1,60 @@
+"""`graft.train`: a TrainConfig in, a run folder out whose config.yaml reproduces the run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import graft
+from graft.core.config import make_config
+from graft.core.runfolder import CONFIG
+
+
+def test_saved_config_holds_every_value_that_ran(trained_run):
+    saved = yaml.safe_load((trained_run.run_dir / CONFIG).read_text())
+    for key in ("workers", "image_size", "out", "cache_dir", "epochs", "lr", "optimizer"):
+        assert saved[key] is not None, key
+    assert saved["image_size"] == 224 and saved["out"] == str(trained_run.run_dir)
+    assert make_config(None, trained_run.run_dir / CONFIG) == trained_run.config
+
+
+def test_train_takes_a_train_config(shapes_dir, tmp_path):
+    cfg = make_config(shapes_dir, epochs=3, workers=0, report=False, out=str(tmp_path / "r"))
+    run = graft.train(cfg)
+    assert len(run.history) == 3 and run.config.epochs == 3 and run.config.optimizer == "adamw"
+    again = graft.train(cfg, epochs=2, overwrite=True)  # keyword options override it
+    assert again.config.epochs == 2
+
+
+def test_explain_runs_on_the_device_asked_for(trained_run, shapes_dir, tmp_path):
+    image = shapes_dir / "val" / "circle" / "000.png"
+    r = subprocess.run(
+        [sys.executable, "-m", "graft", "explain", str(trained_run.run_dir), str(image),
+         "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["000-000-gradcam.png"]
+
+
+@pytest.mark.parametrize("strategy", ["extract", "finetune"])
+def test_one_model_one_accuracy(shapes_dir, tmp_path, strategy):
+    """model.json, the run summary, the report and `graft evaluate` give the same number."""
+    out = tmp_path / strategy
+    extra = {"image_size": 64, "batch_size": 8} if strategy == "finetune" else {}
+    run = graft.train(shapes_dir, strategy=strategy, epochs=2, workers=0, out=str(out), **extra)
+    meta = json.loads((out / "model.json").read_text())
+    r = subprocess.run([sys.executable, "-m", "graft", "evaluate", str(out), str(shapes_dir),
+                        "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    evaluated = json.loads(r.stdout)
+    assert evaluated["n"] == meta["val"]["n"] == 24
+    assert evaluated["accuracy"] == meta["val"]["accuracy"] == run.val_accuracy
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"]["accuracy"] == meta["val"]["accuracy"]
+    rebuilt = graft.report(out, explain_images=0)  # predicts the val images afresh
+    assert rebuilt["evaluation"]["accuracy"] == meta["val"]["accuracy"]
