@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from graft.core.constants import MAX_PIXELS
 from graft.core.errors import DatasetError, ImageError
 from graft.data.discovery import discover, find_images, verify
-from graft.data.images import MAX_PIXELS, load_image
+from graft.data.images import load_image
 from graft.data.transforms import PreprocessSpec, build_transforms
 
 from ..conftest import make_shapes

@@ -121,8 +121,10 @@ def test_attribution_concentrates_on_the_deciding_patch(tmp_path_factory, method
         inside = np.zeros_like(heat, dtype=bool)
         inside[max(0, y0) : y1, max(0, x0) : x1] = True
         ratios.append(heat[inside].mean() / max(heat[~inside].mean(), 1e-6))
-    good = sum(r >= 2 for r in ratios)
-    assert good >= 0.75 * len(ratios), ratios
+    # a map blind to the patch gives ratios around 1; the numerics of the CPU move single ratios
+    # (1.8-6.8 seen on one machine, all over 2 on another), so the test asks what holds on every
+    # image with a wide margin over chance, and a clear concentration on average
+    assert min(ratios) > 1.25 and sum(ratios) / len(ratios) >= 2.0, ratios
 
 
 def _box_of(path: Path) -> tuple[int, int, int, int]:

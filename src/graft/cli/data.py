@@ -23,9 +23,9 @@ def verify(
     ] = None,
 ) -> None:
     """Check a data folder's layout and decode every image; list each bad file and why."""
+    from ..core.constants import MAX_PIXELS
     from ..core.runtime import default_workers
     from ..data.discovery import verify as verify_data
-    from ..data.images import MAX_PIXELS
 
     split, bad, large = verify_data(data_dir, default_workers() + 1, max_pixels or MAX_PIXELS)
     render.verification(split, bad, large, "json" if as_json else "text")

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from ..core.constants import ONNX_OPSET
 from ..core.errors import GraftError
 from . import data as cli_data
 from . import render
@@ -132,7 +133,7 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
     format: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
     out: Annotated[Path | None, typer.Option(help="Output file (default RUN/model.onnx).")] = None,
-    opset: Annotated[int, typer.Option(min=7, help="ONNX opset.")] = 18,
+    opset: Annotated[int, typer.Option(min=7, help="ONNX opset.")] = ONNX_OPSET,
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch/--no-dynamic-batch", help="Any batch size.")
     ] = True,

@@ -10,13 +10,12 @@ from typing import Any
 
 import yaml
 
-from ..data.images import MAX_PIXELS
+from .constants import MAX_IMAGE_SIZE, MAX_PIXELS, MEMORY_GB
 from .errors import ConfigError, did_you_mean
 from .runfolder import default_run_dir
 from .runtime import default_cache_dir, default_workers
 
 STRATEGIES = ("extract", "finetune", "partial")
-MAX_IMAGE_SIZE = 1024  # network input side; 100000 would ask for terabytes, not train
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "none")
 BALANCE = ("none", "weights", "sampler")
@@ -69,7 +68,7 @@ class TrainConfig:
     # image per epoch; 0 (default) runs the trunk live on fresh augmentations, which scored
     # higher on unseen images on 3 of 4 sets (docs/QUALITY.md)
     cache_views: int = 0
-    memory_gb: float = 2.0  # decoded images or cached activations kept in RAM; past it, from disk
+    memory_gb: float = MEMORY_GB  # decoded images or cached activations kept in RAM; past it, disk
     skip_bad: bool = False  # train without unreadable files instead of stopping
     max_pixels: int = MAX_PIXELS  # decoded pixels per image; Pillow's own refusal level
     dedupe: bool = False  # drop validation/test images that are also in train

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from .images import MAX_PIXELS, BadFile, decode_files, load_image, shrink_to_side, verify_files
+from ..core.constants import MAX_PIXELS, MEMORY_GB
+from .images import BadFile, decode_files, load_image, shrink_to_side, verify_files
 from .splits import Sample
 from .transforms import PreprocessSpec, build_transforms, geometry_transforms, tensor_transforms
 
 log = logging.getLogger(__name__)
 
-MEMORY_BUDGET = 2 << 30  # bytes of decoded pixels kept in memory, train and val together
 
 
 def decode_to_tensor(path: str, side: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
@@ -80,7 +80,7 @@ def build_datasets(
     spec: PreprocessSpec,
     rotation: float = 0.0,
     workers: int = 2,
-    memory_budget: int = MEMORY_BUDGET,
+    memory_budget: int = int(MEMORY_GB * 2**30),
     max_pixels: int = MAX_PIXELS,
 ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, list[BadFile]]:
     """Train and val datasets, decoded once in memory when they fit the budget.

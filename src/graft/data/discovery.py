@@ -13,8 +13,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..core.constants import MAX_PIXELS
 from ..core.errors import DatasetError
-from .images import MAX_PIXELS, BadFile, verify_files
+from .images import BadFile, verify_files
 from .splits import DatasetSplit, Sample, stratified_split
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..core.constants import MAX_PIXELS
 from ..core.errors import ImageError
 
-# Pillow warns over 89,478,485 pixels and refuses over twice that; graft refuses where Pillow
-# does, but counts the pixels it will really decode (a JPEG drafted at 1/8 scale counts 1/64)
-MAX_PIXELS = 2 * 89_478_485  # 178,956,970: --max-pixels changes it
 LARGE_PIXELS = 89_478_485  # `graft verify` notes images over this as large
 DECODE_BUDGET = 250_000_000  # pixels being decoded at once across threads (~1 GB of RGBA)
 MAX_ASPECT = 10.0  # longer/shorter side beyond this is padded, so resizing cannot explode

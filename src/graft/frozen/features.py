@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.constants import FOLD_PARITY, MAX_PIXELS
 from ..core.runtime import Progress, Runtime, default_cache_dir, no_progress
-from ..data.images import MAX_PIXELS, BadFile
+from ..data.images import BadFile
 from ..data.splits import Sample
 from ..models.backbones import Backbone
 from .runners import engine_runtime, frozen_runner
@@ -106,7 +107,7 @@ def _same_function(a: nn.Module, b: nn.Module, size: int) -> bool:
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ya, yb = a.eval()(x).float(), b(x).float()
-    same = bool(((ya - yb).abs().max() <= 1e-3 * ya.abs().max().clamp_min(1e-6)).item())
+    same = bool(((ya - yb).abs().max() <= FOLD_PARITY * ya.abs().max().clamp_min(1e-6)).item())
     if not same:
         log.warning("folding BatchNorm changed this network's output: extracting unfolded")
     return same

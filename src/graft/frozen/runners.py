@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 from ..core.config import ENGINES
+from ..core.constants import FP32_PARITY, ONNX_OPSET
 from ..core.errors import ConfigError
 from ..core.runtime import Runtime, atomic_path
 
 log = logging.getLogger(__name__)
 
-_TOLERANCE = 1e-4  # relative to the largest feature: fp32 rounding is ~1e-6, fp16 noise ~1e-3
-_OPSET = 18
 
 
 def onnxruntime_available() -> bool:
@@ -94,7 +93,7 @@ class _OrtRunner:
         with torch.inference_mode():
             want = net.float()(x)
         err = float((self(x) - want).abs().max() / want.abs().max().clamp_min(1e-6))
-        if not err <= _TOLERANCE:
+        if not err <= FP32_PARITY:
             path.unlink(missing_ok=True)
             raise ValueError(f"its output differs from PyTorch's by {err:.1e} (relative)")
 
@@ -115,5 +114,5 @@ def _export(net: nn.Module, size: int, path: Path) -> None:
         warnings.simplefilter("ignore")
         torch.onnx.export(net.float().eval(), (x,), str(tmp), dynamo=True, verbose=False,
                           input_names=["image"], output_names=["features"],
-                          opset_version=_OPSET, dynamic_shapes=({0: batch},),
+                          opset_version=ONNX_OPSET, dynamic_shapes=({0: batch},),
                           external_data=False)  # fmt: skip

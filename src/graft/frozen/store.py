@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.constants import MAX_PIXELS
 from ..core.errors import GraftError, ImageError
 from ..core.runtime import (
     Progress,
@@ -27,7 +28,7 @@ from ..core.runtime import (
     loader_workers,
     no_progress,
 )
-from ..data.images import MAX_PIXELS, file_digest, load_image, shrink_to_side
+from ..data.images import file_digest, load_image, shrink_to_side
 from ..data.splits import Sample
 from ..data.transforms import build_transforms
 from ..models.backbones import Backbone

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.constants import FP32_PARITY, MAX_PIXELS
 from ..core.errors import GraftError
 from ..core.runtime import Progress, Runtime, default_cache_dir, no_progress
-from ..data.images import MAX_PIXELS, BadFile
+from ..data.images import BadFile
 from ..data.splits import Sample
 from ..models.backbones import Backbone, GraftNet
 from .features import fold_batchnorm, model_key
@@ -139,7 +140,7 @@ def split_backbone(backbone: Backbone, first: str) -> Split | None:
                 for tail in _tails(net.features):
                     got = Top(blocks, tail)(a).float()
                     if got.shape == want.shape and bool(
-                        (got - want).abs().max() <= 1e-4 * want.abs().max().clamp_min(1e-6)
+                        (got - want).abs().max() <= FP32_PARITY * want.abs().max().clamp_min(1e-6)
                     ):
                         return Split(trunk, Top(blocks, tail), names, tuple(a.shape[1:]))
     finally:

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.constants import MAX_PIXELS
 from ..core.errors import CheckpointError, DatasetError, GraftError, ImageError
 from ..core.metrics import classification_report, confusion_matrix, most_confused
 from ..core.runtime import Runtime, resolve_runtime
 from ..data.discovery import labelled_samples
-from ..data.images import MAX_PIXELS, load_image, prepare_image
+from ..data.images import load_image, prepare_image
 from ..data.splits import Sample
 from ..data.transforms import build_transforms
 from ..models.backbones import Backbone

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.constants import EXPORT_PROBABILITY_PARITY, ONNX_OPSET
 from ..core.errors import GraftError
 from ..core.runfolder import SPLIT
 from ..core.runtime import atomic_path
@@ -30,8 +31,6 @@ from .onnxfile import FORMAT, require
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
-DEFAULT_OPSET = 18
-MAX_ABS_DIFF = 1e-3  # probabilities; fp32 ONNX Runtime vs PyTorch agree to ~1e-7 on lite0
 CHECK_IMAGES = 16
 
 
@@ -64,7 +63,7 @@ class _WithPreprocessing(nn.Module):
 def export(
     run_dir: str | Path,
     out: str | Path | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int = ONNX_OPSET,
     dynamic_batch: bool = True,
 ) -> ExportResult:
     """Write `RUN/model.onnx` (or `out`) and check it against the PyTorch model.
@@ -86,12 +85,12 @@ def export(
     with atomic_path(out) as tmp:  # one self-contained file, kept only if it agrees
         _save(proto, tmp)
         result = check_parity(clf, tmp, run_dir, dynamic_batch)
-        if result.max_abs_diff > MAX_ABS_DIFF or result.top1_agreement < 1.0:
+        if result.max_abs_diff > EXPORT_PROBABILITY_PARITY or result.top1_agreement < 1.0:
             raise ExportError(
                 f"the exported model disagrees with PyTorch on {result.images} {result.source} "
                 f"image(s): max |p_onnx - p_torch| = {result.max_abs_diff:.2e} (limit "
-                f"{MAX_ABS_DIFF:.0e}), top-1 agreement {result.top1_agreement:.1%}; nothing was "
-                f"written (try another --opset)"
+                f"{EXPORT_PROBABILITY_PARITY:.0e}), top-1 agreement "
+                f"{result.top1_agreement:.1%}; nothing was written (try another --opset)"
             )
     result.path = out
     return result
