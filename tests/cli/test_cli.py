@@ -187,3 +187,44 @@ def test_hostile_values_end_in_one_line(trained_run, shapes_dir, tmp_path):
         r = graft(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_train_and_compare_options_are_the_config_schema():
+    """Every TrainConfig field is an option of `graft train`, with the field's own help text;
+    compare has all but those it chooses per candidate (and its own --out)."""
+    from dataclasses import fields
+
+    from typer.main import get_command
+
+    from graft.cli.main import app
+    from graft.core.config import CHOSEN_PER_CANDIDATE, TrainConfig
+
+    cli = get_command(app)
+    names = {f.name for f in fields(TrainConfig)} - {"data_dir"}
+    train = {p.name: p for p in cli.commands["train"].params}
+    assert names <= set(train)
+    assert train["memory_gb"].help == TrainConfig.__dataclass_fields__["memory_gb"].metadata["help"]
+    assert train["memory_gb"].opts == ["--memory-gb"] and train["skip_bad"].secondary_opts
+    compare = {p.name for p in cli.commands["compare"].params}
+    assert compare & names == names - set(CHOSEN_PER_CANDIDATE) - {"report"}  # its own --out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optimizer", "adam", "--momentum", "0.5"], "--momentum is ignored with --optimizer adam"),
+        (["--strategy", "finetune", "--schedule", "cosine", "--step-size", "3"],
+         "--step-size is ignored with --schedule cosine"),
+        (["--engine", "onnxruntime", "--strategy", "finetune"],
+         "--engine onnxruntime is ignored with --strategy finetune"),
+        (["--auto", "--epochs", "3", "--warmup-epochs", "1", "--backbones", "efficientnet_lite0"],
+         "the candidate efficientnet_lite0 extract cannot honour the settings given: "
+         "--warmup-epochs is ignored with --strategy extract"),
+    ],
+)  # fmt: skip
+def test_ignored_settings_stop_with_one_line(tmp_path, args, message):
+    data = make_shapes(tmp_path / "data", n_train=3, n_val=1)
+    r = graft("train", data, "--out", tmp_path / "run", *args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -101,3 +101,38 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path):
     (tmp_path / "c.yaml").write_bytes(b"data_dir: d\nepochs: \xff\xfe\n")
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         make_config(None, tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"optimizer": "adam", "momentum": 0.5}, "--momentum is ignored with --optimizer adam"),
+        ({"momentum": 0.5}, "--momentum is ignored with --optimizer adamw"),  # extract's default
+        ({"schedule": "cosine", "step_size": 3, "strategy": "finetune"},
+         "--step-size is ignored with --schedule cosine"),
+        ({"schedule": "none", "gamma": 0.5}, "--gamma is ignored with --schedule none"),
+        ({"engine": "onnxruntime", "strategy": "finetune"},
+         "--engine onnxruntime is ignored with --strategy finetune"),
+        ({"engine": "onnxruntime", "strategy": "partial", "unfreeze_last": 2},
+         "--engine onnxruntime is ignored with --strategy partial"),
+        ({"backbone_lr_mult": 0.5, "strategy": "finetune"},
+         "--backbone-lr-mult is ignored without --warmup-epochs"),
+        ({"backbone_lr_mult": 0.5}, "--backbone-lr-mult is ignored with --strategy extract"),
+        ({"memory_gb": 8.0}, "--memory-gb is ignored with --strategy extract"),
+    ],
+)  # fmt: skip
+def test_settings_the_run_would_ignore_are_refused(options, message):
+    with pytest.raises(ConfigError) as err:
+        make_config("d", **options)
+    assert message in str(err.value)
+
+
+def test_inert_settings_resolve_to_none_and_their_defaults_pass():
+    """A saved config shows only what ran; configs saved before hold the defaults: accepted."""
+    cfg = make_config("d", momentum=0.9, step_size=7, gamma=0.1, memory_gb=2.0).resolve()
+    assert (cfg.momentum, cfg.step_size, cfg.gamma, cfg.memory_gb) == (None, None, None, None)
+    ft = make_config("d", strategy="finetune", warmup_epochs=2, backbone_lr_mult=0.5).resolve()
+    assert (ft.momentum, ft.backbone_lr_mult, ft.memory_gb) == (0.9, 0.5, 2.0)
+    assert make_config("d", strategy="finetune", optimizer="adam").resolve().momentum is None
+    with pytest.raises(ConfigError, match=r"rotation must be a finite number in \[0, 180\]"):
+        make_config("d", rotation=float("nan"), cache_views=2)

@@ -142,18 +142,50 @@ def test_bad_grids_and_budgets_are_one_line_errors(small, tmp_path):
                                 "got 'abc'")  # fmt: skip
     r = subprocess.run([sys.executable, "-m", "graft", "train", str(small), "--auto",
                         "--strategy", "finetune"], capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 2 and "--auto chooses the backbone and the strategy" in r.stderr
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("error: --strategy: the comparison chooses these per candidate "
+                                "(keeping each model's last epoch); limit the choice with "
+                                "--backbones and --strategies, or train one model without --auto")
     assert "Traceback" not in r.stderr
 
 
-def test_candidates_train_with_the_last_epoch_kept():
+def test_candidates_honour_the_settings_given_and_keep_the_last_epoch():
     cfg = Candidate("efficientnet_lite0", "partial", unfreeze_last=4).config(
-        graft.make_config("x", strategy="extract", patience=3, epochs=99)
+        graft.make_config("x", strategy="extract", epochs=99, lr=0.5)
     )
     assert (cfg.strategy, cfg.unfreeze_last, cfg.keep, cfg.patience) == ("partial", 4, "last", 0)
-    assert cfg.resolve().epochs == 10  # the strategy's own defaults, not the base's
+    resolved = cfg.resolve()
+    assert (resolved.epochs, resolved.lr, resolved.optimizer) == (99, 0.5, "sgd")  # sgd: default
     with pytest.raises(ConfigError, match="--patience lets the val split choose"):
         graft.make_config("x", keep="last", patience=2)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"keep": "best"}, "--keep: the comparison chooses these per candidate"),
+        ({"patience": 3, "cache_views": 2}, "--cache-views, --patience: the comparison chooses"),
+        ({"warmup_epochs": 2}, "the candidate efficientnet_lite0 extract cannot honour the "
+         "settings given: --warmup-epochs is ignored with --strategy extract"),
+        ({"optimizer": "adam", "momentum": 0.5}, "the candidate efficientnet_lite0 extract cannot "
+         "honour the settings given: --momentum is ignored with --optimizer adam"),
+    ],
+)  # fmt: skip
+def test_a_setting_some_candidate_would_drop_is_refused(small, options, message):
+    with pytest.raises(ConfigError) as err:
+        graft.compare(small, backbones=LITE0, strategies=["extract", "finetune"], **options)
+    assert message in str(err.value)
+    with pytest.raises(ConfigError, match="--backbones has an empty item"):
+        graft.compare(small, backbones=[" ", ""])
+
+
+def test_auto_trains_every_candidate_with_the_epochs_given(small, tmp_path):
+    run = graft.train(small, out=str(tmp_path / "r"), auto=True, budget="10m", backbones=LITE0,
+                      strategies=["extract"], epochs=3, lr=0.01, workers=0, report=False)  # fmt: skip
+    rows = run.selection["rows"]
+    assert [r["settings"]["epochs"] for r in rows] == [3, 3]
+    assert {r["settings"]["lr"] for r in rows} == {0.01}
+    assert len(run.history) == 3 and run.config.lr == 0.01 and run.config.keep == "last"
 
 
 def test_partial_on_cached_activations_is_scored_on_every_fold_finetune_on_the_first(small):

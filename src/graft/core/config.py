@@ -13,74 +13,106 @@ import yaml
 from .constants import MAX_IMAGE_SIZE, MAX_PIXELS, MEMORY_GB
 from .errors import ConfigError, did_you_mean
 from .runfolder import default_run_dir
-from .runtime import default_cache_dir, default_workers
+from .runtime import PRECISIONS, default_cache_dir, default_workers
 
 STRATEGIES = ("extract", "finetune", "partial")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "none")
 BALANCE = ("none", "weights", "sampler")
 KEEP = ("best", "last")
-ENGINES = ("torch", "onnxruntime")  # the frozen extractor's (engines.py)
+ENGINES = ("torch", "onnxruntime")  # the frozen extractor's (frozen/runners.py)
+# what a comparison (graft compare, train --auto) sets per candidate: refused when given there
+CHOSEN_PER_CANDIDATE = ("backbone", "strategy", "unfreeze", "unfreeze_last", "cache_views", "keep",
+                        "patience")  # fmt: skip
+
+
+def _setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A config field with its help text (the CLI's options are generated from it, cli/options.py)
+    and, for a closed set of values, its choices."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run. `None` means "the strategy's default" (see
-    `resolve()`), so a saved config always shows the values that were really used."""
+    `resolve()`), or for a setting the run does not use, that it is not used: a saved config
+    shows the values that really ran. A setting that would have no effect is refused."""
 
-    data_dir: str
-    backbone: str = "efficientnet_lite0"  # embedded weights: works offline on any machine
-    pretrained: bool = True
-    weights: str | None = None  # local state dict (safetensors or torch file) instead of a download
-    strategy: str = "extract"  # cheapest, and within a few points of fine-tuning on small data
-    unfreeze: tuple[str, ...] = ()  # block names for strategy=partial
-    unfreeze_last: int = 0  # or: the last N blocks for strategy=partial
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    momentum: float = 0.9  # the tutorial's SGD momentum
-    weight_decay: float | None = None
-    schedule: str | None = None
-    step_size: int = 7  # the tutorial's StepLR(step_size=7, gamma=0.1)
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    warmup_epochs: int = 0  # finetune: train the head alone this many epochs first
-    backbone_lr_mult: float = 0.1  # finetune/partial: backbone LR = lr * this, after warm-up
-    # finetune/partial: first half of the epochs at ~70% size. Off: on the demo it cost 4 points
-    # of val accuracy (0.917 vs 0.958) for 7% less time (348 vs 375 s, docs/PERFORMANCE.md)
-    progressive: bool = False
-    patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
-    # best: the epoch with the best val accuracy (the tutorial's way; it flatters a small val
-    # split). last: the final epoch, so val chooses nothing and its accuracy is unbiased
-    keep: str = "best"
-    seed: int = 0
-    image_size: int | None = None  # None: the backbone's pretrained input size
-    rotation: float = 0.0  # train augmentation: random rotation up to this many degrees
-    val_fraction: float = 0.2  # flat layout: share of each class held out for validation
-    workers: int | None = None  # None: cores - 1, at most 8
-    device: str = "auto"
-    precision: str = "auto"
-    engine: str = "torch"  # frozen extractor; onnxruntime: faster on a CPU, opt-in (engines.py)
-    cache_dir: str | None = None  # feature cache; None: ~/.cache/graft (or $GRAFT_CACHE_DIR)
-    # augmented views per training image held in the cache. extract: extra training views.
-    # partial: K > 0 trains the top blocks on K cached views of the trunk's activations, one per
-    # image per epoch; 0 (default) runs the trunk live on fresh augmentations, which scored
-    # higher on unseen images on 3 of 4 sets (docs/QUALITY.md)
-    cache_views: int = 0
-    memory_gb: float = MEMORY_GB  # decoded images or cached activations kept in RAM; past it, disk
-    skip_bad: bool = False  # train without unreadable files instead of stopping
-    max_pixels: int = MAX_PIXELS  # decoded pixels per image; Pillow's own refusal level
-    dedupe: bool = False  # drop validation/test images that are also in train
-    balance: str = "none"  # imbalanced classes: loss weights or a balanced sampler
-    out: str | None = None  # run folder; None: runs/<timestamp>-<backbone>
-    report: bool = True  # write report.html at the end of training
+    data_dir: str = dataclasses.field(
+        metadata={"help": "Folder of class folders, or with train/ and val/.", "choices": ()}
+    )
+    # embedded weights: works offline on any machine
+    backbone: str = _setting("efficientnet_lite0", "Backbone name (graft backbones) or timm:<name>.")
+    pretrained: bool = _setting(True, "Start from the backbone's pretrained weights.")
+    weights: str | None = _setting(None, "Local weights file (safetensors or torch) for the backbone.")
+    # extract: cheapest, and within a few points of fine-tuning on small data
+    strategy: str = _setting("extract", "What trains: the head on frozen features, everything, or "
+                             "the last blocks.", STRATEGIES)  # fmt: skip
+    unfreeze: tuple[str, ...] = _setting((), "partial: blocks to train, comma-separated "
+                                         "(graft backbones NAME --blocks).")  # fmt: skip
+    unfreeze_last: int = _setting(0, "partial: train the last N blocks.")
+    epochs: int | None = _setting(None, "Epochs (default: extract 60, finetune/partial 10).")
+    batch_size: int | None = _setting(None, "Images per step, per process [default: extract 64, "
+                                      "finetune/partial 16].")  # fmt: skip
+    optimizer: str | None = _setting(None, "(default: extract adamw, finetune/partial sgd).",
+                                     OPTIMIZERS)  # fmt: skip
+    lr: float | None = _setting(None, "Learning rate [default: extract 3e-3, finetune/partial "
+                                "4e-3].")  # fmt: skip
+    momentum: float | None = _setting(None, "sgd: momentum (default: 0.9, the tutorial's).")
+    weight_decay: float | None = _setting(None, "(default: extract 1e-2, finetune/partial 1e-4).")
+    schedule: str | None = _setting(None, "Learning-rate schedule [default: extract cosine, "
+                                    "finetune/partial step].", SCHEDULES)  # fmt: skip
+    # the tutorial's StepLR(step_size=7, gamma=0.1)
+    step_size: int | None = _setting(None, "step schedule: epochs between drops (default: 7).")
+    gamma: float | None = _setting(None, "step schedule: factor at each drop (default: 0.1).")
+    label_smoothing: float = _setting(0.0, "Label smoothing of the loss.")
+    warmup_epochs: int = _setting(0, "finetune/partial: train the head alone this many epochs "
+                                  "first.")  # fmt: skip
+    backbone_lr_mult: float | None = _setting(None, "finetune/partial after --warmup-epochs: "
+                                              "backbone LR = lr x this (default: 0.1).")  # fmt: skip
+    # Off: on the demo it cost 4 points of val accuracy (0.917 vs 0.958) for 7% less time (348 vs
+    # 375 s, docs/PERFORMANCE.md)
+    progressive: bool = _setting(False, "finetune/partial: first half of the epochs at ~70% size.")
+    patience: int = _setting(0, "Stop after this many epochs without improvement; 0 = off.")
+    # best: the tutorial's way; it flatters a small val split. last: val chooses nothing
+    keep: str = _setting("best", "Model kept: the best val epoch, or the last (its val accuracy "
+                         "is then unbiased).", KEEP)  # fmt: skip
+    seed: int = _setting(0, "Seed of the split, the data order and the augmentations.")
+    image_size: int | None = _setting(None, "Network input side (default: the backbone's).")
+    rotation: float = _setting(0.0, "Training augmentation: random rotation up to this many "
+                               "degrees.")  # fmt: skip
+    val_fraction: float = _setting(0.2, "Flat folder: share of each class held out for val.")
+    workers: int | None = _setting(None, "Data loading processes (default: cores - 1, at most 8).")
+    device: str = _setting("auto", "auto | cpu | cuda | cuda:N | mps.")
+    precision: str = _setting("auto", "auto: bf16/fp16 where the hardware is fast at it.",
+                              PRECISIONS)  # fmt: skip
+    # onnxruntime: faster on a CPU, opt-in (frozen/runners.py)
+    engine: str = _setting("torch", "extract: what runs the frozen extractor (onnxruntime: CPU, "
+                           "faster).", ENGINES)  # fmt: skip
+    cache_dir: str | None = _setting(None, "Feature cache folder [default: ~/.cache/graft or "
+                                     "$GRAFT_CACHE_DIR].")  # fmt: skip
+    # partial: 0 runs the trunk live on fresh augmentations, which scored higher on unseen
+    # images on 3 of 4 sets than K cached views (docs/QUALITY.md)
+    cache_views: int = _setting(0, "Augmented views per image in the cache: extract's extra "
+                                "training views; partial: train the top on K cached views of "
+                                "the trunk (0 = live).")  # fmt: skip
+    memory_gb: float | None = _setting(None, f"finetune/partial: GB of decoded images or cached "
+                                       f"activations kept in RAM (default: {MEMORY_GB:g}).")  # fmt: skip
+    skip_bad: bool = _setting(False, "Train without unreadable files instead of stopping.")
+    max_pixels: int = _setting(MAX_PIXELS, "Refuse images decoding to more pixels [default: "
+                               "Pillow's limit].")  # fmt: skip
+    dedupe: bool = _setting(False, "Drop val/test images identical to training ones.")
+    balance: str = _setting("none", "Imbalanced classes: loss weights or a balanced sampler.",
+                            BALANCE)  # fmt: skip
+    out: str | None = _setting(None, "Run folder (default: runs/<time>-<backbone>).")
+    report: bool = _setting(True, "Write report.html at the end of training.")
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("balance", self.balance, BALANCE)
         _check_choice("keep", self.keep, KEEP)
         _check_choice("engine", self.engine, ENGINES)
+        _check_choice("precision", self.precision, PRECISIONS)
         if self.keep == "last" and self.patience:
             raise ConfigError("--patience lets the val split choose when to stop, and --keep last "
                               "means it chooses nothing: use one of them")  # fmt: skip
@@ -101,7 +133,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
-        for name in ("warmup_epochs", "patience", "cache_views", "unfreeze_last", "rotation"):
+        for name in ("warmup_epochs", "patience", "cache_views", "unfreeze_last"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
@@ -113,6 +145,7 @@ class TrainConfig:
         _check_range("gamma", self.gamma, 0.0, 1.0, low_open=True)
         _check_range("backbone_lr_mult", self.backbone_lr_mult, 0.0, math.inf)
         _check_range("memory_gb", self.memory_gb, 0.0, math.inf)
+        _check_range("rotation", self.rotation, 0.0, 180.0)  # degrees either way
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be between 0 and 2**63-1, got {self.seed}")
         if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
@@ -123,21 +156,41 @@ class TrainConfig:
         self._refuse_ignored()
 
     def _refuse_ignored(self) -> None:
-        """Settings that would have no effect are refused, never silently dropped."""
+        """Settings that would have no effect are refused, never silently dropped. A value equal
+        to the setting's default is let through: it changes nothing either way, and configs saved
+        before a setting became conditional hold it (momentum 0.9 beside adamw)."""
+        defaults = _strategy_defaults(self.strategy)
+        optimizer = self.optimizer or defaults["optimizer"]
+        schedule = self.schedule or defaults["schedule"]
+        given = {k: getattr(self, k) for k in _LEGACY_DEFAULTS
+                 if getattr(self, k) not in (None, _LEGACY_DEFAULTS[k])}  # fmt: skip
+        if "momentum" in given and optimizer != "sgd":
+            raise ConfigError(f"--momentum is ignored with --optimizer {optimizer} (momentum is "
+                              "SGD's; adam and adamw keep their own moments): drop it or use "
+                              "--optimizer sgd")  # fmt: skip
+        for name in ("step_size", "gamma"):
+            if name in given and schedule != "step":
+                raise ConfigError(f"--{_flag(name)} is ignored with --schedule {schedule} (it "
+                                  "shapes the step schedule): drop it or use --schedule step")  # fmt: skip
+        if self.engine != "torch" and self.strategy != "extract":
+            raise ConfigError(f"--engine {self.engine} is ignored with --strategy "
+                              f"{self.strategy} (the engine runs extract's frozen extractor; "
+                              "the blocks that train run in PyTorch): drop it or use --strategy "
+                              "extract")  # fmt: skip
         if self.strategy == "finetune" and self.cache_views:
             raise ConfigError("--cache-views is ignored with --strategy finetune (every block "
                               "trains, so nothing below them can be cached); use it with "
                               "extract or partial")  # fmt: skip
         if self.strategy != "extract":
+            if "backbone_lr_mult" in given and not self.warmup_epochs:
+                raise ConfigError("--backbone-lr-mult is ignored without --warmup-epochs (the "
+                                  "backbone trains at lr from the start): add --warmup-epochs N "
+                                  "or drop it")  # fmt: skip
             return
-        if self.warmup_epochs:
-            raise ConfigError("--warmup-epochs is ignored with --strategy extract (only the head "
-                              "trains); use it with finetune or partial")  # fmt: skip
-        if self.progressive:
-            raise ConfigError(
-                "--progressive is ignored with --strategy extract (features are "
-                "computed once, at full size); use it with finetune or partial"
-            )
+        for name in ("warmup_epochs", "progressive", "backbone_lr_mult", "memory_gb"):
+            if getattr(self, name) and (name in given or name not in _LEGACY_DEFAULTS):
+                raise ConfigError(f"--{_flag(name)} is ignored with --strategy extract "
+                                  f"({_EXTRACT_IGNORES[name]}); use it with finetune or partial")  # fmt: skip
         if self.rotation and not self.cache_views:
             raise ConfigError("--rotation is ignored with --strategy extract unless the cache "
                               "holds augmented views: add --cache-views N (e.g. 4)")  # fmt: skip
@@ -145,23 +198,26 @@ class TrainConfig:
     def resolve(self, input_size: int | None = None) -> TrainConfig:
         """Fill every `None` with the value that really runs, so the saved config reproduces
         the run: the strategy's defaults, the workers, the feature cache folder, the run folder,
-        and (given the backbone's pretrained `input_size`) the image size.
+        and (given the backbone's pretrained `input_size`) the image size. A setting this run does
+        not use is None (momentum beside adamw, step_size beside cosine, memory_gb for extract).
 
         extract trains a linear head on cached features: AdamW, many cheap epochs.
         finetune/partial keep the tutorial's SGD(0.9) + StepLR(7, 0.1), with a batch of 16 and the
         LR scaled linearly from the tutorial's 1e-3 at batch 4 (bench/train_step.py measured
         batch 4 faster per image on a 2-core CPU: an open question, docs/PERFORMANCE.md).
         """
-        if self.strategy == "extract":
-            defaults = dict(epochs=60, batch_size=64, optimizer="adamw", lr=3e-3,
-                            weight_decay=1e-2, schedule="cosine")  # fmt: skip
-        else:
-            defaults = dict(epochs=10, batch_size=16, optimizer="sgd", lr=4e-3,
-                            weight_decay=1e-4, schedule="step")  # fmt: skip
+        defaults = _strategy_defaults(self.strategy)
         defaults.update(workers=default_workers(), cache_dir=str(default_cache_dir()),
                         out=str(default_run_dir(self.backbone)), image_size=input_size)  # fmt: skip
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
-        return dataclasses.replace(self, **updates)
+        cfg = dataclasses.replace(self, **updates)
+        used = {"momentum": cfg.optimizer == "sgd", "step_size": cfg.schedule == "step",
+                "gamma": cfg.schedule == "step",
+                "backbone_lr_mult": cfg.strategy != "extract" and cfg.warmup_epochs > 0,
+                "memory_gb": cfg.strategy != "extract"}  # fmt: skip
+        values = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else _LEGACY_DEFAULTS[k])
+                  if use else None for k, use in used.items()}  # fmt: skip
+        return dataclasses.replace(cfg, **values)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -188,6 +244,29 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
             f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of "
             f"{', '.join(choices)}"
         )
+
+
+# what a setting defaults to where it applies; before graft 0.2 every saved config held these
+_LEGACY_DEFAULTS = {"momentum": 0.9, "step_size": 7, "gamma": 0.1, "backbone_lr_mult": 0.1,
+                    "memory_gb": MEMORY_GB}  # fmt: skip
+_EXTRACT_IGNORES = {
+    "warmup_epochs": "only the head trains",
+    "progressive": "features are computed once, at full size",
+    "backbone_lr_mult": "the backbone does not train",
+    "memory_gb": "features take little memory; the budget is for decoded images and activations",
+}
+
+
+def _strategy_defaults(strategy: str) -> dict[str, Any]:
+    if strategy == "extract":
+        return dict(epochs=60, batch_size=64, optimizer="adamw", lr=3e-3, weight_decay=1e-2,
+                    schedule="cosine")  # fmt: skip
+    return dict(epochs=10, batch_size=16, optimizer="sgd", lr=4e-3, weight_decay=1e-4,
+                schedule="step")  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def make_config(

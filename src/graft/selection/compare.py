@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..core.config import STRATEGIES, make_config
+from ..core.config import CHOSEN_PER_CANDIDATE, STRATEGIES, TrainConfig, make_config
 from ..core.errors import ConfigError
 from ..core.runtime import Progress, no_progress
 from ..data.discovery import discover
@@ -80,7 +80,8 @@ def default_grid(backbones: Sequence[str] | None = None,
                  strategies: Sequence[str] | None = None) -> list[Candidate]:  # fmt: skip
     """Every backbone (default: those whose pretrained weights are on this machine) x extract,
     extract with augmented views, partial (the last third of the blocks) and finetune."""
-    strategies = list(strategies or STRATEGIES)
+    strategies = _names("strategies", strategies) or list(STRATEGIES)
+    backbones = _names("backbones", backbones)
     for s in strategies:
         if s not in STRATEGIES:
             raise ConfigError(f"unknown strategy {s!r} in the grid; choose from "
@@ -136,8 +137,14 @@ def compare(
     seconds = parse_budget(budget)
     if folds < 2:
         raise ConfigError(f"folds must be 2 or more, got {folds}")
-    base = make_config(data_dir, **options)
+    chosen_here = [f"--{k.replace('_', '-')}" for k in CHOSEN_PER_CANDIDATE
+                   if options.get(k) is not None]  # fmt: skip
+    if chosen_here:
+        raise ConfigError(f"{', '.join(chosen_here)}: the comparison chooses these per candidate "
+                          "(keeping each model's last epoch); limit the choice with --backbones "
+                          "and --strategies, or train one model without --auto")  # fmt: skip
     grid = default_grid(backbones, strategies)
+    base = candidate_configs(data_dir, grid, options)[0]
     split = discover(base.data_dir, base.val_fraction, base.seed)
     pool = split.train  # the val split is never read here
     _check_folds(split, folds)
@@ -159,8 +166,37 @@ def compare(
                       pool=len(pool), data_dir=split.root)  # fmt: skip
 
 
+def candidate_configs(data_dir: str, grid: Sequence[Candidate],
+                      options: dict[str, Any]) -> list[TrainConfig]:  # fmt: skip
+    """Each candidate's config: the settings given (`options`), honoured by every candidate, and
+    its own. A setting some candidate would ignore is refused, naming the candidate."""
+    configs = []
+    for cand in grid:
+        try:
+            configs.append(make_config(data_dir, **options, **cand.settings()))
+        except ConfigError as exc:
+            raise ConfigError(f"the candidate {cand.name} cannot honour the settings given: "
+                              f"{exc}") from None
+    return configs
+
+
+def _names(what: str, values: Sequence[str] | None) -> list[str] | None:
+    """The names given, each once; an empty one is refused (`--backbones ,`)."""
+    if values is None:
+        return None
+    names = [str(v).strip() for v in values]
+    if not names or not all(names):
+        raise ConfigError(f"--{what} has an empty item ({','.join(names)!r}): give names "
+                          "separated by commas, e.g. --strategies extract,partial")  # fmt: skip
+    return list(dict.fromkeys(names))  # a duplicate would run every candidate twice
+
+
 def _check_folds(split: DatasetSplit, folds: int) -> None:
     counts = split.counts()["train"]
+    single = [c for c, n in counts.items() if n < 2]
+    if single:
+        raise ConfigError(f"cross-validation needs at least 2 training images per class; "
+                          f"{', '.join(single)} has fewer: add images to it")  # fmt: skip
     small = [f"{c} ({n})" for c, n in counts.items() if n < folds]
     if small:
         raise ConfigError(f"{folds}-fold selection needs at least {folds} training images per "

@@ -69,14 +69,17 @@ class Candidate:
         return f"{self.backbone} {what}"
 
     def config(self, base: TrainConfig) -> TrainConfig:
-        """`base` with this candidate's backbone and strategy, the strategy's own defaults for
-        the rest, and the last epoch kept: the fold it is scored on chooses nothing."""
-        fields = dict(backbone=self.backbone, strategy=self.strategy,
-                      unfreeze_last=self.unfreeze_last, unfreeze=(),
-                      cache_views=self.cache_views, keep="last", patience=0,
-                      epochs=None, batch_size=None, optimizer=None, lr=None, weight_decay=None,
-                      schedule=None)  # fmt: skip
-        return dataclasses.replace(base, **fields)
+        """`base` (the settings given: every candidate honours them, the strategy's own defaults
+        fill the rest) with this candidate's backbone, strategy and cached views, and the last
+        epoch kept: the fold it is scored on chooses nothing. A setting the candidate would
+        ignore raises ConfigError naming it (the comparison refuses it, never drops it)."""
+        return dataclasses.replace(base, **self.settings())
+
+    def settings(self) -> dict[str, Any]:
+        """The config fields this candidate sets (config.CHOSEN_PER_CANDIDATE)."""
+        return dict(backbone=self.backbone, strategy=self.strategy,
+                    unfreeze_last=self.unfreeze_last, unfreeze=(), cache_views=self.cache_views,
+                    keep="last", patience=0)  # fmt: skip
 
 
 class OutOfTime(Exception):

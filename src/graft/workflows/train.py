@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.config import TrainConfig, dump_yaml, make_config
+from ..core.config import TrainConfig, dump_yaml, load_yaml, make_config
 from ..core.dist import Dist, broadcast, from_env, process_group
 from ..core.errors import ConfigError, GraftError
 from ..core.runfolder import CONFIG, SPLIT, claim, start_new_run
@@ -130,10 +130,11 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
         raise ConfigError(f"{resume} was trained by {was} process(es) and this is {d.world}: "
                           "resume it with the same number (torchrun --nproc_per_node), so the "
                           "data order and the resume point match")  # fmt: skip
-    cfg = _config(data, config_file, resume, options)
     comparison = None
     if select is not None:
-        comparison, cfg = _choose(d, cfg, resume, progress, select)
+        comparison, cfg = _choose(d, data, config_file, options, resume, progress, select)
+    else:
+        cfg = _config(data, config_file, resume, options)
     runtime = resolve_runtime(cfg.device, cfg.precision, training=cfg.strategy != "extract",
                               local_rank=d.local_rank)  # fmt: skip
     seed_everything(cfg.seed)
@@ -194,21 +195,37 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
                comparison.to_dict() if comparison is not None else None)  # fmt: skip
 
 
-def _choose(d: Dist, cfg: TrainConfig, resume, progress: Progress,
+def _choose(d: Dist, data, config_file, options: dict[str, Any], resume, progress: Progress,
             select: dict[str, Any]) -> tuple[Comparison, TrainConfig]:  # fmt: skip
-    """--auto: the comparison on the training images, and the winner's config to train."""
+    """--auto: the comparison on the training images, and the winner's config to train. The
+    settings given are honoured by every candidate, or refused (compare says which)."""
     if resume is not None or d.enabled:
         raise ConfigError("--auto runs in one process on a new run: not with --resume, not "
                           "under torchrun (train the chosen config there)")  # fmt: skip
-    shared = {k: v for k, v in cfg.to_dict().items() if k != "data_dir"}
-    comparison = compare(cfg.data_dir, reserve_final=True, progress=progress, **select, **shared)
+    data_dir, given = _given(data, config_file, options)
+    comparison = compare(data_dir, reserve_final=True, progress=progress, **select, **given)
     if comparison.chosen is None:
         raise GraftError(f"no candidate finished within the budget of "
                          f"{comparison.budget_s:.0f} s: give more, e.g. --budget "
                          f"{max(2, round(comparison.budget_s * 2 / 60))}m")  # fmt: skip
     chosen = Candidate.from_row(comparison.chosen)
     log.info("chosen: %s (fold accuracy %.4f)", chosen.name, comparison.chosen["accuracy"])
-    return comparison, chosen.config(cfg)
+    return comparison, make_config(data_dir, **given, **chosen.settings())
+
+
+def _given(data, config_file, options: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The data folder and the settings the caller gave: options, a config file's keys, or the
+    fields of a TrainConfig that differ from the defaults."""
+    if isinstance(data, TrainConfig):
+        if config_file is not None:
+            raise ConfigError("pass a TrainConfig or a config file, not both")
+        defaults = TrainConfig(data.data_dir).to_dict()
+        given = {k: v for k, v in data.to_dict().items() if v != defaults[k]}
+        return data.data_dir, {**given, **options}
+    values = load_yaml(config_file) if config_file is not None else {}
+    values.update({k: v for k, v in options.items() if v is not None})
+    data_dir = str(data) if data is not None else values.get("data_dir")
+    return data_dir, {k: v for k, v in values.items() if k != "data_dir"}
 
 
 def _val_protocol(cfg: TrainConfig, comparison: Comparison | None) -> str:
