@@ -14,7 +14,7 @@ from pathlib import Path
 
 from graft.inference.export import export
 from graft.models.backbones import EMBEDDED, TORCHVISION, create_backbone
-from graft.models.checkpoint import save_model
+from graft.models.modelfile import ModelMeta, save_model
 
 
 def main() -> None:
@@ -26,7 +26,9 @@ def main() -> None:
     for name in args.backbones.split(","):
         with tempfile.TemporaryDirectory() as run:
             bb = create_backbone(name, 3, pretrained=name in EMBEDDED)
-            save_model(run, bb, ["a", "b", "c"], {"strategy": "extract"})
+            meta = ModelMeta(backbone=name, classes=["a", "b", "c"], preprocess=bb.spec,
+                             strategy="extract")  # fmt: skip
+            save_model(run, bb, meta)
             t = time.perf_counter()
             try:
                 r = export(Path(run))

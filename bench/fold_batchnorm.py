@@ -13,7 +13,7 @@ import time
 import torch
 
 from graft.core.runtime import resolve_runtime
-from graft.frozen.features import fold_batchnorm
+from graft.frozen.networks import fold_batchnorm
 from graft.models.backbones import EMBEDDED, create_backbone
 
 

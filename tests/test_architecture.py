@@ -115,7 +115,7 @@ def test_nothing_imports_the_cli():
 def test_the_resume_format_lives_in_checkpoint_alone():
     users = [_module_name(p) for p in PACKAGE.rglob("*.py")
              if "LAST_META" in p.read_text(encoding="utf-8")]  # fmt: skip
-    assert sorted(users) == ["core.runfolder", "models.checkpoint"]
+    assert sorted(users) == ["core.runfolder", "training.checkpoint"]
 
 
 def test_public_functions_are_not_shadowed_by_their_modules():

@@ -88,6 +88,6 @@ def test_resume_accepts_skip_bad_and_a_moved_folder(tmp_path):
     r = _graft("train", "--resume", run, moved, "--skip-bad")
     assert r.returncode == 0, r.stderr
     assert "skipped 1 unreadable file(s)" in r.stdout
-    assert graft.load(run).meta["best"]["epoch"] >= 1 and not (run / "last.json").exists()
+    assert graft.load(run).meta.best["epoch"] >= 1 and not (run / "last.json").exists()
     r = _graft("train", "--resume", run, "--epochs", "5")
     assert r.returncode == 2 and "it takes only DATA_DIR" in r.stderr

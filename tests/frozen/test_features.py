@@ -7,8 +7,8 @@ import torch
 
 from graft.core.runtime import resolve_runtime
 from graft.data.discovery import discover
-from graft.frozen.features import extract_features, model_key
-from graft.frozen.store import FeatureCache
+from graft.frozen.features import extract_features
+from graft.frozen.store import OutputStore, output_key
 from graft.models.backbones import create_backbone
 
 from ..conftest import draw_shape, make_shapes
@@ -67,12 +67,12 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path):
 
 def test_key_changes_with_weights_and_precision(tmp_path):
     bb = create_backbone("efficientnet_lite0", 2)
-    k = model_key(bb, resolve_runtime("cpu", "fp32"))
-    assert k != model_key(bb, resolve_runtime("cpu", "bf16"))
+    k = output_key(bb, resolve_runtime("cpu", "fp32"))
+    assert k != output_key(bb, resolve_runtime("cpu", "bf16"))
     with torch.no_grad():
         bb.model.features.conv_stem.weight[0, 0, 0, 0] += 1
-    assert k != model_key(bb, resolve_runtime("cpu", "fp32"))
-    assert FeatureCache(tmp_path, k).get("ab" * 32, 0) is None
+    assert k != output_key(bb, resolve_runtime("cpu", "fp32"))
+    assert OutputStore(tmp_path, k).get("ab" * 32, 0) is None
 
 
 def test_augmented_views_are_cached_and_deterministic(tmp_path):
@@ -87,8 +87,8 @@ def test_augmented_views_are_cached_and_deterministic(tmp_path):
 def test_rotation_is_part_of_the_cached_views_key():
     bb = create_backbone("efficientnet_lite0", num_classes=2, pretrained=False)
     rt = resolve_runtime("cpu", "fp32")
-    assert model_key(bb, rt) == model_key(bb, rt, rotation=0.0)
-    assert model_key(bb, rt, rotation=15.0) != model_key(bb, rt)
+    assert output_key(bb, rt) == output_key(bb, rt, rotation=0.0)
+    assert output_key(bb, rt, rotation=15.0) != output_key(bb, rt)
 
 
 # batch size changes the kernels (one image recomputed alone, two computed together), so the
@@ -117,7 +117,7 @@ def test_a_broken_cache_never_stops_extraction(tmp_path, caplog):
     data, split, bb, rt = _setup(tmp_path)
     want = extract_features(bb, split.train[:3], rt, cache_dir=tmp_path / "ok").features
     (tmp_path / "file").write_text("")
-    key = model_key(bb, rt)
+    key = output_key(bb, rt)
     (tmp_path / "c1").mkdir()
     (tmp_path / "c1" / key).write_text("a file where the key folder belongs")
     entry_as_folder = tmp_path / "c2"
@@ -150,7 +150,7 @@ def test_a_full_cache_volume_is_reported_once(tmp_path, monkeypatch, caplog):
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "densenet121"])
 def test_batchnorm_folded_extractor_computes_the_same_features(name):
-    from graft.frozen.features import fold_batchnorm
+    from graft.frozen.networks import fold_batchnorm
 
     bb = create_backbone(name, 2, pretrained=name == "efficientnet_lite0")
     size = 128

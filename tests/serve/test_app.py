@@ -125,7 +125,7 @@ def test_page_card_and_explain_endpoints(trained_run, shapes_dir):
     assert "http://" not in page.text and "https://" not in page.text
     card = client.get("/card").json()
     meta = trained_run.load().meta
-    assert card["val_accuracy"] == meta["val"]["accuracy"] and card["train_images"] == 48
+    assert card["val_accuracy"] == meta.val["accuracy"] and card["train_images"] == 48
     assert card["classes"] == ["circle", "square", "triangle"]
     good = (shapes_dir / "val" / "circle" / "000.png").read_bytes()
     r = client.post("/explain", files={"file": ("c.png", good, "image/png")})

@@ -10,8 +10,8 @@ from torch import nn
 from graft.core.config import make_config
 from graft.core.runtime import Runtime
 from graft.models.backbones import create_backbone
-from graft.models.checkpoint import restore_last, save_last
 from graft.models.freezing import epoch_plan
+from graft.training.checkpoint import restore_last, save_last
 from graft.training.jobs import Job
 from graft.training.loop import DivergedError, FitState, evaluate, fit
 
@@ -30,9 +30,9 @@ def _toy_job(x, y, criterion=None) -> Job:
     g = torch.Generator().manual_seed(0)
     head = nn.Linear(x.shape[1], 3)
     bb.model.head = head
-    return Job(bb, head, _loader(x, y, shuffle=True, g=g), _loader(x, y),
-               criterion or nn.CrossEntropyLoss(), CPU, g, lambda size: None, [],
-               ["a", "b", "c"])  # fmt: skip
+    return Job(backbone=bb, model=head, train_loader=_loader(x, y, shuffle=True, g=g),
+               val_loader=_loader(x, y), criterion=criterion or nn.CrossEntropyLoss(),
+               runtime=CPU, generator=g, classes=["a", "b", "c"])  # fmt: skip
 
 
 def _separable(n=60, dim=512, seed=0):

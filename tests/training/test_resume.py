@@ -120,11 +120,11 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 DISK_FULL = """
 import resource, sys
 import graft
-from graft.models.checkpoint import save_model
+from graft.models.modelfile import save_model
 clf = graft.load(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # like a nearly full disk
 try:
-    save_model(sys.argv[1], clf.backbone, clf.classes)
+    save_model(sys.argv[1], clf.backbone, clf.meta)
 except graft.GraftError as exc:
     print(exc)
 """

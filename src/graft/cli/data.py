@@ -1,5 +1,5 @@
 """The `graft` commands about data and backbones: verify, backbones, datasets fetch.
-Plain functions with typer annotations, registered on the app in cli.py."""
+Plain functions with typer annotations, registered on the app in main.py."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Fetch public example data
 app.add_typer(datasets_app, name="datasets")
 log = logging.getLogger("graft")
 
-# the commands that train (cli_train.py), first in --help
+# the commands that train (train.py), first in --help
 app.command()(cli_train.train)
 app.command()(cli_train.compare)
 
@@ -133,7 +133,7 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
     format: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
     out: Annotated[Path | None, typer.Option(help="Output file (default RUN/model.onnx).")] = None,
-    opset: Annotated[int, typer.Option(min=7, help="ONNX opset.")] = ONNX_OPSET,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = ONNX_OPSET,
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch/--no-dynamic-batch", help="Any batch size.")
     ] = True,
@@ -147,7 +147,7 @@ def export(
     render.export_result(result)
 
 
-# data and backbone commands (cli_data.py), after the model commands in --help
+# data and backbone commands (data.py), after the model commands in --help
 app.command()(cli_data.verify)
 app.command()(cli_data.backbones)
 datasets_app.command("fetch")(cli_data.datasets_fetch)

@@ -1,5 +1,5 @@
 """The `graft` commands that train: `train` (one model, or with --auto the best of a comparison)
-and `compare` (the comparison alone). Registered on the app in cli.py."""
+and `compare` (the comparison alone). Registered on the app in main.py."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -142,7 +143,29 @@ def _samples(by_class: dict[str, list[str]], classes: list[str]) -> list[Sample]
     return [(os.path.abspath(p), index[c]) for c in classes if c in by_class for p in by_class[c]]
 
 
+def class_names_problem(classes: object) -> str | None:
+    """What is wrong with a list of class names (from folders or from a model file), or None:
+    at least two, each a non-empty string that can be a folder name and a line of text, no two
+    alike. The run's split files, the report, the card and predict's plain output all rely on it.
+    """
+    if not (isinstance(classes, list) and len(classes) >= 2):
+        return "classes must be a list of at least two names"
+    for c in classes:
+        if not (isinstance(c, str) and c):
+            return f"class name {c!r} is not a non-empty string"
+        if c in (".", "..") or any(ch in "/\\" or unicodedata.category(ch)[0] == "C" for ch in c):
+            return (f"class name {c!r} cannot be used: it holds a path separator or a control "
+                    "character (newline, tab...); rename it")  # fmt: skip
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        return f"class name(s) {', '.join(map(repr, repeated))} appear more than once"
+    return None
+
+
 def _check_classes(by_class: dict[str, list[str]], folder: Path) -> None:
+    bad = next((c for c in by_class if class_names_problem([c, c + "_"]) is not None), None)
+    if bad is not None:
+        raise DatasetError(f"{folder}: {class_names_problem([bad, bad + '_'])}")
     if not by_class:
         loose = [p for p in folder.iterdir() if p.is_file() and is_image_file(p)]
         hint = (

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from ..core.constants import MAX_IMAGE_SIZE
+
 INTERPOLATIONS = {
     "bilinear": v2.InterpolationMode.BILINEAR,
     "bicubic": v2.InterpolationMode.BICUBIC,
@@ -42,14 +44,46 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
-        return cls(
-            input_size=int(d["input_size"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-            crop_pct=float(d.get("crop_pct", 0.875)),
-            interpolation=str(d.get("interpolation", "bilinear")),
-        )
+    def from_dict(cls, d: Any) -> PreprocessSpec:
+        """The spec a model file describes, every field checked (a received file is untrusted:
+        an input side of 100000 would allocate until the machine dies). ValueError names the
+        field and what it must be."""
+        if not isinstance(d, dict):
+            raise ValueError("preprocess must be a mapping")
+        size = d.get("input_size")
+        if not (isinstance(size, int) and not isinstance(size, bool)
+                and MIN_INPUT_SIZE <= size <= MAX_IMAGE_SIZE):  # fmt: skip
+            raise ValueError(f"preprocess.input_size must be an integer from {MIN_INPUT_SIZE} to "
+                             f"{MAX_IMAGE_SIZE}, got {size!r}")  # fmt: skip
+        mean, std = _triple(d, "mean"), _triple(d, "std")
+        if not all(v > 0 for v in std):
+            raise ValueError(f"preprocess.std must be positive, got {d.get('std')!r}")
+        crop = d.get("crop_pct", 0.875)
+        if not (_number(crop) and MIN_CROP_PCT <= crop <= 1.0):
+            raise ValueError(f"preprocess.crop_pct must be a number from {MIN_CROP_PCT} to 1, "
+                             f"got {crop!r}")  # fmt: skip
+        interpolation = d.get("interpolation", "bilinear")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"preprocess.interpolation must be one of "
+                             f"{', '.join(INTERPOLATIONS)}, got {interpolation!r}")  # fmt: skip
+        return cls(size, mean, std, float(crop), interpolation)
+
+
+MIN_INPUT_SIZE = 16  # below it the networks' strides leave nothing to pool
+MIN_CROP_PCT = 0.25  # the eval resize is input_size / crop_pct: at most 4 x 1024 pixels a side
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _triple(d: dict[str, Any], name: str) -> tuple[float, float, float]:
+    v = d.get(name)
+    if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_number(x) for x in v)):
+        raise ValueError(f"preprocess.{name} must be 3 finite numbers (R, G, B), got {v!r}")
+    if not all(-10.0 <= x <= 10.0 for x in v):
+        raise ValueError(f"preprocess.{name} must be between -10 and 10, got {list(v)}")
+    return (float(v[0]), float(v[1]), float(v[2]))
 
 
 def _interp(spec: PreprocessSpec) -> v2.InterpolationMode:

@@ -11,11 +11,8 @@ cannot handle, a mismatch) falls back to PyTorch with one warning.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import logging
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.config import ENGINES
-from ..core.constants import FP32_PARITY, ONNX_OPSET
+from ..core.constants import FP32_PARITY
 from ..core.errors import ConfigError
 from ..core.runtime import Runtime, atomic_path
 
@@ -103,16 +100,8 @@ class _OrtRunner:
 
 
 def _export(net: nn.Module, size: int, path: Path) -> None:
-    x = torch.rand(2, 3, size, size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    from ..models.onnx import export_onnx
+
     log.info("exporting the extractor to ONNX once (%s)", path.name)
-    with (
-        atomic_path(path, durable=False) as tmp,
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(io.StringIO()),
-    ):  # the exporter prints its progress
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net.float().eval(), (x,), str(tmp), dynamo=True, verbose=False,
-                          input_names=["image"], output_names=["features"],
-                          opset_version=ONNX_OPSET, dynamic_shapes=({0: batch},),
-                          external_data=False)  # fmt: skip
+    with atomic_path(path, durable=False) as tmp:
+        export_onnx(net, tmp, size, "features")

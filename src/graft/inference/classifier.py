@@ -21,7 +21,7 @@ from ..data.images import load_image, prepare_image
 from ..data.splits import Sample
 from ..data.transforms import build_transforms
 from ..models.backbones import Backbone
-from ..models.checkpoint import load_model
+from ..models.modelfile import ModelMeta, load_model
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,14 @@ class Classifier:
         backbone: Backbone,
         classes: list[str],
         runtime: Runtime,
-        meta: dict[str, Any] | None = None,
+        meta: ModelMeta | None = None,
     ):
         self.backbone = backbone
         self.classes = list(classes)
         self.runtime = runtime
-        self.meta = meta or {}
+        self.meta = meta  # model.json, for a classifier loaded from a run folder
         self.spec = backbone.spec
-        self.max_pixels = int((self.meta.get("config") or {}).get("max_pixels") or MAX_PIXELS)
+        self.max_pixels = (meta.max_pixels if meta is not None else None) or MAX_PIXELS
         # channels_last where it pays: about 2x faster convolutions on CPU (oneDNN) and cuDNN
         self.model = runtime.prepare(backbone.model).eval()
         self._transform = build_transforms(self.spec, train=False)
@@ -70,7 +70,7 @@ class Classifier:
     def load(cls, run_dir: str | Path, device: str = "auto", precision: str = "fp32") -> Classifier:
         """Load from a run folder alone. fp32 by default so probabilities are reproducible."""
         backbone, meta = load_model(run_dir)
-        return cls(backbone, meta["classes"], resolve_runtime(device, precision), meta)
+        return cls(backbone, meta.classes, resolve_runtime(device, precision), meta)
 
     def preprocess(self, image: ImageLike) -> torch.Tensor:
         """One image (path, bytes or PIL image) -> the normalised (3, H, W) tensor the network
@@ -224,15 +224,17 @@ class OnnxClassifier(Classifier):
         from .onnxfile import read_onnx_meta, session
 
         self.path = Path(path)
-        self.meta = read_onnx_meta(self.path)
+        props = read_onnx_meta(self.path)
+        self.meta = ModelMeta(backbone=props.get("backbone") or "", classes=props["classes"],
+                              preprocess=props["preprocess"])  # fmt: skip
         self.session = session(self.path)
-        self.classes = list(self.meta["classes"])
+        self.classes = list(self.meta.classes)
         outputs = self.session.get_outputs()[0].shape[-1]
         if isinstance(outputs, int) and outputs != len(self.classes):
             raise CheckpointError(f"{self.path}: the graph has {outputs} outputs but its metadata "
                                   f"names {len(self.classes)} classes; re-export it")  # fmt: skip
-        self.spec = self.meta["preprocess"]
-        self.max_pixels = int(self.meta.get("max_pixels") or MAX_PIXELS)
+        self.spec = self.meta.preprocess
+        self.max_pixels = props["max_pixels"] or MAX_PIXELS
         self.runtime = resolve_runtime("cpu", "fp32")
         self._transform = build_transforms(self.spec, train=False, normalize=False)
 

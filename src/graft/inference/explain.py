@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "shap")
 # Kernel SHAP over a 6x6 grid of patches with 192 sampled coalitions per class. On the patch test
-# (tests/test_report.py) this put the attribution inside the deciding patch on 6/6 images
+# (tests/outputs/test_report.py) this put the attribution inside the deciding patch on 6/6 images
 # (inside/outside 3.0-97x, 7.5 s per image on 2 cores); 8x8 stayed noisy even at 400 coalitions.
 SHAP_GRID = 6
 SHAP_SAMPLES = 192

@@ -15,7 +15,6 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +24,7 @@ from ..core.errors import GraftError
 from ..core.runfolder import SPLIT
 from ..core.runtime import atomic_path
 from ..data.transforms import PreprocessSpec
+from ..models.onnx import check_opset, export_onnx
 from .classifier import Classifier, OnnxClassifier
 from .onnxfile import FORMAT, require
 
@@ -72,6 +72,7 @@ def export(
     2.9e-08
     """
     require()
+    check_opset(opset)  # before loading anything: an opset the exporter would not write
     run_dir = Path(run_dir)
     clf = Classifier.load(run_dir, device="cpu", precision="fp32")
     out = Path(out) if out is not None else run_dir / ONNX_FILE
@@ -97,18 +98,8 @@ def export(
 
 
 def _export_graph(model: nn.Module, path: Path, size: int, opset: int, dynamic: bool) -> None:
-    import warnings
-
-    x = torch.rand(2, 3, size, size)
-    kw: dict[str, Any] = {"dynamo": True}
-    if dynamic:
-        kw["dynamic_shapes"] = {"image": {0: torch.export.Dim("batch", min=1, max=4096)}}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x,), str(path), input_names=["image"],
-                              output_names=["probabilities"], opset_version=opset,
-                              verbose=False, **kw)  # fmt: skip
+        export_onnx(model, path, size, "probabilities", opset=opset, dynamic_batch=dynamic)
     except Exception as exc:  # the exporter raises many types; the message is what matters
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {exc}") from exc
 
@@ -117,14 +108,14 @@ def _with_meta(path: Path, clf: Classifier, opset: int, dynamic: bool):
     """The exported graph with its weights inline and graft's metadata added."""
     import onnx
 
-    from ..models.checkpoint import versions
+    from ..models.modelfile import versions
 
     proto = onnx.load(str(path))  # external weights, if any, are read in
     meta = {
         "format": FORMAT,
         "classes": json.dumps(clf.classes, ensure_ascii=False),
         "preprocess": json.dumps(clf.spec.to_dict()),
-        "backbone": clf.meta.get("backbone", ""),
+        "backbone": clf.meta.backbone,
         "graft_version": versions().get("graft", ""),
         "max_pixels": str(clf.max_pixels),
         "opset": str(opset),
@@ -135,7 +126,7 @@ def _with_meta(path: Path, clf: Classifier, opset: int, dynamic: bool):
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
-    proto.doc_string = f"graft {clf.meta.get('backbone', '')} classifier: {', '.join(clf.classes)}"
+    proto.doc_string = f"graft {clf.meta.backbone} classifier: {', '.join(clf.classes)}"
     return proto
 
 

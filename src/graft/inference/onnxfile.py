@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import CheckpointError, GraftError
+from ..data.discovery import class_names_problem
 from ..data.transforms import PreprocessSpec
+from ..models.modelfile import MAX_PIXELS_READ
 
 FORMAT = "graft-onnx"
 
@@ -55,10 +57,22 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any]:
                               "export it with: graft export RUN")  # fmt: skip
     try:
         classes = json.loads(props["classes"])
-        spec = PreprocessSpec.from_dict(json.loads(props["preprocess"]))
+        preprocess = json.loads(props["preprocess"])
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: graft metadata is damaged ({exc!r})") from exc
-    if not (isinstance(classes, list) and len(classes) >= 2
-            and all(isinstance(c, str) and c for c in classes)):  # fmt: skip
-        raise CheckpointError(f"{path}: metadata 'classes' must be a list of at least two names")
-    return {**props, "classes": classes, "preprocess": spec}
+    try:
+        spec = PreprocessSpec.from_dict(preprocess)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: metadata {exc}") from exc
+    problem = class_names_problem(classes)
+    if problem:
+        raise CheckpointError(f"{path}: metadata {problem}")
+    max_pixels = props.get("max_pixels")
+    try:
+        max_pixels = int(max_pixels) if max_pixels else None
+    except ValueError:
+        max_pixels = -1
+    if max_pixels is not None and not 1 <= max_pixels <= MAX_PIXELS_READ:
+        raise CheckpointError(f"{path}: metadata max_pixels must be an integer from 1 to "
+                              f"{MAX_PIXELS_READ}, got {props.get('max_pixels')!r}")  # fmt: skip
+    return {**props, "classes": classes, "preprocess": spec, "max_pixels": max_pixels}

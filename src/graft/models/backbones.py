@@ -39,7 +39,6 @@ TORCHVISION = (
     "efficientnet_b0",
     "convnext_tiny",
 )
-DEFAULT_BACKBONE = "efficientnet_lite0"
 # containers whose children are the stages users name with --unfreeze (timm and torchvision)
 _STAGE_CONTAINERS = ("blocks", "stages", "layers", "features")
 _AUX_HEAD = "AuxLogits.fc"  # inception_v3's auxiliary classifier

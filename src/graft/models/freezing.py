@@ -84,7 +84,7 @@ def param_groups(backbone: Backbone, lr: float, backbone_lr_mult: float) -> list
 
 
 class Epoch(NamedTuple):
-    """One epoch of the plan `engine.fit` executes."""
+    """One epoch of the plan `training.loop.fit` executes."""
 
     stage: int  # 0: the head alone (warm-up), 1: the chosen blocks too
     blocks: tuple[str, ...]  # backbone blocks that train in this epoch

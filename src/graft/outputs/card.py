@@ -4,6 +4,7 @@ from model.json alone, so every number in it is the saved model's."""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import yaml
 
 from ..core.runfolder import CARD
 from ..core.runtime import atomic_write_text
-from ..models.checkpoint import read_meta
+from ..models.modelfile import ModelMeta, read_meta
 
 
 def write_card(run_dir: str | Path) -> Path:
@@ -27,10 +28,10 @@ def write_card(run_dir: str | Path) -> Path:
     return path
 
 
-def model_card(meta: dict[str, Any], name: str) -> str:
-    val, test, cfg = meta.get("val") or {}, meta.get("test"), meta.get("config") or {}
-    classes, backbone = meta["classes"], meta["backbone"]
-    data = Path(str(meta.get("data_dir", ""))).name or "images"
+def model_card(meta: ModelMeta, name: str) -> str:
+    val, test, cfg = meta.val or {}, meta.test, meta.config or {}
+    classes, backbone = meta.classes, meta.backbone
+    data = Path(str(meta.data_dir or "")).name or "images"
     metrics = [_metric("accuracy", val["accuracy"], "val accuracy", data, "val")] if val else []
     if test:
         metrics.append(_metric("accuracy", test["accuracy"], "test accuracy", data, "test"))
@@ -43,7 +44,7 @@ def model_card(meta: dict[str, Any], name: str) -> str:
     }
     parts = [
         "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n",
-        f"# {name}: {backbone} classifier for {len(classes)} classes\n",
+        f"# {_md(name)}: {_md(backbone)} classifier for {len(classes)} classes\n",
         _intended_use(classes),
         _classes(meta, classes),
         _training(meta, cfg),
@@ -65,49 +66,50 @@ def _metric(kind: str, value: float, label: str, data: str, split: str) -> dict[
 def _intended_use(classes: list[str]) -> str:
     return (
         "## Intended use\n\nSorts one picture into one of these classes: "
-        f"{', '.join(f'`{c}`' for c in classes)}. It was trained by transfer learning from an "
+        f"{', '.join(map(_md, classes))}. It was trained by transfer learning from an "
         "ImageNet-pretrained network on the labelled folder below, and is meant for pictures "
         "like those.\n"
     )
 
 
-def _classes(meta: dict[str, Any], classes: list[str]) -> str:
-    counts = meta.get("class_counts") or {}
+def _classes(meta: ModelMeta, classes: list[str]) -> str:
+    counts = meta.class_counts or {}
     splits = list(counts)
     rows = [f"| class | {' | '.join(splits)} |", "|---|" + "---:|" * len(splits)]
     rows += [
-        f"| {c} | " + " | ".join(str(counts[s].get(c, 0)) for s in splits) + " |" for c in classes
+        f"| {_md(c)} | " + " | ".join(str(counts[s].get(c, 0)) for s in splits) + " |"
+        for c in classes
     ]
-    skipped = meta.get("skipped_files") or []
+    skipped = meta.skipped_files or []
     note = f"\n{len(skipped)} unreadable file(s) were left out.\n" if skipped else ""
     return (
-        f"## Classes and data\n\nFrom `{meta.get('data_dir')}` ({meta.get('layout')} "
+        f"## Classes and data\n\nFrom {_md(str(meta.data_dir))} ({meta.layout} "
         f"layout), images per split:\n\n" + "\n".join(rows) + "\n" + note
     )
 
 
-def _training(meta: dict[str, Any], cfg: dict[str, Any]) -> str:
-    best = meta.get("best") or {}
-    blocks, spec = meta.get("trainable_blocks") or [], meta["preprocess"]
+def _training(meta: ModelMeta, cfg: dict[str, Any]) -> str:
+    best = meta.best or {}
+    blocks, spec = meta.trainable_blocks or [], meta.preprocess
     what = {
         "extract": "the new head only (frozen backbone, cached features)",
         "finetune": "the whole network",
         "partial": f"the head and blocks {', '.join(blocks)}",
-    }.get(meta.get("strategy"), "")
+    }.get(meta.strategy, "")
     lines = [
-        f"- backbone: `{meta['backbone']}` (ImageNet weights), input {spec.input_size} px, "
+        f"- backbone: `{meta.backbone}` (ImageNet weights), input {spec.input_size} px, "
         f"mean {list(spec.mean)}, std {list(spec.std)}",
-        f"- strategy: `{meta.get('strategy')}`: trains {what}; "
-        f"{meta.get('trainable_params', 0):,} of {meta.get('total_params', 0):,} parameters",
+        f"- strategy: `{meta.strategy}`: trains {what}; "
+        f"{meta.trainable_params or 0:,} of {meta.total_params or 0:,} parameters",
         f"- {cfg.get('epochs')} epochs planned, {cfg.get('keep', 'best')} epoch kept: "
-        f"{best.get('epoch')}" + (f" (stopped: {meta['stopped']})" if meta.get("stopped") else ""),
+        f"{best.get('epoch')}" + (f" (stopped: {meta.stopped})" if meta.stopped else ""),
         f"- optimizer {cfg.get('optimizer')}, lr {cfg.get('lr')}, batch {cfg.get('batch_size')}, "
         f"schedule {cfg.get('schedule')}, weight decay {cfg.get('weight_decay')}, "
         f"seed {cfg.get('seed')}",
-        f"- precision {meta.get('precision')}, {meta.get('wall_seconds')} s of training, "
-        f"created {meta.get('created')}, graft {(meta.get('versions') or {}).get('graft')}",
+        f"- precision {meta.precision}, {meta.wall_seconds} s of training, "
+        f"created {meta.created}, graft {(meta.versions or {}).get('graft')}",
     ]
-    sel = meta.get("selection")
+    sel = meta.selection
     if sel:
         n = len(sel["candidates"])
         lines.insert(0, f"- chosen by `graft train --auto` among {n} candidates "
@@ -130,7 +132,7 @@ def _evaluation(val: dict[str, Any], test: dict[str, Any] | None, keep: str = "b
         )
         out.append("| class | precision | recall | support |\n|---|---:|---:|---:|")
         out += [
-            f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['support']} |"
+            f"| {_md(c)} | {m['precision']:.3f} | {m['recall']:.3f} | {m['support']} |"
             for c, m in scores["per_class"].items()
         ]
         out.append("")
@@ -148,7 +150,7 @@ def _evaluation(val: dict[str, Any], test: dict[str, Any] | None, keep: str = "b
     return "\n".join(out) + "\n"
 
 
-def _limitations(meta: dict[str, Any], classes: list[str], val: dict[str, Any]) -> str:
+def _limitations(meta: ModelMeta, classes: list[str], val: dict[str, Any]) -> str:
     weakest = min(
         (val.get("per_class") or {}).items(), key=lambda kv: kv[1]["recall"], default=None
     )
@@ -162,7 +164,7 @@ def _limitations(meta: dict[str, Any], classes: list[str], val: dict[str, Any]) 
     ]
     if weakest:
         items.append(
-            f"- Weakest class on validation: `{weakest[0]}` (recall {weakest[1]['recall']:.2f})."
+            f"- Weakest class on validation: {_md(weakest[0])} (recall {weakest[1]['recall']:.2f})."
         )
     return "## Limitations\n\n" + "\n".join(items) + "\n"
 
@@ -176,3 +178,13 @@ def _usage(name: str) -> str:
         "```\n\n```python\nimport graft\n"
         f'graft.load("{name}").predict("image.jpg", top_k=3)\n```\n'
     )
+
+
+_MARKDOWN = str.maketrans({ch: "\\" + ch for ch in "\\`*_{}[]()#+!|~"})
+
+
+def _md(text: str) -> str:
+    """A name as Markdown text: HTML escaped (a renderer that passes HTML must not run a class
+    named `<img onerror=...>`), Markdown's own characters escaped (a `|` would break a table),
+    and on one line."""
+    return html.escape(" ".join(str(text).split()), quote=True).translate(_MARKDOWN)

@@ -33,6 +33,7 @@ from ..core.runfolder import (
 from ..core.runtime import atomic_path, atomic_write_text
 from ..data.splits import load_split
 from ..inference.classifier import Classifier
+from ..models.modelfile import ModelMeta
 from . import figures as draw
 from .card import write_card
 from .pages import DPI, comparison_section, page, png_tag, table
@@ -109,14 +110,14 @@ def build_report(
     return report
 
 
-def _how_good(meta: dict[str, Any], ev: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def _how_good(meta: ModelMeta, ev: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """How the val number was obtained, and so how far to trust it; the comparison if one ran."""
-    cfg = meta.get("config") or {}
+    cfg = meta.config or {}
     keep = cfg.get("keep", "best")
     if keep == "last":
         how = ("unbiased: the val images took no part in any choice (a fixed number of epochs, "
                "the last one kept" + (", the model chosen by cross-validation on the training "
-                                      "images" if meta.get("selection") else "") + ")")  # fmt: skip
+                                      "images" if meta.selection else "") + ")")  # fmt: skip
     else:
         how = ("optimistic: the epoch kept is the one that scored best on these same val images; "
                "train with --keep last or --auto, or evaluate on a test/ folder, for an unbiased "
@@ -125,10 +126,10 @@ def _how_good(meta: dict[str, Any], ev: dict[str, Any], run_dir: Path) -> dict[s
     if (run_dir / COMPARE_JSON).is_file():
         comparison = json.loads((run_dir / COMPARE_JSON).read_text(encoding="utf-8"))
     return {"accuracy": ev["accuracy"], "accuracy_ci95": ev["accuracy_ci95"], "n": ev["n"],
-            "how": how, "test": meta.get("test"), "comparison": comparison}  # fmt: skip
+            "how": how, "test": meta.test, "comparison": comparison}  # fmt: skip
 
 
-def _summary(meta: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
+def _summary(meta: ModelMeta, run_dir: Path, root: Path) -> dict[str, Any]:
     keys = (
         "backbone",
         "strategy",
@@ -142,9 +143,9 @@ def _summary(meta: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
         "stopped",
         "skipped_files",
     )
-    return {"run_dir": str(run_dir), "data_dir": str(root), "classes": meta["classes"],
-            "keep": (meta.get("config") or {}).get("keep", "best"),
-            **{k: meta.get(k) for k in keys}}  # fmt: skip
+    return {"run_dir": str(run_dir), "data_dir": str(root), "classes": meta.classes,
+            "keep": (meta.config or {}).get("keep", "best"),
+            **{k: getattr(meta, k) for k in keys}}  # fmt: skip
 
 
 def _save(run_dir: Path, name: str, fig, figures: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 folds, the features, the measured forward cost), the cost model the budget runs on, and the runs.
 
 A head on cached features (extract) is trained afresh on every fold, and so are the top blocks of
-partial on cached trunk activations (activations.py: computed once, shared by the folds);
+partial on cached trunk activations (frozen/activations.py: computed once, shared by the folds);
 finetune (and partial where the trunk runs live) trains on all folds but the first and is scored
 there. Every fold's model trains for a fixed number of epochs and is kept as it ends
 (`keep="last"`): not even the epoch is chosen on what is scored.
@@ -279,7 +279,7 @@ class Trials:
             state = fit(job, plan, cfg, on_epoch=None if k else in_time)
             m = len(job.val_loader.dataset)
             correct, n, done = correct + round(state.history[-1]["val_acc"] * m), n + m, done + 1
-            if not job.stats.get("trunk", "").startswith("cached"):
+            if not (job.trunk is not None and job.trunk.cached):
                 break  # the trunk ran live: one fold is what the budget allows
             self._trunks.add((c.backbone, c.unfreeze_last))
             fold_seconds = time.perf_counter() - started

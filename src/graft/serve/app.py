@@ -1,6 +1,6 @@
 """HTTP serving: a small FastAPI app around a `Classifier` loaded from a run folder.
 
-GET / is a page to try the model in a browser (webpage.py); GET /card the model card's facts;
+GET / is a page to try the model in a browser (page.py); GET /card the model card's facts;
 GET /health, GET /classes, POST /predict (multipart, one or more `files`, optional `top_k`):
 per file its class probabilities, or the reason it could not be read; POST /explain (one `file`):
 a PNG of the Grad-CAM overlay for its top class (needs `graft[explain]`). Needs `graft[serve]`.
@@ -19,6 +19,7 @@ from typing import Any
 
 from ..core.errors import GraftError
 from ..inference.classifier import Classifier
+from ..models.modelfile import ModelMeta
 
 MAX_UPLOAD_BYTES = 25 << 20  # per file; larger uploads are refused, not decoded
 MAX_FILES = 64  # per request: a 999-file request would hold the model for everyone else
@@ -47,7 +48,7 @@ def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_U
         with model_lock:
             return clf.predict_files(blobs, top_k=top_k, names=names)
 
-    app = FastAPI(title="graft", description=f"{clf.meta['backbone']} classifier from {run_dir}")
+    app = FastAPI(title="graft", description=f"{clf.meta.backbone} classifier from {run_dir}")
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -75,7 +76,7 @@ def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_U
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "backbone": clf.meta["backbone"], "classes": len(clf.classes)}
+        return {"status": "ok", "backbone": clf.meta.backbone, "classes": len(clf.classes)}
 
     @app.get("/classes")
     def classes() -> list[str]:
@@ -101,14 +102,14 @@ def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_U
     return app
 
 
-def model_facts(meta: dict[str, Any]) -> dict[str, Any]:
+def model_facts(meta: ModelMeta) -> dict[str, Any]:
     """What the page's model card shows, from model.json."""
-    val = meta.get("val") or {}
-    counts = (meta.get("class_counts") or {}).get("train") or {}
-    return {"backbone": meta.get("backbone"), "strategy": meta.get("strategy"),
-            "classes": meta.get("classes"), "val_accuracy": val.get("accuracy"),
+    val = meta.val or {}
+    counts = (meta.class_counts or {}).get("train") or {}
+    return {"backbone": meta.backbone, "strategy": meta.strategy,
+            "classes": meta.classes, "val_accuracy": val.get("accuracy"),
             "val_ci95": val.get("accuracy_ci95"), "val_images": val.get("n"),
-            "train_images": sum(counts.values()), "created": meta.get("created")}  # fmt: skip
+            "train_images": sum(counts.values()), "created": meta.created}  # fmt: skip
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,

@@ -1,9 +1,9 @@
 """What trains on which data, per strategy: a `Job` (model, loaders, loss, runtime).
 
-extract: pooled features computed once (cached, features.py), and the head alone trains on them.
-finetune: images decoded once into memory and augmented every epoch (loaders.py).
+extract: pooled features computed once (cached, frozen/features.py), and the head alone trains on
+them. finetune: images decoded once into memory and augmented every epoch (data/decoded.py).
 partial: the same as finetune, or, when it pays, the top blocks train on cached activations of
-the frozen trunk (activations.py).
+the frozen trunk (frozen/activations.py).
 """
 
 from __future__ import annotations
@@ -24,26 +24,26 @@ from ..data.decoded import ImageDataset, build_datasets
 from ..data.images import BadFile, format_bad_files
 from ..data.splits import DatasetSplit
 from ..data.transforms import build_transforms
-from ..frozen.features import extract_features
-from ..frozen.runners import resolve_engine
-from ..frozen.store import FeatureCache
-from ..frozen.trunk import (
-    EvalDataset,
-    TopNet,
-    ViewsDataset,
+from ..frozen.activations import (
+    ActivationDataset,
+    TrunkDecision,
     activation_bytes,
     cached_activations,
-    split_backbone,
 )
+from ..frozen.features import extract_features
+from ..frozen.networks import TopNet, cut_backbone
+from ..frozen.runners import resolve_engine
+from ..frozen.store import OutputStore
 from ..models.backbones import Backbone
 from ..models.freezing import trainable_blocks
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Job:
-    """What trains, on what: everything `engine.fit` needs besides the plan and the config."""
+    """What trains, on what: everything `loop.fit` needs besides the plan and the config.
+    Built by keyword."""
 
     backbone: Backbone  # for freezing and parameter groups at each stage
     model: nn.Module  # what trains: the head on features (extract) or the whole network
@@ -52,12 +52,13 @@ class Job:
     criterion: nn.Module
     runtime: Runtime
     generator: torch.Generator  # data order; saved in `last` so a resumed epoch is not a replay
-    set_size: Callable[[int], None]  # train images at this side from now on
-    skipped: list[str]  # unreadable files left out (--skip-bad)
     classes: list[str]
+    set_size: Callable[[int], None] = lambda size: None  # train images at this side from now on
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out (--skip-bad)
     stats: dict[str, Any] = field(default_factory=dict)  # facts for model.json
     dist: Dist = Dist()  # under torchrun: DDP, sharded train and val (finetune/partial)
     sampler: Any = None  # told the epoch (set_epoch): a DistributedSampler, or cached views
+    trunk: TrunkDecision | None = None  # partial: cached activations or the trunk live, and why
 
 
 def prepare_job(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime,
@@ -70,7 +71,7 @@ def prepare_job(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runti
         if job is not None:
             return job
         job = _prepare_images(cfg, backbone, split, runtime, progress, d)
-        job.stats["trunk"] = f"live every epoch: {why}"
+        job.trunk = TrunkDecision(cached=False, reason=why)
         return job
     return _prepare_images(cfg, backbone, split, runtime, progress, d)
 
@@ -120,26 +121,27 @@ def feature_job(
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*val), batch_size=1024)
     cpu = Runtime(torch.device("cpu"), None)  # a Linear on a few MB of features: the CPU is fastest
     criterion = _criterion(cfg, y, len(classes))
-    return Job(backbone, backbone.model.head, train_loader, val_loader, criterion, cpu, g,
-               lambda size: None, [], classes)  # fmt: skip
+    return Job(backbone=backbone, model=backbone.model.head, train_loader=train_loader,
+               val_loader=val_loader, criterion=criterion, runtime=cpu, generator=g,
+               classes=classes)  # fmt: skip
 
 
 def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
                     runtime: Runtime, progress: Progress, d: Dist
                     ) -> tuple[Job | None, str]:  # fmt: skip
-    """partial from cached trunk activations (activations.py), or (None, why not) when it does
+    """partial from cached trunk activations (frozen/activations.py), or (None, why not) when it does
     not apply or does not pay: then the trunk runs live."""
     views = cfg.cache_views
     blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
     why = why_trunk_live(cfg, d)
-    cut = split_backbone(backbone, blocks[0]) if why is None and blocks else None
+    cut = cut_backbone(backbone, blocks[0]) if why is None and blocks else None
     if why is None and cut is None:
         why = "the network is not a plain chain of blocks at the cut"
     in_memory = True
     if why is None:
         need = activation_bytes(cut, runtime, len(split.train), views, len(split.val))
         in_memory = need <= cfg.memory_gb * 2**30
-        if not in_memory and not FeatureCache(cfg.cache_dir or default_cache_dir(), "").writable():
+        if not in_memory and not OutputStore(cfg.cache_dir or default_cache_dir(), "").writable():
             why = (f"{need / 1e9:.1f} GB of activations is over --memory-gb {cfg.memory_gb:g} "
                    f"and the cache folder {cfg.cache_dir} cannot be written")  # fmt: skip
     if why is not None:
@@ -154,19 +156,21 @@ def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
              "%d from cache, %d computed)", "+".join(cut.blocks), views,
              "in memory" if in_memory else "read from the cache each epoch",
              tr.hits + va.hits, len(tr.samples) + len(va.samples) - tr.hits - va.hits)  # fmt: skip
-    train_ds = ViewsDataset(tr, cfg.seed)
+    train_ds = ActivationDataset(tr, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     labels = tr.labels
     train_loader = torch.utils.data.DataLoader(
         train_ds, batch_size=cfg.batch_size, generator=g, drop_last=len(labels) > cfg.batch_size,
         **_sampler_kwargs(cfg, labels, g))  # fmt: skip
-    val_loader = torch.utils.data.DataLoader(EvalDataset(va), batch_size=cfg.batch_size)
+    val_loader = torch.utils.data.DataLoader(ActivationDataset(va), batch_size=cfg.batch_size)
     model = runtime.prepare(TopNet(backbone.model, cut.top))
     criterion = _criterion(cfg, labels, len(split.classes)).to(runtime.device)
-    stats = {"trunk": f"cached activations: {views} views per image, blocks from {blocks[0]} on "
-                      "train"}  # fmt: skip
-    return Job(backbone, model, train_loader, val_loader, criterion, runtime, g,
-               lambda size: None, skipped, split.classes, stats, d, train_ds), ""  # fmt: skip
+    trunk = TrunkDecision(cached=True, reason=f"{views} views per image, blocks from {blocks[0]} "
+                                              "on train")  # fmt: skip
+    job = Job(backbone=backbone, model=model, train_loader=train_loader, val_loader=val_loader,
+              criterion=criterion, runtime=runtime, generator=g, classes=split.classes,
+              skipped=skipped, dist=d, sampler=train_ds, trunk=trunk)  # fmt: skip
+    return job, ""
 
 
 def why_trunk_live(cfg: TrainConfig, d: Dist = Dist()) -> str | None:
@@ -223,8 +227,10 @@ def _prepare_images(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, r
         glob = d.world * cfg.batch_size
         log.info("%d processes x batch %d = global batch %d; --lr applies to that global batch "
                  "as given (not rescaled)", d.world, cfg.batch_size, glob)  # fmt: skip
-    return Job(backbone, runtime.prepare(backbone.model), train_loader, val_loader, criterion,
-               runtime, g, set_size, skipped, split.classes, {}, d, sampler)  # fmt: skip
+    return Job(backbone=backbone, model=runtime.prepare(backbone.model), train_loader=train_loader,
+               val_loader=val_loader, criterion=criterion, runtime=runtime, generator=g,
+               classes=split.classes, set_size=set_size, skipped=skipped, dist=d,
+               sampler=sampler)  # fmt: skip
 
 
 def check_bad(cfg: TrainConfig, bad: list[BadFile]) -> list[str]:

@@ -25,8 +25,8 @@ from ..core.errors import GraftError
 from ..core.metrics import classification_report, confusion_matrix
 from ..core.runfolder import append_metrics, rewrite_metrics
 from ..core.runtime import Progress, Runtime, loader_errors, no_progress
-from ..models.checkpoint import Resume, save_last
 from ..models.freezing import Epoch, apply_freezing, param_groups
+from .checkpoint import Resume, save_last
 from .jobs import Job
 
 log = logging.getLogger(__name__)

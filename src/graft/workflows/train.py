@@ -1,7 +1,7 @@
 """A training run, end to end: config -> data -> backbone -> job -> fit -> save.
 
 `train()` is the Python door behind `graft train`; read it top to bottom. What trains on which
-data is `jobs.prepare_job`, the epoch loop is `engine.fit`, the files are `checkpoint` and
+data is `jobs.prepare_job`, the epoch loop is `training.loop.fit`, the files are `checkpoint` and
 `runfolder`.
 """
 
@@ -30,21 +30,22 @@ from ..core.runtime import (
 )
 from ..data.discovery import discover
 from ..data.splits import load_split, report_duplicates, write_split
-from ..models import checkpoint
 from ..models.backbones import Backbone, create_backbone
 from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
+from ..models.modelfile import ModelMeta, save_model
 from ..outputs.card import write_card
 from ..outputs.pages import write_comparison
 from ..selection.compare import DEFAULT_FOLDS, Candidate, Comparison, compare
+from ..training import checkpoint
 from ..training.jobs import prepare_job
 from ..training.loop import fit
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """What `train` leaves behind: the folder and the numbers that matter."""
+    """What `train` leaves behind: the folder and the numbers that matter. Built by keyword."""
 
     run_dir: Path
     classes: list[str]
@@ -155,7 +156,9 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
         if not d.is_main:  # the same training, nothing written: rank 0 saves the model
             with sigterm_as_interrupt():
                 fit(job, epoch_plan(cfg, blocks, backbone.spec.input_size), cfg, resume=last)
-            return Run(run_dir, split.classes, {}, [], trainable, total, 0.0, config=cfg)
+            return Run(run_dir=run_dir, classes=split.classes, best={}, history=[],
+                       trainable_params=trainable, total_params=total, wall_seconds=0.0,
+                       config=cfg)  # fmt: skip
         if last is None:
             start_new_run(run_dir)
             atomic_write_text(run_dir / CONFIG, dump_yaml(cfg))
@@ -176,23 +179,28 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
         test = _scores(clf.evaluate_samples(split.test)) if split.test else None
         log.info("val accuracy of the saved model: %.4f on %d images", val["accuracy"], val["n"])
         wall = time.perf_counter() - start
-        checkpoint.save_model(run_dir, backbone, split.classes, {
-            "strategy": cfg.strategy, "trainable_blocks": blocks, "trainable_params": trainable,
-            "total_params": total, "metric": "val_acc", "mode": "max", "best": state.best,
-            "stopped": state.stopped, "val": val, "test": test, "precision": runtime.precision,
-            "wall_seconds": round(wall, 2), "data_dir": split.root, "layout": split.layout,
-            "class_counts": split.counts(), "skipped_files": job.skipped,
-            "config": cfg.to_dict(), "world_size": d.world, **job.stats,
-            **({"selection": _selection(comparison, cfg)} if comparison is not None else {}),
-        })  # fmt: skip
+        meta = ModelMeta(
+            backbone=backbone.name, classes=split.classes, preprocess=backbone.spec,
+            strategy=cfg.strategy, trainable_blocks=blocks, trainable_params=trainable,
+            total_params=total, best=state.best, stopped=state.stopped, val=val, test=test,
+            precision=runtime.precision, wall_seconds=round(wall, 2), data_dir=split.root,
+            layout=split.layout, class_counts=split.counts(), skipped_files=job.skipped,
+            config=cfg.to_dict(), world_size=d.world,
+            trunk=str(job.trunk) if job.trunk is not None else None,
+            selection=_selection(comparison, cfg) if comparison is not None else None,
+            features_computed_per_rank=job.stats.get("features_computed_per_rank"),
+        )  # fmt: skip
+        save_model(run_dir, backbone, meta)
         write_card(run_dir)
         if cfg.report:
             _report(run_dir, val_preds)
         if state.stopped != "interrupted":  # a finished run needs no resume point
             checkpoint.discard_last(run_dir)
-    return Run(run_dir, split.classes, state.best, state.history, trainable, total, wall,
-               state.stopped, job.skipped, test, val["n"], cfg, val,
-               comparison.to_dict() if comparison is not None else None)  # fmt: skip
+    return Run(run_dir=run_dir, classes=split.classes, best=state.best, history=state.history,
+               trainable_params=trainable, total_params=total, wall_seconds=wall,
+               stopped=state.stopped, skipped=job.skipped, test=test, val_images=val["n"],
+               config=cfg, val=val,
+               selection=comparison.to_dict() if comparison is not None else None)  # fmt: skip
 
 
 def _choose(d: Dist, data, config_file, options: dict[str, Any], resume, progress: Progress,

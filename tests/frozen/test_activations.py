@@ -14,9 +14,10 @@ from graft.core.config import make_config
 from graft.core.runtime import resolve_runtime, seed_everything
 from graft.data.discovery import discover
 from graft.data.images import file_digest
-from graft.frozen.features import model_key
-from graft.frozen.store import _ViewsDataset
-from graft.frozen.trunk import TopNet, cached_activations, split_backbone, view_choice
+from graft.frozen.activations import cached_activations, view_choice
+from graft.frozen.networks import TopNet, cut_backbone
+from graft.frozen.store import output_key
+from graft.frozen.views import _ImageViews
 from graft.models.backbones import create_backbone
 from graft.models.freezing import apply_freezing, epoch_plan, trainable_blocks
 from graft.training.jobs import Job, prepare_job
@@ -68,7 +69,7 @@ class _LiveViews(torch.utils.data.Dataset):
 
 def _views(bb, samples, views):
     paths = [p for p, _ in samples]
-    ds = _ViewsDataset(paths, [file_digest(p) for p in paths], bb, views, eval_view=not views,
+    ds = _ImageViews(paths, [file_digest(p) for p in paths], bb, views, eval_view=not views,
                        views_side=bb.spec.resize_size)  # fmt: skip
     return torch.stack([ds[i][1] for i in range(len(ds))])
 
@@ -83,9 +84,10 @@ def _live_fit(cfg, split, bb):
     g = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
                                          generator=g, drop_last=True)  # fmt: skip
-    job = Job(bb, RT.prepare(bb.model), loader, torch.utils.data.DataLoader(val, batch_size=8),
-              torch.nn.CrossEntropyLoss(), RT, g, lambda size: None, [], split.classes,
-              sampler=train_ds)  # fmt: skip
+    job = Job(backbone=bb, model=RT.prepare(bb.model), train_loader=loader,
+              val_loader=torch.utils.data.DataLoader(val, batch_size=8),
+              criterion=torch.nn.CrossEntropyLoss(), runtime=RT, generator=g,
+              classes=split.classes, sampler=train_ds)  # fmt: skip
     seed_everything(0)
     return fit(job, epoch_plan(cfg, blocks, SIZE), cfg)
 
@@ -101,7 +103,7 @@ def test_cached_training_equals_live_training_on_the_same_views(shapes, tmp_path
     bb = _backbone()
     live_bb = dataclasses.replace(bb, model=copy.deepcopy(bb.model))
     job, cached = _cached_fit(cfg, split, bb)
-    assert isinstance(job.model, TopNet) and job.stats["trunk"].startswith("cached activations")
+    assert isinstance(job.model, TopNet) and job.trunk.cached
     live = _live_fit(cfg, split, live_bb)
     for a, b in zip(cached.history, live.history, strict=True):
         for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
@@ -125,25 +127,25 @@ def test_cached_training_equals_live_training_on_the_same_views(shapes, tmp_path
 def test_the_activation_cache_is_keyed_by_trunk_weights_preprocessing_and_blocks(shapes, tmp_path):
     bb = _backbone()
     top = trainable_blocks(bb, "partial", unfreeze_last=3)
-    key = model_key(bb, RT, trunk=top)
-    assert key != model_key(bb, RT)  # not the pooled features' key
-    assert key != model_key(bb, RT, trunk=trainable_blocks(bb, "partial", unfreeze_last=4))
+    key = output_key(bb, RT, trunk=top)
+    assert key != output_key(bb, RT)  # not the pooled features' key
+    assert key != output_key(bb, RT, trunk=trainable_blocks(bb, "partial", unfreeze_last=4))
     smaller = dataclasses.replace(bb, spec=bb.spec.with_size(SIZE - 8))
-    assert key != model_key(smaller, RT, trunk=top)
-    assert key != model_key(bb, RT, rotation=10.0, trunk=top)
+    assert key != output_key(smaller, RT, trunk=top)
+    assert key != output_key(bb, RT, rotation=10.0, trunk=top)
     with torch.no_grad():
         bb.model.features.get_submodule("blocks.6").parameters().__next__().add_(1.0)
-    assert key == model_key(bb, RT, trunk=top)  # the top's weights train: they do not count
+    assert key == output_key(bb, RT, trunk=top)  # the top's weights train: they do not count
     with torch.no_grad():
         bb.model.features.conv_stem.weight.add_(1.0)
-    assert key != model_key(bb, RT, trunk=top)
+    assert key != output_key(bb, RT, trunk=top)
 
 
 def test_changed_files_and_damaged_entries_are_recomputed(shapes, tmp_path):
     data = make_shapes(tmp_path / "d", n_train=3, n_val=1)
     samples = discover(data).train[:4]
     bb = _backbone()
-    cut = split_backbone(bb, "blocks.6")
+    cut = cut_backbone(bb, "blocks.6")
     kw = dict(cache_dir=tmp_path / "c")
     first = cached_activations(bb, cut, samples, RT, 2, **kw)
     assert (first.hits, first.memory.shape) == (0, (4, 2, *cut.shape))
@@ -183,7 +185,7 @@ def test_partial_runs_live_where_caching_does_not_pay_or_the_cut_does_not_hold(s
         apply_freezing(bb, trainable_blocks(bb, "partial", unfreeze_last=3))
         job = prepare_job(cfg, bb, split, RT, lambda it, *a: it)
         assert not isinstance(job.model, TopNet)
-        assert job.stats["trunk"].startswith(f"live every epoch: {why}")
+        assert not job.trunk.cached and job.trunk.reason.startswith(why)
     cfg = _cfg(shapes, tmp_path, epochs=4)
     assert isinstance(prepare_job(cfg, _backbone(), split, RT, lambda it, *a: it).model, TopNet)
 
@@ -191,7 +193,7 @@ def test_partial_runs_live_where_caching_does_not_pay_or_the_cut_does_not_hold(s
 @pytest.mark.parametrize("name,first", [("resnet18", "layer3"), ("efficientnet_lite0", "bn1")])
 def test_the_cut_is_exact_on_other_networks_and_at_a_folded_batchnorm(name, first):
     bb = _backbone(name)
-    cut = split_backbone(bb, first)
+    cut = cut_backbone(bb, first)
     assert cut is not None and cut.blocks[0] == first
     x = torch.randn(2, 3, SIZE, SIZE)
     bb.model.eval()

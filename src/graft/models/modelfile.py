@@ -1,0 +1,216 @@
+"""The model files: `model.safetensors` (the weights) + `model.json` (`ModelMeta`: what they are,
+how they were trained and scored), written atomically and read without pickle. This module owns
+the schema of model.json: every other module reads a saved model through `read_meta` and its
+typed fields. A model file may come from elsewhere: every field is validated on reading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import CheckpointError, GraftError
+from ..core.runfolder import MODEL_META, MODEL_WEIGHTS
+from ..core.runtime import atomic_path, atomic_write_text
+from ..data.discovery import class_names_problem
+from ..data.transforms import PreprocessSpec
+from .backbones import Backbone, create_backbone
+
+log = logging.getLogger(__name__)
+
+FORMAT = "graft-model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = MODEL_WEIGHTS
+META_FILE = MODEL_META
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("graft", "torch", "torchvision", "timm", "safetensors", "pillow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelMeta:
+    """model.json: what the weights are (backbone, classes, preprocessing) and how they were
+    trained and scored. Only the first three are required; the rest is None (or empty) where a
+    file does not say. Nested records (best, val, test, config, selection) stay plain mappings:
+    model.json keeps them as written, and the report and the card show them."""
+
+    backbone: str
+    classes: list[str]
+    preprocess: PreprocessSpec
+    strategy: str | None = None
+    trainable_blocks: list[str] = field(default_factory=list)
+    trainable_params: int | None = None
+    total_params: int | None = None
+    metric: str = "val_acc"  # what `best` ranks by, and in which direction
+    mode: str = "max"
+    best: dict[str, Any] | None = None  # the kept epoch's row of metrics.csv
+    stopped: str | None = None  # early, interrupted, or None when it ran to the end
+    val: dict[str, Any] | None = None  # the saved model scored on val as `graft evaluate` does
+    test: dict[str, Any] | None = None
+    precision: str | None = None
+    wall_seconds: float | None = None
+    data_dir: str | None = None
+    layout: str | None = None
+    class_counts: dict[str, Any] | None = None
+    skipped_files: list[str] = field(default_factory=list)
+    config: dict[str, Any] | None = None  # the resolved TrainConfig
+    world_size: int = 1
+    trunk: str | None = None  # partial: cached activations or live, and why
+    selection: dict[str, Any] | None = None  # --auto: the choice and every candidate's score
+    features_computed_per_rank: list[int] | None = None
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["preprocess"] = self.preprocess.to_dict()
+        return d
+
+    @property
+    def max_pixels(self) -> int | None:
+        """The decoded-pixel limit the model was trained with (config.max_pixels)."""
+        return (self.config or {}).get("max_pixels")
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "model.json") -> ModelMeta:
+        """Every field checked: a model file received from elsewhere is untrusted input. A wrong
+        field is a CheckpointError naming it; keys this graft does not know are ignored."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise CheckpointError(f"{where} is not a graft model description "
+                                  f"(format != {FORMAT!r})")  # fmt: skip
+        if d.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{where} has format_version {d.get('format_version')!r}; this "
+                                  f"graft reads {FORMAT_VERSION}: upgrade graft")  # fmt: skip
+        problem = class_names_problem(d.get("classes"))
+        if problem:
+            raise CheckpointError(f"{where}: {problem}; the file is not a usable graft model")
+        try:
+            spec = PreprocessSpec.from_dict(d.get("preprocess"))
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from exc
+        values: dict[str, Any] = {"preprocess": spec}
+        for f in dataclasses.fields(cls):
+            if f.name == "preprocess" or f.name not in d:
+                continue
+            value = d[f.name]
+            if not _fits(value, str(f.type)):
+                raise CheckpointError(f"{where}: '{f.name}' must be {f.type}, got "
+                                      f"{type(value).__name__}")  # fmt: skip
+            values[f.name] = value
+        if "backbone" not in values:
+            raise CheckpointError(f"{where}: 'backbone' must be a backbone name (a string)")
+        max_pixels = (values.get("config") or {}).get("max_pixels")
+        if max_pixels is not None and not (
+            isinstance(max_pixels, int) and 1 <= max_pixels <= MAX_PIXELS_READ
+        ):
+            raise CheckpointError(f"{where}: config.max_pixels must be an integer from 1 to "
+                                  f"{MAX_PIXELS_READ}, got {max_pixels!r}")  # fmt: skip
+        return cls(**values)
+
+
+# a model may raise the decoded-pixel limit it was trained with, but not past what a machine can
+# decode: 16 times Pillow's own refusal level (2.9 gigapixels, 8.6 GB of RGB)
+MAX_PIXELS_READ = 16 * 178_956_970
+_TYPES = {"str": str, "int": int, "float": (int, float), "dict": dict, "list": list}
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """`value` has the JSON type the field's annotation says ('int | None', 'dict[str, Any]')."""
+    kinds = [a.strip().split("[")[0] for a in annotation.split("|")]
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return False  # no field is a bool; JSON's true is not a count
+    return any(isinstance(value, _TYPES[k]) for k in kinds if k in _TYPES)
+
+
+def save_model(run_dir: str | Path, backbone: Backbone, meta: ModelMeta) -> Path:
+    """Write the weights, then the JSON that describes them (`meta`, stamped with the time and
+    the versions); each write atomic."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
+    with atomic_path(run_dir / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    meta = dataclasses.replace(meta, created=now, versions=versions())
+    text = json.dumps(meta.to_dict(), indent=2, default=str) + "\n"
+    atomic_write_text(run_dir / META_FILE, text)
+    return run_dir / WEIGHTS_FILE
+
+
+def read_meta(run_dir: str | Path) -> ModelMeta:
+    """model.json, every field validated."""
+    path = Path(run_dir) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found: {run_dir} is not a graft run folder (train one with graft train)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    return ModelMeta.from_dict(data, str(path))
+
+
+def load_model(run_dir: str | Path) -> tuple[Backbone, ModelMeta]:
+    """Rebuild the trained network from a run folder alone: no training data, no pickle."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_meta(run_dir)
+    weights = Path(run_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found; the run folder is incomplete")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights} is damaged or not a safetensors file: {exc}") from exc
+    try:
+        backbone = create_backbone(meta.backbone, len(meta.classes), pretrained=False)
+    except GraftError as exc:
+        raise CheckpointError(f"{run_dir}/{META_FILE}: {exc}") from exc
+    _check_state(backbone.model.state_dict(), state, weights, len(meta.classes))
+    backbone.model.load_state_dict(state)
+    return dataclasses.replace(backbone, spec=meta.preprocess), meta
+
+
+def _check_state(
+    expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], path: Path, num_classes: int
+) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit the backbone in model.json: {len(missing)} tensors missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    for key, value in expected.items():
+        if tuple(got[key].shape) != tuple(value.shape):
+            hint = ""
+            if key.startswith("head."):
+                hint = f" (model.json lists {num_classes} classes; the weights have another count)"
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {tuple(got[key].shape)}, expected "
+                f"{tuple(value.shape)}{hint}"
+            )
