@@ -48,8 +48,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="graft-bench-export-"))
     data = make_shapes(tmp / "shapes", n_train=8, n_val=4)
     pretrained = args.backbone.startswith("efficientnet_lite")
-    run = graft.train(data, backbone=args.backbone, pretrained=pretrained, epochs=1, workers=0,
-                      report=False, out=str(tmp / "run"), cache_dir=str(tmp / "cache"))  # fmt: skip
+    run = graft.train(
+        data,
+        backbone=args.backbone,
+        pretrained=pretrained,
+        epochs=1,
+        workers=0,
+        report=False,
+        out=str(tmp / "run"),
+        cache_dir=str(tmp / "cache"),
+    )
     result = export(run.run_dir)
     eager, onnx = Classifier.load(run.run_dir, device="cpu"), OnnxClassifier(result.path)
     image = sorted((data / "val").rglob("*.png"))[0]
@@ -62,13 +70,18 @@ def main() -> None:
 
     rows = [
         ("network only", "PyTorch eager fp32", *timed(net_eager, args.runs)),
-        ("network only", "ONNX Runtime fp32",
-         *timed(lambda: onnx.session.run(None, {"image": x_onnx}), args.runs)),
+        (
+            "network only",
+            "ONNX Runtime fp32",
+            *timed(lambda: onnx.session.run(None, {"image": x_onnx}), args.runs),
+        ),
         ("predict(file)", "PyTorch eager fp32", *timed(lambda: eager.predict(image), args.runs)),
         ("predict(file)", "ONNX Runtime fp32", *timed(lambda: onnx.predict(image), args.runs)),
-    ]  # fmt: skip
-    print(f"backbone {args.backbone}; torch threads {torch.get_num_threads()}; parity "
-          f"max|dp| {result.max_abs_diff:.1e}, top-1 {result.top1_agreement:.0%}")  # fmt: skip
+    ]
+    print(
+        f"backbone {args.backbone}; torch threads {torch.get_num_threads()}; parity "
+        f"max|dp| {result.max_abs_diff:.1e}, top-1 {result.top1_agreement:.0%}"
+    )
     print("\n| what | engine | median ms | p90 ms |\n|---|---|---:|---:|")
     for what, engine, med, p90 in rows:
         print(f"| {what} | {engine} | {med:.1f} | {p90:.1f} |")

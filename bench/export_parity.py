@@ -26,14 +26,14 @@ def main() -> None:
     for name in args.backbones.split(","):
         with tempfile.TemporaryDirectory() as run:
             bb = create_backbone(name, 3, pretrained=name in EMBEDDED)
-            meta = ModelMeta(backbone=name, classes=["a", "b", "c"], preprocess=bb.spec,
-                             strategy="extract")  # fmt: skip
+            meta = ModelMeta(
+                backbone=name, classes=["a", "b", "c"], preprocess=bb.spec, strategy="extract"
+            )
             save_model(run, bb, meta)
             t = time.perf_counter()
             try:
                 r = export(Path(run))
-                row = (f"{r.images} | {r.max_abs_diff:.1e} | {r.top1_agreement:.0%} | "
-                       "exported")  # fmt: skip
+                row = f"{r.images} | {r.max_abs_diff:.1e} | {r.top1_agreement:.0%} | exported"
             except Exception as exc:  # a backbone that does not export: say why
                 row = f" | | | not exported: {str(exc).splitlines()[0][:120]}"
             print(f"| {name} | {time.perf_counter() - t:.1f} | {row} |")

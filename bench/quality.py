@@ -33,8 +33,18 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-FM_NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-            "boot"]  # fmt: skip
+FM_NAMES = [
+    "tshirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
+]
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -53,7 +63,10 @@ def _write(folder: Path, arrays) -> None:
 def make_fashion(root: Path, classes: list[int], n_train: int, n_test: int, offset: int) -> None:
     """Training images from Fashion-MNIST's train file (from `offset` on: not the demo's first
     images), unseen ones from its test file (from `offset // 10`: not the demo's val images)."""
-    for part, stem, n, start in (("train", "train", n_train, offset), ("test", "t10k", n_test, offset // 10)):
+    for part, stem, n, start in (
+        ("train", "train", n_train, offset),
+        ("test", "t10k", n_test, offset // 10),
+    ):
         x = _idx(FASHION / f"{stem}-images-idx3-ubyte.gz")
         y = _idx(FASHION / f"{stem}-labels-idx1-ubyte.gz")
         for c in classes:
@@ -71,8 +84,9 @@ def make_digits(root: Path, n_train: int, n_test: int) -> None:
     rng = np.random.default_rng(0)
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(d.target == c))
-        imgs = [(255 - d.images[i] * 255 / 16).astype(np.uint8).repeat(8, 0).repeat(8, 1)
-                for i in idx]  # fmt: skip
+        imgs = [
+            (255 - d.images[i] * 255 / 16).astype(np.uint8).repeat(8, 0).repeat(8, 1) for i in idx
+        ]
         _write(root / "train" / f"digit{c}", imgs[:n_train])
         _write(root / "test" / f"digit{c}", imgs[n_train : n_train + n_test])
 
@@ -96,9 +110,16 @@ def _shape(kind: str, rng: random.Random) -> Image.Image:
     else:
         n = {"triangle": 3, "square": 4, "star": 10}[kind]
         radii = [r if (kind != "star" or i % 2 == 0) else r * 0.45 for i in range(n)]
-        d.polygon([(cx + q * math.cos(a0 + 2 * math.pi * i / n),
-                    cy + q * math.sin(a0 + 2 * math.pi * i / n)) for i, q in enumerate(radii)],
-                  fill=fill)  # fmt: skip
+        d.polygon(
+            [
+                (
+                    cx + q * math.cos(a0 + 2 * math.pi * i / n),
+                    cy + q * math.sin(a0 + 2 * math.pi * i / n),
+                )
+                for i, q in enumerate(radii)
+            ],
+            fill=fill,
+        )
     return im.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
 
 
@@ -113,20 +134,38 @@ def make_shapes(root: Path, n_train: int, n_test: int, seed: int = 7) -> None:
 
 
 SETS = {  # name -> (maker, what it is)
-    "fm10": (lambda r: make_fashion(r, list(range(10)), 25, 50, 1000),
-             "Fashion-MNIST, 10 classes, 25 train / 50 unseen each"),
-    "fm6": (lambda r: make_fashion(r, [0, 1, 3, 7, 8, 9], 20, 50, 2000),
-            "Fashion-MNIST, 6 classes, 20 train / 50 unseen each"),
-    "digits": (lambda r: make_digits(r, 20, 50), "sklearn digits, 10 classes, 20 train / 50 unseen"),
-    "shapes": (lambda r: make_shapes(r, 40, 50), "shapes on clutter, 4 classes, 40 train / 50 unseen"),
-}  # fmt: skip
+    "fm10": (
+        lambda r: make_fashion(r, list(range(10)), 25, 50, 1000),
+        "Fashion-MNIST, 10 classes, 25 train / 50 unseen each",
+    ),
+    "fm6": (
+        lambda r: make_fashion(r, [0, 1, 3, 7, 8, 9], 20, 50, 2000),
+        "Fashion-MNIST, 6 classes, 20 train / 50 unseen each",
+    ),
+    "digits": (
+        lambda r: make_digits(r, 20, 50),
+        "sklearn digits, 10 classes, 20 train / 50 unseen",
+    ),
+    "shapes": (
+        lambda r: make_shapes(r, 40, 50),
+        "shapes on clutter, 4 classes, 40 train / 50 unseen",
+    ),
+}
 
 
 def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, budget: str) -> dict:
     run, cache = work / f"run-{mode}", work / f"cache-{mode}"
     shutil.rmtree(cache, ignore_errors=True)
-    cmd = [*graft, "train", str(data / "train"), "--out", str(run), "--overwrite",
-           "--cache-dir", str(cache)]  # fmt: skip
+    cmd = [
+        *graft,
+        "train",
+        str(data / "train"),
+        "--out",
+        str(run),
+        "--overwrite",
+        "--cache-dir",
+        str(cache),
+    ]
     if mode == "auto":
         cmd += ["--auto", "--budget", budget]
     elif mode == "last":  # defaults, but the last epoch kept instead of the best on val
@@ -138,13 +177,24 @@ def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, bud
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
     meta = json.loads((run / "model.json").read_text())
     est = meta.get("estimate") or meta["val"]
-    ev = subprocess.run([*graft, "evaluate", str(run), str(data / "test"), "--json"], env=env,
-                        capture_output=True, text=True, check=True)  # fmt: skip
+    ev = subprocess.run(
+        [*graft, "evaluate", str(run), str(data / "test"), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     unseen = json.loads(ev.stdout)["accuracy"]
     low, high = est["accuracy_ci95"]
-    return {"mode": mode, "printed": est["accuracy"], "ci95": [low, high], "unseen": unseen,
-            "inside": low <= unseen <= high, "wall_s": round(wall, 1),
-            "chosen": meta.get("selection", {}).get("chosen")}  # fmt: skip
+    return {
+        "mode": mode,
+        "printed": est["accuracy"],
+        "ci95": [low, high],
+        "unseen": unseen,
+        "inside": low <= unseen <= high,
+        "wall_s": round(wall, 1),
+        "chosen": meta.get("selection", {}).get("chosen"),
+    }
 
 
 def main() -> None:
@@ -161,26 +211,35 @@ def main() -> None:
         env["PYTHONPATH"] = str(args.src.resolve())
     graft = [sys.executable, "-m", "graft"]
     rows = []
-    print(f"{'set':8} {'mode':8} {'printed':>7} {'95% interval':>15} {'unseen':>7} {'inside':>6} "
-          f"{'wall s':>7}  chosen")  # fmt: skip
+    print(
+        f"{'set':8} {'mode':8} {'printed':>7} {'95% interval':>15} {'unseen':>7} {'inside':>6} "
+        f"{'wall s':>7}  chosen"
+    )
     for name in args.sets.split(","):
         maker, _ = SETS[name]
         data = args.work / "data" / name
         if not data.exists():
             maker(data)
         for mode in args.modes.split(","):
-            r = {"set": name, **run_mode(graft, env, data, args.work / args.label / name, mode,
-                                         args.budget)}  # fmt: skip
+            r = {
+                "set": name,
+                **run_mode(graft, env, data, args.work / args.label / name, mode, args.budget),
+            }
             rows.append(r)
-            print(f"{name:8} {mode:8} {r['printed']:7.4f} {r['ci95'][0]:7.4f}-{r['ci95'][1]:.4f} "
-                  f"{r['unseen']:7.4f} {'yes' if r['inside'] else 'NO':>6} {r['wall_s']:7.1f}  "
-                  f"{r['chosen'] or ''}", flush=True)  # fmt: skip
+            print(
+                f"{name:8} {mode:8} {r['printed']:7.4f} {r['ci95'][0]:7.4f}-{r['ci95'][1]:.4f} "
+                f"{r['unseen']:7.4f} {'yes' if r['inside'] else 'NO':>6} {r['wall_s']:7.1f}  "
+                f"{r['chosen'] or ''}",
+                flush=True,
+            )
     (args.work / f"results-{args.label}.json").write_text(json.dumps(rows, indent=1))
     for mode in args.modes.split(","):
         mine = [r for r in rows if r["mode"] == mode]
-        print(f"mean {mode}: unseen {sum(r['unseen'] for r in mine) / len(mine):.4f}, "
-              f"wall {sum(r['wall_s'] for r in mine) / len(mine):.1f} s, inside "
-              f"{sum(r['inside'] for r in mine)}/{len(mine)}")  # fmt: skip
+        print(
+            f"mean {mode}: unseen {sum(r['unseen'] for r in mine) / len(mine):.4f}, "
+            f"wall {sum(r['wall_s'] for r in mine) / len(mine):.1f} s, inside "
+            f"{sum(r['inside'] for r in mine)}/{len(mine)}"
+        )
 
 
 if __name__ == "__main__":

@@ -109,8 +109,9 @@ def tutorial_train(data: Path, mode: str, epochs: int, backbone: str) -> tuple[f
     return time.perf_counter() - start, curve
 
 
-def graft_train(data: Path, mode: str, epochs: int | None, backbone: str, cache: Path,
-                unfreeze_last: int = 3) -> tuple[float, list, float]:  # fmt: skip
+def graft_train(
+    data: Path, mode: str, epochs: int | None, backbone: str, cache: Path, unfreeze_last: int = 3
+) -> tuple[float, list, float]:
     """graft.train: wall time, curve [(seconds since start, val accuracy)] per epoch, and the
     saved model's val accuracy (as graft evaluate gives it)."""
     strategy = "partial" if mode.startswith("partial") else mode
@@ -120,11 +121,17 @@ def graft_train(data: Path, mode: str, epochs: int | None, backbone: str, cache:
     curve = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        run = graft.train(data, backbone=backbone, strategy=strategy, epochs=epochs, out=out,
-                          cache_dir=str(cache), report=False,
-                          on_epoch=lambda r: curve.append((time.perf_counter() - start,
-                                                           r["val_acc"])),
-                          **extra)  # fmt: skip
+        run = graft.train(
+            data,
+            backbone=backbone,
+            strategy=strategy,
+            epochs=epochs,
+            out=out,
+            cache_dir=str(cache),
+            report=False,
+            on_epoch=lambda r: curve.append((time.perf_counter() - start, r["val_acc"])),
+            **extra,
+        )
     return time.perf_counter() - start, curve, run.val_accuracy
 
 
@@ -214,43 +221,79 @@ def main() -> None:
         t_wall, t_curve = tutorial[ref]
         target = max(acc for _, acc in t_curve)
         if mode in tutorial:
-            rows.append((mode, "tutorial", args.epochs, t_wall, time_to(t_curve, target),
-                         None, target, 1.0))  # fmt: skip
+            rows.append(
+                (mode, "tutorial", args.epochs, t_wall, time_to(t_curve, target), None, target, 1.0)
+            )
         cached = mode in ("extract", "partial")  # a second run reads what the first cached
         for label in ("graft (cold cache)", "graft (warm cache)") if cached else ("graft",):
-            wall, curve, saved = graft_train(data, mode, args.graft_epochs, args.backbone,
-                                             tmp / f"cache-{mode}", args.unfreeze_last)  # fmt: skip
+            wall, curve, saved = graft_train(
+                data,
+                mode,
+                args.graft_epochs,
+                args.backbone,
+                tmp / f"cache-{mode}",
+                args.unfreeze_last,
+            )
             best = max(acc for _, acc in curve)
-            rows.append((mode, label, args.graft_epochs or "default", wall,
-                         time_to(curve, target), saved, best, t_wall / wall))  # fmt: skip
+            rows.append(
+                (
+                    mode,
+                    label,
+                    args.graft_epochs or "default",
+                    wall,
+                    time_to(curve, target),
+                    saved,
+                    best,
+                    t_wall / wall,
+                )
+            )
     if rows:
-        print("\n| mode | engine | epochs | wall s | s to the tutorial's best | saved model val "
-              "acc | best epoch val acc | speed-up |")  # fmt: skip
+        print(
+            "\n| mode | engine | epochs | wall s | s to the tutorial's best | saved model val "
+            "acc | best epoch val acc | speed-up |"
+        )
         print("|---|---|---|---:|---:|---:|---:|---:|")
     for mode, engine, ep, wall, reach, saved, best, ratio in rows:
         reach_s = "never" if reach is None else f"{reach:.1f}"
         saved_s = "" if saved is None else f"{saved:.4f}"
-        print(f"| {mode} | {engine} | {ep} | {wall:.1f} | {reach_s} | {saved_s} | {best:.4f} | "
-              f"{ratio:.1f}x |")  # fmt: skip
+        print(
+            f"| {mode} | {engine} | {ep} | {wall:.1f} | {reach_s} | {saved_s} | {best:.4f} | "
+            f"{ratio:.1f}x |"
+        )
     for mode in ("extract", "finetune"):
         if mode in tutorial:
             best = max(acc for _, acc in tutorial[mode][1])
             print(f"(the tutorial's best {args.epochs}-epoch val accuracy, {mode}: {best:.4f})")
     if not args.no_ceiling:
         fwd, ext, ort, export = throughput(data, args.backbone, tmp)
-        print(f"\nceiling: pure forward {fwd:.1f} img/s (batch 64, random tensors); graft feature "
-              f"extraction end to end {ext:.1f} img/s = {ext / fwd:.0%} of it; with --engine "
-              f"onnxruntime {ort:.1f} img/s = {ort / fwd:.0%} (its one-time export and first "
-              f"image: {export:.1f} s)")  # fmt: skip
+        print(
+            f"\nceiling: pure forward {fwd:.1f} img/s (batch 64, random tensors); graft feature "
+            f"extraction end to end {ext:.1f} img/s = {ext / fwd:.0%} of it; with --engine "
+            f"onnxruntime {ort:.1f} img/s = {ort / fwd:.0%} (its one-time export and first "
+            f"image: {export:.1f} s)"
+        )
     if args.process:
         print("\n| `graft train DATA` as a process | cache | wall s | peak RSS GB |")
         print("|---|---|---:|---:|")
     for strategy in filter(None, args.process.split(",")):
         extra = ["--unfreeze-last", str(args.unfreeze_last)] if strategy == "partial" else []
-        cmd = [sys.executable, "-m", "graft", "train", str(data), "--strategy", strategy,
-               "--backbone", args.backbone, "--out", str(tmp / f"proc-{strategy}"),
-               "--overwrite", "--cache-dir", str(tmp / f"proc-cache-{strategy}"),
-               *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "graft",
+            "train",
+            str(data),
+            "--strategy",
+            strategy,
+            "--backbone",
+            args.backbone,
+            "--out",
+            str(tmp / f"proc-{strategy}"),
+            "--overwrite",
+            "--cache-dir",
+            str(tmp / f"proc-cache-{strategy}"),
+            *extra,
+        ]
         for cache in ("cold", "warm"):
             wall, rss = process(cmd)
             print(f"| --strategy {strategy} {' '.join(extra)} | {cache} | {wall:.1f} | {rss:.2f} |")

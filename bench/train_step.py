@@ -14,10 +14,15 @@ import torch
 from graft.models.backbones import create_backbone
 
 CONFIGS = [  # (batch, bf16 autocast, channels_last, image size)
-    (4, False, False, 224), (4, False, True, 224), (16, False, True, 224),
-    (32, False, True, 224), (16, True, False, 224), (16, True, True, 224),
-    (16, False, True, 160), (16, True, True, 160),
-]  # fmt: skip
+    (4, False, False, 224),
+    (4, False, True, 224),
+    (16, False, True, 224),
+    (32, False, True, 224),
+    (16, True, False, 224),
+    (16, True, True, 224),
+    (16, False, True, 160),
+    (16, True, True, 160),
+]
 
 
 def step_rate(model, batch: int, bf16: bool, channels_last: bool, size: int, images: int) -> float:

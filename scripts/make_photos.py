@@ -64,8 +64,10 @@ def main() -> None:
                 photo(src, rng).save(folder / f"{i:04d}.jpg", quality=90)
     files = list(Path(args.out).rglob("*.jpg"))
     mb = sum(f.stat().st_size for f in files) / 1e6
-    print(f"{len(files)} JPEGs of {SIZE[0]}x{SIZE[1]} in {args.out}: {mb:.0f} MB, "
-          f"{mb / len(files):.1f} MB each")  # fmt: skip
+    print(
+        f"{len(files)} JPEGs of {SIZE[0]}x{SIZE[1]} in {args.out}: {mb:.0f} MB, "
+        f"{mb / len(files):.1f} MB each"
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,19 @@ import graft
 
 PACKAGE = Path(graft.__file__).parent
 # lowest first: a folder may import from the folders before it, never from those after it
-LAYERS = ("core", "data", "models", "frozen", "training", "selection", "inference", "outputs",
-          "workflows", "serve", "cli")  # fmt: skip
+LAYERS = (
+    "core",
+    "data",
+    "models",
+    "frozen",
+    "training",
+    "selection",
+    "inference",
+    "outputs",
+    "workflows",
+    "serve",
+    "cli",
+)
 
 
 def _module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -94,9 +105,7 @@ def test_an_upward_import_is_caught(tmp_path):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "__init__.py").write_text("")
     (tmp_path / "training" / "loop.py").write_text("from ..core.errors import GraftError\n")
-    (tmp_path / "core" / "config.py").write_text(
-        "def f():\n    from ..training.loop import fit\n"
-    )
+    (tmp_path / "core" / "config.py").write_text("def f():\n    from ..training.loop import fit\n")
     assert _upward(_imports(tmp_path)) == ["core.config imports training.loop"]
 
 
@@ -107,14 +116,19 @@ def test_imports_form_no_cycle():
 
 
 def test_nothing_imports_the_cli():
-    assert [m for m, deps in _imports().items()
-            if _layer(m) != "cli" and m != "__main__" and any(_layer(d) == "cli" for d in deps)
-            ] == []  # fmt: skip
+    assert [
+        m
+        for m, deps in _imports().items()
+        if _layer(m) != "cli" and m != "__main__" and any(_layer(d) == "cli" for d in deps)
+    ] == []
 
 
 def test_the_resume_format_lives_in_checkpoint_alone():
-    users = [_module_name(p) for p in PACKAGE.rglob("*.py")
-             if "LAST_META" in p.read_text(encoding="utf-8")]  # fmt: skip
+    users = [
+        _module_name(p)
+        for p in PACKAGE.rglob("*.py")
+        if "LAST_META" in p.read_text(encoding="utf-8")
+    ]
     assert sorted(users) == ["core.runfolder", "training.checkpoint"]
 
 

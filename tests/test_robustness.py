@@ -162,11 +162,20 @@ MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "I;16", "I", "F", "YCbCr", 
 FORMATS = ["PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP"]
 
 
-@settings(max_examples=80, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
-@given(mode=st.sampled_from(MODES), fmt=st.sampled_from(FORMATS),
-       w=st.integers(1, 48), h=st.integers(1, 48), seed=st.integers(0, 2**16),
-       cut=st.one_of(st.none(), st.integers(0, 400)))  # fmt: skip
+@settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    mode=st.sampled_from(MODES),
+    fmt=st.sampled_from(FORMATS),
+    w=st.integers(1, 48),
+    h=st.integers(1, 48),
+    seed=st.integers(0, 2**16),
+    cut=st.one_of(st.none(), st.integers(0, 400)),
+)
 def test_any_small_image_loads_or_raises_graft_error(tmp_path, mode, fmt, w, h, seed, cut):
     rng = np.random.default_rng(seed)
     im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
@@ -195,18 +204,21 @@ def test_duplicates_between_train_and_val_warned_and_dropped(tmp_path, caplog):
     assert "1 val/test image(s) are identical to train images" in caplog.text
     assert str(data / "val" / "circle" / "copy.png") in caplog.text
     assert run.val_images == 7
-    run = graft.train(data, out=str(tmp_path / "b"), workers=0, epochs=2, dedupe=True,
-                      report=False)  # fmt: skip
+    run = graft.train(data, out=str(tmp_path / "b"), workers=0, epochs=2, dedupe=True, report=False)
     assert run.val_images == 6
 
 
 def test_same_seed_same_metrics(tmp_path, shapes_dir):
-    runs = [graft.train(shapes_dir, out=str(tmp_path / n), workers=0, epochs=15, seed=1,
-                        report=False) for n in ("a", "b")]  # fmt: skip
+    runs = [
+        graft.train(shapes_dir, out=str(tmp_path / n), workers=0, epochs=15, seed=1, report=False)
+        for n in ("a", "b")
+    ]
 
     def rows(run):
-        return [{k: v for k, v in r.items() if k != "seconds"}
-                for r in csv.DictReader(open(run.run_dir / "metrics.csv"))]  # fmt: skip
+        return [
+            {k: v for k, v in r.items() if k != "seconds"}
+            for r in csv.DictReader(open(run.run_dir / "metrics.csv"))
+        ]
 
     assert rows(runs[0]) == rows(runs[1]) and len(rows(runs[0])) == 15
     assert "val_recall/circle" in rows(runs[0])[0]
@@ -219,8 +231,9 @@ def test_hostile_class_names_refused(trained_run, tmp_path, name):
     meta = json.loads((run / "model.json").read_text())
     meta["classes"][0] = name
     (run / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="cannot be used: it holds a path separator or a "
-                       "control character"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError, match="cannot be used: it holds a path separator or a control character"
+    ):
         graft.load(run)
 
 
@@ -242,8 +255,9 @@ def test_balance_on_imbalanced_classes(tmp_path, balance):
     data = make_shapes(tmp_path / "data", n_train=12, n_val=4)
     for p in sorted((data / "train" / "square").glob("*.png"))[2:]:
         p.unlink()  # 12 circles, 2 squares, 12 triangles
-    run = graft.train(data, out=str(tmp_path / "run"), workers=0, epochs=20, balance=balance,
-                      report=False)  # fmt: skip
+    run = graft.train(
+        data, out=str(tmp_path / "run"), workers=0, epochs=20, balance=balance, report=False
+    )
     recall = run.history[-1]["val_recall"]
     assert set(recall) == {"circle", "square", "triangle"}
     assert f"balance: {balance}" in (run.run_dir / "config.yaml").read_text()

@@ -34,9 +34,17 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
     assert f"saved {run}" in r.stdout
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 30 and set(rows[0]) == {
-        "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
-        "val_recall/circle", "val_recall/square", "val_recall/triangle",
-    }  # fmt: skip
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "lr",
+        "seconds",
+        "val_recall/circle",
+        "val_recall/square",
+        "val_recall/triangle",
+    }
     assert (run / "report.html").exists() and (run / "report.json").exists()
     best = max(float(row["val_acc"]) for row in rows)
     assert best >= 0.9
@@ -212,16 +220,33 @@ def test_train_and_compare_options_are_the_config_schema():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--optimizer", "adam", "--momentum", "0.5"], "--momentum is ignored with --optimizer adam"),
-        (["--strategy", "finetune", "--schedule", "cosine", "--step-size", "3"],
-         "--step-size is ignored with --schedule cosine"),
-        (["--engine", "onnxruntime", "--strategy", "finetune"],
-         "--engine onnxruntime is ignored with --strategy finetune"),
-        (["--auto", "--epochs", "3", "--warmup-epochs", "1", "--backbones", "efficientnet_lite0"],
-         "the candidate efficientnet_lite0 extract cannot honour the settings given: "
-         "--warmup-epochs is ignored with --strategy extract"),
+        (
+            ["--optimizer", "adam", "--momentum", "0.5"],
+            "--momentum is ignored with --optimizer adam",
+        ),
+        (
+            ["--strategy", "finetune", "--schedule", "cosine", "--step-size", "3"],
+            "--step-size is ignored with --schedule cosine",
+        ),
+        (
+            ["--engine", "onnxruntime", "--strategy", "finetune"],
+            "--engine onnxruntime is ignored with --strategy finetune",
+        ),
+        (
+            [
+                "--auto",
+                "--epochs",
+                "3",
+                "--warmup-epochs",
+                "1",
+                "--backbones",
+                "efficientnet_lite0",
+            ],
+            "the candidate efficientnet_lite0 extract cannot honour the settings given: "
+            "--warmup-epochs is ignored with --strategy extract",
+        ),
     ],
-)  # fmt: skip
+)
 def test_ignored_settings_stop_with_one_line(tmp_path, args, message):
     data = make_shapes(tmp_path / "data", n_train=3, n_val=1)
     r = graft("train", data, "--out", tmp_path / "run", *args)

@@ -56,10 +56,13 @@ def test_wrong_types_and_values(tmp_path):
     [
         ({"warmup_epochs": 2}, "--warmup-epochs is ignored with --strategy extract"),
         ({"progressive": True}, "--progressive is ignored with --strategy extract"),
-        ({"rotation": 15.0}, "--rotation is ignored with --strategy extract unless the cache "
-         "holds augmented views: add --cache-views N"),
+        (
+            {"rotation": 15.0},
+            "--rotation is ignored with --strategy extract unless the cache "
+            "holds augmented views: add --cache-views N",
+        ),
     ],
-)  # fmt: skip
+)
 def test_settings_extract_would_ignore_are_refused(options, message):
     with pytest.raises(ConfigError) as err:
         make_config("d", **options)
@@ -108,19 +111,27 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path):
     [
         ({"optimizer": "adam", "momentum": 0.5}, "--momentum is ignored with --optimizer adam"),
         ({"momentum": 0.5}, "--momentum is ignored with --optimizer adamw"),  # extract's default
-        ({"schedule": "cosine", "step_size": 3, "strategy": "finetune"},
-         "--step-size is ignored with --schedule cosine"),
+        (
+            {"schedule": "cosine", "step_size": 3, "strategy": "finetune"},
+            "--step-size is ignored with --schedule cosine",
+        ),
         ({"schedule": "none", "gamma": 0.5}, "--gamma is ignored with --schedule none"),
-        ({"engine": "onnxruntime", "strategy": "finetune"},
-         "--engine onnxruntime is ignored with --strategy finetune"),
-        ({"engine": "onnxruntime", "strategy": "partial", "unfreeze_last": 2},
-         "--engine onnxruntime is ignored with --strategy partial"),
-        ({"backbone_lr_mult": 0.5, "strategy": "finetune"},
-         "--backbone-lr-mult is ignored without --warmup-epochs"),
+        (
+            {"engine": "onnxruntime", "strategy": "finetune"},
+            "--engine onnxruntime is ignored with --strategy finetune",
+        ),
+        (
+            {"engine": "onnxruntime", "strategy": "partial", "unfreeze_last": 2},
+            "--engine onnxruntime is ignored with --strategy partial",
+        ),
+        (
+            {"backbone_lr_mult": 0.5, "strategy": "finetune"},
+            "--backbone-lr-mult is ignored without --warmup-epochs",
+        ),
         ({"backbone_lr_mult": 0.5}, "--backbone-lr-mult is ignored with --strategy extract"),
         ({"memory_gb": 8.0}, "--memory-gb is ignored with --strategy extract"),
     ],
-)  # fmt: skip
+)
 def test_settings_the_run_would_ignore_are_refused(options, message):
     with pytest.raises(ConfigError) as err:
         make_config("d", **options)

@@ -21,15 +21,39 @@ import graft
 
 from ..conftest import make_shapes
 
-ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
-       "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
-FINETUNE = ["--strategy", "finetune", "--image-size", "64", "--batch-size", "4", "--workers",
-            "0", "--no-report"]  # fmt: skip
+ENV = {
+    **os.environ,
+    "GLOO_SOCKET_IFNAME": "lo",
+    "MASTER_ADDR": "127.0.0.1",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+FINETUNE = [
+    "--strategy",
+    "finetune",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--no-report",
+]
 
 
 def _torchrun(*args, env=None) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            "2", "-m", "graft", "train", *map(str, args)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "graft",
+        "train",
+        *map(str, args),
+    ]
 
 
 def _rows(run: Path) -> list[dict]:
@@ -44,8 +68,13 @@ def data(tmp_path_factory):
 @pytest.mark.slow
 def test_finetune_on_two_processes(data, tmp_path):
     out = tmp_path / "runs" / "ft"
-    r = subprocess.run(_torchrun(data, "--out", out, "--epochs", "2", *FINETUNE), env=ENV,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        _torchrun(data, "--out", out, "--epochs", "2", *FINETUNE),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ft"]  # exactly one run folder
     assert len(_rows(out)) == 2 and r.stdout.count("saved ") == 1  # rank 0 alone prints
@@ -60,15 +89,36 @@ def test_finetune_on_two_processes(data, tmp_path):
 def test_extract_computes_each_image_once_and_trains_the_same_head(data, tmp_path):
     env = {**ENV, "GRAFT_CACHE_DIR": str(tmp_path / "cache")}
     two, one = tmp_path / "two", tmp_path / "one"
-    r = subprocess.run(_torchrun(data, "--out", two, "--epochs", "5", "--workers", "0",
-                                 "--no-report"), env=env, capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
+    r = subprocess.run(
+        _torchrun(data, "--out", two, "--epochs", "5", "--workers", "0", "--no-report"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     counts = json.loads((two / "model.json").read_text())["features_computed_per_rank"]
     assert sum(counts) == 3 * (8 + 5) and all(c > 0 for c in counts)  # each image once in all
-    single = subprocess.run([sys.executable, "-m", "graft", "train", str(data), "--out", str(one),
-                             "--epochs", "5", "--workers", "0", "--no-report"], env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "graft",
+            "train",
+            str(data),
+            "--out",
+            str(one),
+            "--epochs",
+            "5",
+            "--workers",
+            "0",
+            "--no-report",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr
     assert "features: 39 from cache, 0 computed" in single.stderr  # what the two ranks cached
     a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
@@ -78,11 +128,15 @@ def test_extract_computes_each_image_once_and_trains_the_same_head(data, tmp_pat
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_and_resume_finishes_it(data, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_torchrun(data, "--out", run, "--epochs", "40", *FINETUNE), env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _torchrun(data, "--out", run, "--epochs", "40", *FINETUNE),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.csv").exists() and
-                                          len(_rows(run)) >= 2):  # fmt: skip
+    while time.time() < deadline and not ((run / "metrics.csv").exists() and len(_rows(run)) >= 2):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.1)
     rank1 = [p for p in Path("/proc").glob("[0-9]*") if _is_rank(p, "1", str(run))]
@@ -93,12 +147,18 @@ def test_a_killed_rank_ends_the_job_and_resume_finishes_it(data, tmp_path):
     assert proc.returncode != 0 and time.time() - start < 60
     assert "Traceback" not in out and ("failed" in err.lower() or "interrupted" in err)
     assert (run / "last.json").exists()
-    r = subprocess.run(_torchrun("--resume", run), env=ENV, capture_output=True, text=True,
-                       timeout=600)  # fmt: skip
+    r = subprocess.run(
+        _torchrun("--resume", run), env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert [int(row["epoch"]) for row in _rows(run)] == list(range(1, 41))
-    r = subprocess.run([sys.executable, "-m", "graft", "train", "--resume", str(run)], env=ENV,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "graft", "train", "--resume", str(run)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "has no resumable checkpoint" in r.stderr
 
 

@@ -18,8 +18,12 @@ from ..conftest import make_shapes
 
 
 def _graft(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "graft", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "graft", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _stop_after(n: int):
@@ -46,8 +50,7 @@ def test_a_finished_run_is_replaced_only_with_overwrite(trained_run, shapes_dir,
     with pytest.raises(ConfigError, match="holds a finished run .* pass --overwrite"):
         graft.train(shapes_dir, out=str(run), epochs=1, workers=0, report=False)
     assert (run / "model.safetensors").read_bytes() == before
-    done = graft.train(shapes_dir, out=str(run), epochs=2, workers=0, report=False,
-                       overwrite=True)  # fmt: skip
+    done = graft.train(shapes_dir, out=str(run), epochs=2, workers=0, report=False, overwrite=True)
     assert len(done.history) == 2 and not (run / "report.html").exists()
 
 
@@ -75,8 +78,7 @@ def test_resume_accepts_skip_bad_and_a_moved_folder(tmp_path):
     data = make_shapes(tmp_path / "data", n_train=6, n_val=2, seed=4)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        graft.train(data, out=str(run), epochs=4, workers=0, report=False,
-                    on_epoch=_stop_after(2))  # fmt: skip
+        graft.train(data, out=str(run), epochs=4, workers=0, report=False, on_epoch=_stop_after(2))
     assert (run / "last.json").exists()
     with pytest.raises(ConfigError, match="holds an interrupted run: continue it with graft"):
         graft.train(data, out=str(run), epochs=4, workers=0)

@@ -58,8 +58,9 @@ class _Dies(torch.utils.data.Dataset):
         return torch.zeros(1)
 
 
-@pytest.mark.parametrize("how, message", [("exit", "exited unexpectedly"),
-                                          ("hang", "timed out after 1 seconds")])  # fmt: skip
+@pytest.mark.parametrize(
+    "how, message", [("exit", "exited unexpectedly"), ("hang", "timed out after 1 seconds")]
+)
 def test_a_failing_loader_worker_ends_the_run_with_a_message(how, message, monkeypatch):
     import graft.core.runtime as runtime
     from graft.core.errors import GraftError

@@ -112,9 +112,10 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
     (tmp_path / "bomb.png").write_bytes(_png_claiming(15000, 12000))
     with pytest.raises(ImageError) as err:
         load_image(tmp_path / "bomb.png")
-    assert (f"15000x12000 = 180,000,000 pixels is over the limit of {MAX_PIXELS:,} "
-            "(decompression-bomb guard); if the image is genuine raise --max-pixels") in str(
-        err.value)  # fmt: skip
+    assert (
+        f"15000x12000 = 180,000,000 pixels is over the limit of {MAX_PIXELS:,} "
+        "(decompression-bomb guard); if the image is genuine raise --max-pixels"
+    ) in str(err.value)
     (tmp_path / "huge.png").write_bytes(_png_claiming(30000, 30000))  # Pillow would refuse it
     with pytest.raises(ImageError, match="30000x30000 = 900,000,000 pixels is over the limit"):
         load_image(tmp_path / "huge.png")

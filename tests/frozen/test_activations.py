@@ -36,9 +36,17 @@ def _backbone(name="efficientnet_lite0", classes=4):
 
 
 def _cfg(data, tmp_path, **kw):
-    options = dict(strategy="partial", unfreeze_last=3, epochs=3, batch_size=8, cache_views=2,
-                   cache_dir=str(tmp_path / "cache"), workers=0, seed=0,
-                   image_size=SIZE)  # fmt: skip
+    options = dict(
+        strategy="partial",
+        unfreeze_last=3,
+        epochs=3,
+        batch_size=8,
+        cache_views=2,
+        cache_dir=str(tmp_path / "cache"),
+        workers=0,
+        seed=0,
+        image_size=SIZE,
+    )
     return make_config(data, **{**options, **kw}).resolve(input_size=SIZE)
 
 
@@ -69,8 +77,14 @@ class _LiveViews(torch.utils.data.Dataset):
 
 def _views(bb, samples, views):
     paths = [p for p, _ in samples]
-    ds = _ImageViews(paths, [file_digest(p) for p in paths], bb, views, eval_view=not views,
-                       views_side=bb.spec.resize_size)  # fmt: skip
+    ds = _ImageViews(
+        paths,
+        [file_digest(p) for p in paths],
+        bb,
+        views,
+        eval_view=not views,
+        views_side=bb.spec.resize_size,
+    )
     return torch.stack([ds[i][1] for i in range(len(ds))])
 
 
@@ -79,15 +93,24 @@ def _live_fit(cfg, split, bb):
     apply_freezing(bb, blocks)
     labels = torch.tensor([y for _, y in split.train])
     train_ds = _LiveViews(_views(bb, split.train, cfg.cache_views), labels, cfg.seed)
-    val = torch.utils.data.TensorDataset(_views(bb, split.val, 0)[:, 0],
-                                         torch.tensor([y for _, y in split.val]))  # fmt: skip
+    val = torch.utils.data.TensorDataset(
+        _views(bb, split.val, 0)[:, 0], torch.tensor([y for _, y in split.val])
+    )
     g = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
-                                         generator=g, drop_last=True)  # fmt: skip
-    job = Job(backbone=bb, model=RT.prepare(bb.model), train_loader=loader,
-              val_loader=torch.utils.data.DataLoader(val, batch_size=8),
-              criterion=torch.nn.CrossEntropyLoss(), runtime=RT, generator=g,
-              classes=split.classes, sampler=train_ds)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=True
+    )
+    job = Job(
+        backbone=bb,
+        model=RT.prepare(bb.model),
+        train_loader=loader,
+        val_loader=torch.utils.data.DataLoader(val, batch_size=8),
+        criterion=torch.nn.CrossEntropyLoss(),
+        runtime=RT,
+        generator=g,
+        classes=split.classes,
+        sampler=train_ds,
+    )
     seed_everything(0)
     return fit(job, epoch_plan(cfg, blocks, SIZE), cfg)
 
@@ -111,8 +134,11 @@ def test_cached_training_equals_live_training_on_the_same_views(shapes, tmp_path
     want = live_bb.model.state_dict()
     for name, value in bb.model.state_dict().items():  # trained in place, through TopNet
         assert torch.allclose(value.float(), want[name].float(), atol=1e-4), name
-    moved = [n for n, v in bb.model.features.state_dict().items()
-             if n.startswith("blocks.6") and v.dtype.is_floating_point]  # fmt: skip
+    moved = [
+        n
+        for n, v in bb.model.features.state_dict().items()
+        if n.startswith("blocks.6") and v.dtype.is_floating_point
+    ]
     assert moved  # and the top did train: its weights left the initial ones
     start = _backbone().model.features.state_dict()
     assert any(not torch.equal(bb.model.features.state_dict()[n], start[n]) for n in moved)

@@ -48,8 +48,9 @@ def test_onnxruntime_features_equal_pytorch_fp32_and_the_export_is_kept(setup, t
     assert torch.equal(again.features, got.features)
 
 
-def test_a_damaged_export_is_redone_and_a_failing_one_falls_back(setup, tmp_path, monkeypatch,
-                                                                 caplog):  # fmt: skip
+def test_a_damaged_export_is_redone_and_a_failing_one_falls_back(
+    setup, tmp_path, monkeypatch, caplog
+):
     import graft.frozen.runners as engines
 
     bb, samples = setup
@@ -67,8 +68,10 @@ def test_a_damaged_export_is_redone_and_a_failing_one_falls_back(setup, tmp_path
     monkeypatch.setattr(engines, "_export", cannot)
     with caplog.at_level(logging.WARNING, logger="graft.frozen.runners"):
         fell = extract_features(bb, samples, RT, cache_dir=tmp_path / "n", engine="onnxruntime")
-    assert "ONNX Runtime cannot run this network (unsupported operator aten::frobnicate); " \
-           "extracting with PyTorch" in caplog.text  # fmt: skip
+    assert (
+        "ONNX Runtime cannot run this network (unsupported operator aten::frobnicate); "
+        "extracting with PyTorch" in caplog.text
+    )
     assert torch.equal(fell.features, want)
 
 

@@ -19,8 +19,12 @@ from graft.inference.onnxfile import read_onnx_meta  # noqa: E402
 
 
 def _graft(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "graft", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "graft", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,15 @@ def test_export_keeps_preprocessing_and_matches_pytorch(exported, shapes_dir):
 
 @pytest.mark.slow
 def test_a_torchvision_classic_exports_too(shapes_dir, tmp_path):
-    run = graft.train(shapes_dir, backbone="resnet18", pretrained=False, epochs=1, workers=0,
-                      report=False, out=str(tmp_path / "r18"))  # fmt: skip
+    run = graft.train(
+        shapes_dir,
+        backbone="resnet18",
+        pretrained=False,
+        epochs=1,
+        workers=0,
+        report=False,
+        out=str(tmp_path / "r18"),
+    )
     result = export(run.run_dir)
     assert result.path == run.run_dir / "model.onnx"
     assert result.max_abs_diff <= 1e-3 and result.top1_agreement == 1.0
@@ -85,9 +96,11 @@ def test_tampered_onnx_files_are_refused_in_one_line(exported, tmp_path, shapes_
     onnx.save(proto, str(tmp_path / "four.onnx"))
     del proto.metadata_props[:]
     onnx.save(proto, str(tmp_path / "foreign.onnx"))
-    for name, message in [("truncated.onnx", "is damaged or not an ONNX model"),
-                          ("four.onnx", "the graph has 3 outputs but its metadata names 4"),
-                          ("foreign.onnx", "was not exported by graft")]:  # fmt: skip
+    for name, message in [
+        ("truncated.onnx", "is damaged or not an ONNX model"),
+        ("four.onnx", "the graph has 3 outputs but its metadata names 4"),
+        ("foreign.onnx", "was not exported by graft"),
+    ]:
         r = _graft("predict", tmp_path / name, image)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     with pytest.raises(CheckpointError):

@@ -75,8 +75,10 @@ def test_truncated_weights_refused(run_copy):
         ({"classes": ["a", "a", "b"]}, "class name(s) 'a' appear more than once"),
         ({"backbone": 7}, "'backbone' must be str, got int"),
         ({"preprocess": {"mean": 1}}, "preprocess.input_size must be an integer from 16 to 1024"),
-        ({"preprocess.input_size": 100000}, "preprocess.input_size must be an integer from 16 to "
-         "1024, got 100000"),
+        (
+            {"preprocess.input_size": 100000},
+            "preprocess.input_size must be an integer from 16 to 1024, got 100000",
+        ),
         ({"preprocess.std": [0, 0, 0]}, "preprocess.std must be positive, got [0, 0, 0]"),
         ({"preprocess.crop_pct": 0}, "preprocess.crop_pct must be a number from 0.25 to 1, got 0"),
         ({"preprocess.mean": [0.5, 0.5]}, "preprocess.mean must be 3 finite numbers"),
@@ -87,7 +89,7 @@ def test_truncated_weights_refused(run_copy):
         ({"classes": ["a", "b", "c", "d"]}, "model.json lists 4 classes; the weights have"),
         ({"backbone": "resnet18"}, "does not fit the backbone in model.json"),
     ],
-)  # fmt: skip
+)
 def test_malformed_model_json_refused(run_copy, change, message):
     meta = json.loads((run_copy / "model.json").read_text())
     for key, value in change.items():
@@ -108,8 +110,24 @@ def test_random_edits_of_model_json_never_crash(run_copy):
     import random
 
     original = json.loads((run_copy / "model.json").read_text())
-    odd = [None, True, -1, 0, 10**12, 1e308, float("nan"), "", "x" * 1000, [], {}, [1, 2, 3],
-           {"a": {"b": []}}, ["a"], [0.5] * 3, [-1e9] * 3]  # fmt: skip
+    odd = [
+        None,
+        True,
+        -1,
+        0,
+        10**12,
+        1e308,
+        float("nan"),
+        "",
+        "x" * 1000,
+        [],
+        {},
+        [1, 2, 3],
+        {"a": {"b": []}},
+        ["a"],
+        [0.5] * 3,
+        [-1e9] * 3,
+    ]
     paths = [(k,) for k in original] + [("preprocess", k) for k in original["preprocess"]]
     rng = random.Random(0)
     for _ in range(60):

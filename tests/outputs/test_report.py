@@ -17,8 +17,18 @@ from PIL import Image
 import graft
 from graft.outputs.report import FIGURES
 
-SECTIONS = ("how-good", "summary", "curves", "confusion", "per-class", "samples", "predictions",
-            "top-losses", "most-confused", "explanations")  # fmt: skip
+SECTIONS = (
+    "how-good",
+    "summary",
+    "curves",
+    "confusion",
+    "per-class",
+    "samples",
+    "predictions",
+    "top-losses",
+    "most-confused",
+    "explanations",
+)
 
 
 @pytest.fixture(scope="module")

@@ -62,8 +62,10 @@ def test_compare_scores_every_candidate_on_the_training_images_alone(small, swap
     assert [r["candidate"] for r in rows] != [] and len(
         rows
     ) == 2  # extract, with and without views
-    assert {r["candidate"] for r in rows} == {"efficientnet_lite0 extract",
-                                              "efficientnet_lite0 extract (+4 views)"}  # fmt: skip
+    assert {r["candidate"] for r in rows} == {
+        "efficientnet_lite0 extract",
+        "efficientnet_lite0 extract (+4 views)",
+    }
     for r in rows:
         assert r["status"] == "scored" and r["folds"] == 5 and r["scored_images"] == 30
         assert r["accuracy"] >= 0.8, r  # the shapes are easy
@@ -72,8 +74,7 @@ def test_compare_scores_every_candidate_on_the_training_images_alone(small, swap
     assert rows[0]["rank"] == 1 and rows.chosen is rows[0]
     assert rows[0]["accuracy"] >= rows[1]["accuracy"]
     # val/ with its labels swapped changes nothing: it took no part
-    again = graft.compare(swapped, budget="10m", backbones=LITE0, strategies=["extract"],
-                          workers=0)  # fmt: skip
+    again = graft.compare(swapped, budget="10m", backbones=LITE0, strategies=["extract"], workers=0)
     assert _scores(again) == _scores(rows)
 
 
@@ -82,12 +83,19 @@ def test_the_budget_runs_the_cheapest_first_and_says_what_it_skipped(small, monk
         Trials, "forward_seconds", lambda self, name, training=False: 0.05
     )  # a known cost model
     seen = []
-    rows = graft.compare(small, budget="30s", backbones=LITE0,
-                         strategies=["finetune", "extract"], workers=0,
-                         on_row=seen.append)  # fmt: skip
-    assert [r["candidate"] for r in seen] == ["efficientnet_lite0 extract",
-                                              "efficientnet_lite0 extract (+4 views)",
-                                              "efficientnet_lite0 finetune"]  # fmt: skip
+    rows = graft.compare(
+        small,
+        budget="30s",
+        backbones=LITE0,
+        strategies=["finetune", "extract"],
+        workers=0,
+        on_row=seen.append,
+    )
+    assert [r["candidate"] for r in seen] == [
+        "efficientnet_lite0 extract",
+        "efficientnet_lite0 extract (+4 views)",
+        "efficientnet_lite0 finetune",
+    ]
     status = {r["candidate"]: r for r in rows}
     assert status["efficientnet_lite0 extract"]["status"] == "scored"
     skipped = status["efficientnet_lite0 finetune"]
@@ -98,8 +106,9 @@ def test_the_budget_runs_the_cheapest_first_and_says_what_it_skipped(small, monk
 
 
 def test_auto_trains_the_winner_on_train_and_scores_val_once(small, swapped, tmp_path):
-    kw = dict(auto=True, budget="10m", backbones=LITE0, strategies=["extract"], workers=0,
-              report=True)  # fmt: skip
+    kw = dict(
+        auto=True, budget="10m", backbones=LITE0, strategies=["extract"], workers=0, report=True
+    )
     run = graft.train(small, out=str(tmp_path / "a"), **kw)
     meta = json.loads((run.run_dir / MODEL_META).read_text())
     table = json.loads((run.run_dir / COMPARE_JSON).read_text())
@@ -124,28 +133,53 @@ def test_auto_trains_the_winner_on_train_and_scores_val_once(small, swapped, tmp
 def test_bad_grids_and_budgets_are_one_line_errors(small, tmp_path):
     with pytest.raises(BackboneError, match="efficientnet_lite0"):
         default_grid(["efficientnet_lite9"])
-    with pytest.raises(ConfigError, match="unknown strategy 'fine' in the grid; choose from "
-                       "extract, finetune, partial"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match="unknown strategy 'fine' in the grid; choose from extract, finetune, partial",
+    ):
         default_grid(LITE0, ["fine"])
     for bad in ("0", "abc", "-5m", ""):
-        with pytest.raises(ConfigError, match="budget must be a positive duration like 300s, "
-                           "5m or 1h"):  # fmt: skip
+        with pytest.raises(
+            ConfigError, match="budget must be a positive duration like 300s, 5m or 1h"
+        ):
             parse_budget(bad)
     assert parse_budget("90s") == 90 and parse_budget("1.5h") == 5400
-    with pytest.raises(ConfigError, match=r"20-fold selection needs at least 20 training images "
-                       r"per class; too few in: circle \(10\).*--folds 10"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"20-fold selection needs at least 20 training images "
+        r"per class; too few in: circle \(10\).*--folds 10",
+    ):
         graft.compare(small, folds=20, backbones=LITE0)
-    r = subprocess.run([sys.executable, "-m", "graft", "compare", str(small), "--budget", "abc",
-                        "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "graft",
+            "compare",
+            str(small),
+            "--budget",
+            "abc",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip() == ("error: budget must be a positive duration like 300s, 5m or 1h, "
-                                "got 'abc'")  # fmt: skip
-    r = subprocess.run([sys.executable, "-m", "graft", "train", str(small), "--auto",
-                        "--strategy", "finetune"], capture_output=True, text=True)  # fmt: skip
+    assert r.stderr.strip() == (
+        "error: budget must be a positive duration like 300s, 5m or 1h, got 'abc'"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "graft", "train", str(small), "--auto", "--strategy", "finetune"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip() == ("error: --strategy: the comparison chooses these per candidate "
-                                "(keeping each model's last epoch); limit the choice with "
-                                "--backbones and --strategies, or train one model without --auto")
+    assert r.stderr.strip() == (
+        "error: --strategy: the comparison chooses these per candidate "
+        "(keeping each model's last epoch); limit the choice with "
+        "--backbones and --strategies, or train one model without --auto"
+    )
     assert "Traceback" not in r.stderr
 
 
@@ -165,12 +199,18 @@ def test_candidates_honour_the_settings_given_and_keep_the_last_epoch():
     [
         ({"keep": "best"}, "--keep: the comparison chooses these per candidate"),
         ({"patience": 3, "cache_views": 2}, "--cache-views, --patience: the comparison chooses"),
-        ({"warmup_epochs": 2}, "the candidate efficientnet_lite0 extract cannot honour the "
-         "settings given: --warmup-epochs is ignored with --strategy extract"),
-        ({"optimizer": "adam", "momentum": 0.5}, "the candidate efficientnet_lite0 extract cannot "
-         "honour the settings given: --momentum is ignored with --optimizer adam"),
+        (
+            {"warmup_epochs": 2},
+            "the candidate efficientnet_lite0 extract cannot honour the "
+            "settings given: --warmup-epochs is ignored with --strategy extract",
+        ),
+        (
+            {"optimizer": "adam", "momentum": 0.5},
+            "the candidate efficientnet_lite0 extract cannot "
+            "honour the settings given: --momentum is ignored with --optimizer adam",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_setting_some_candidate_would_drop_is_refused(small, options, message):
     with pytest.raises(ConfigError) as err:
         graft.compare(small, backbones=LITE0, strategies=["extract", "finetune"], **options)
@@ -180,8 +220,18 @@ def test_a_setting_some_candidate_would_drop_is_refused(small, options, message)
 
 
 def test_auto_trains_every_candidate_with_the_epochs_given(small, tmp_path):
-    run = graft.train(small, out=str(tmp_path / "r"), auto=True, budget="10m", backbones=LITE0,
-                      strategies=["extract"], epochs=3, lr=0.01, workers=0, report=False)  # fmt: skip
+    run = graft.train(
+        small,
+        out=str(tmp_path / "r"),
+        auto=True,
+        budget="10m",
+        backbones=LITE0,
+        strategies=["extract"],
+        epochs=3,
+        lr=0.01,
+        workers=0,
+        report=False,
+    )
     rows = run.selection["rows"]
     assert [r["settings"]["epochs"] for r in rows] == [3, 3]
     assert {r["settings"]["lr"] for r in rows} == {0.01}
@@ -189,8 +239,14 @@ def test_auto_trains_every_candidate_with_the_epochs_given(small, tmp_path):
 
 
 def test_partial_on_cached_activations_is_scored_on_every_fold_finetune_on_the_first(small):
-    rows = graft.compare(small, budget="10m", backbones=LITE0, strategies=["partial", "finetune"],
-                         workers=0, image_size=64)  # fmt: skip
+    rows = graft.compare(
+        small,
+        budget="10m",
+        backbones=LITE0,
+        strategies=["partial", "finetune"],
+        workers=0,
+        image_size=64,
+    )
     by = {r["strategy"]: r for r in rows}
     assert set(by) == {"partial", "finetune"}
     assert all(r["status"] == "scored" for r in rows), rows

@@ -70,8 +70,9 @@ def live_server(run_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(run_dir, device="cpu"), host="127.0.0.1", port=port,
-                            log_level="warning")  # fmt: skip
+    config = uvicorn.Config(
+        create_app(run_dir, device="cpu"), host="127.0.0.1", port=port, log_level="warning"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -153,18 +154,24 @@ def test_the_page_in_a_real_browser(trained_run, shapes_dir, tmp_path, chrome):
         driver.find_element(By.ID, "files").send_keys(str(image))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result.done"))
         bars = driver.find_elements(By.CSS_SELECTOR, ".result .bar")
-        shown = [(b.get_attribute("data-class"), b.find_element(By.CLASS_NAME, "pct").text)
-                 for b in bars]  # fmt: skip
+        shown = [
+            (b.get_attribute("data-class"), b.find_element(By.CLASS_NAME, "pct").text) for b in bars
+        ]
         assert shown == [(c, f"{100 * p:.1f}%") for c, p in want["probabilities"].items()]
         top = driver.find_element(By.CSS_SELECTOR, ".result .top")
         name, p = next(iter(want["probabilities"].items()))
         assert top.text == f"{name} {100 * p:.1f}%"
-        driver.execute_script("const t = document.getElementById('threshold'); t.value = 100;"
-                              "t.dispatchEvent(new Event('input'));")  # fmt: skip
+        driver.execute_script(
+            "const t = document.getElementById('threshold'); t.value = 100;"
+            "t.dispatchEvent(new Event('input'));"
+        )
         assert top.text == f"unsure ({name} {100 * p:.1f}%)"
         driver.find_element(By.CSS_SELECTOR, ".result .cam").click()
-        wait.until(lambda d: d.execute_script(
-            "const i = document.querySelector('.result img');"
-            "return i.src.startsWith('blob:') && i.complete && i.naturalWidth === 224 "
-            "&& !document.querySelector('.result .cam');"))  # fmt: skip
+        wait.until(
+            lambda d: d.execute_script(
+                "const i = document.querySelector('.result img');"
+                "return i.src.startsWith('blob:') && i.complete && i.naturalWidth === 224 "
+                "&& !document.querySelector('.result .cam');"
+            )
+        )
         driver.save_screenshot(str(tmp_path / "page.png"))

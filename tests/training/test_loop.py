@@ -30,9 +30,16 @@ def _toy_job(x, y, criterion=None) -> Job:
     g = torch.Generator().manual_seed(0)
     head = nn.Linear(x.shape[1], 3)
     bb.model.head = head
-    return Job(backbone=bb, model=head, train_loader=_loader(x, y, shuffle=True, g=g),
-               val_loader=_loader(x, y), criterion=criterion or nn.CrossEntropyLoss(),
-               runtime=CPU, generator=g, classes=["a", "b", "c"])  # fmt: skip
+    return Job(
+        backbone=bb,
+        model=head,
+        train_loader=_loader(x, y, shuffle=True, g=g),
+        val_loader=_loader(x, y),
+        criterion=criterion or nn.CrossEntropyLoss(),
+        runtime=CPU,
+        generator=g,
+        classes=["a", "b", "c"],
+    )
 
 
 def _separable(n=60, dim=512, seed=0):
@@ -91,8 +98,16 @@ def test_resume_point_round_trips_optimizer_scheduler_and_loss_scale(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     g = torch.Generator().manual_seed(7)
     state = FitState(epoch=3, history=[{"epoch": 3}], best={"epoch": 2}, bad_epochs=1)
-    save_last(tmp_path, model=model, optimizer=opt, scheduler=sched, scaler=scaler, stage=1,
-              state=state, generator=g)  # fmt: skip
+    save_last(
+        tmp_path,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+        stage=1,
+        state=state,
+        generator=g,
+    )
 
     last = restore_last(tmp_path)
     assert (last.epoch, last.stage, last.bad_epochs, last.best) == (3, 1, 1, {"epoch": 2})
@@ -106,6 +121,8 @@ def test_resume_point_round_trips_optimizer_scheduler_and_loss_scale(tmp_path):
     assert torch.equal(model2.weight, model.weight)
     assert torch.equal(g2.get_state(), g.get_state())
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.05)
-    assert torch.equal(opt2.state[opt2.param_groups[0]["params"][0]]["momentum_buffer"],
-                       opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"])  # fmt: skip
+    assert torch.equal(
+        opt2.state[opt2.param_groups[0]["params"][0]]["momentum_buffer"],
+        opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"],
+    )
     assert scaler2.get_scale() == 1024.0

@@ -16,9 +16,23 @@ from safetensors.torch import load_file
 
 from ..conftest import make_shapes
 
-ARGS = ["--strategy", "finetune", "--image-size", "64", "--epochs", "8", "--warmup-epochs", "1",
-        "--workers", "0", "--seed", "3", "--batch-size", "8",
-        "--progressive"]  # fmt: skip
+ARGS = [
+    "--strategy",
+    "finetune",
+    "--image-size",
+    "64",
+    "--epochs",
+    "8",
+    "--warmup-epochs",
+    "1",
+    "--workers",
+    "0",
+    "--seed",
+    "3",
+    "--batch-size",
+    "8",
+    "--progressive",
+]
 # (--warmup-epochs and --progressive: a resume must cross stage and image-size boundaries)
 
 
@@ -32,8 +46,12 @@ def _start(*args) -> subprocess.Popen:
 
 
 def _resume(run) -> None:
-    r = subprocess.run([sys.executable, "-m", "graft", "train", "--resume", str(run)],
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "graft", "train", "--resume", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
 
 

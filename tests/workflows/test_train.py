@@ -33,10 +33,22 @@ def test_train_takes_a_train_config(shapes_dir, tmp_path):
 def test_explain_runs_on_the_device_asked_for(trained_run, shapes_dir, tmp_path):
     image = shapes_dir / "val" / "circle" / "000.png"
     r = subprocess.run(
-        [sys.executable, "-m", "graft", "explain", str(trained_run.run_dir), str(image),
-         "--device", "cpu", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "graft",
+            "explain",
+            str(trained_run.run_dir),
+            str(image),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["000-000-gradcam.png"]
 
@@ -48,8 +60,12 @@ def test_one_model_one_accuracy(shapes_dir, tmp_path, strategy):
     extra = {"image_size": 64, "batch_size": 8} if strategy == "finetune" else {}
     run = graft.train(shapes_dir, strategy=strategy, epochs=2, workers=0, out=str(out), **extra)
     meta = json.loads((out / "model.json").read_text())
-    r = subprocess.run([sys.executable, "-m", "graft", "evaluate", str(out), str(shapes_dir),
-                        "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "graft", "evaluate", str(out), str(shapes_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     evaluated = json.loads(r.stdout)
     assert evaluated["n"] == meta["val"]["n"] == 24

@@ -43,9 +43,11 @@ def _parameter(f: Field) -> inspect.Parameter:
     decls = [f"--{flag}/--no-{flag}"] if kind is bool else [f"--{flag}"]
     option = typer.Option(*decls, help=_help(f), show_default=False)
     return inspect.Parameter(
-        f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+        f.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
         annotation=Annotated[kind | None, option],
-    )  # fmt: skip
+    )
 
 
 def _help(f: Field) -> str:

@@ -99,8 +99,11 @@ def predictions(results: Sequence[Any], fmt: str) -> None:
                 out(f"{_csv(r.path)},{rank},{_csv(c)},{p:.6f},")
     else:
         for r in results:
-            shown = f"error: {r.error}" if r.error else ", ".join(
-                f"{c} {p:.2f}" for c, p in r.probs.items())  # fmt: skip
+            shown = (
+                f"error: {r.error}"
+                if r.error
+                else ", ".join(f"{c} {p:.2f}" for c, p in r.probs.items())
+            )
             out(f"{r.path}\t{shown}")
 
 
@@ -113,8 +116,10 @@ def evaluation(report: dict[str, Any]) -> None:
     out(f"accuracy {report['accuracy']:.4f}  (95% CI {lo:.3f}-{hi:.3f}, n={report['n']})")
     out(f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for name, m in report["per_class"].items():
-        out(f"{name:<20} {m['precision']:>9.3f} {m['recall']:>9.3f} {m['f1']:>9.3f} "
-            f"{m['support']:>8}")  # fmt: skip
+        out(
+            f"{name:<20} {m['precision']:>9.3f} {m['recall']:>9.3f} {m['f1']:>9.3f} "
+            f"{m['support']:>8}"
+        )
     out("\nconfusion matrix (rows: true, columns: predicted)")
     classes = report["classes"]
     width = max(6, *(len(c) for c in classes)) + 1
@@ -128,13 +133,21 @@ def evaluation(report: dict[str, Any]) -> None:
 def verification(split: Any, bad: Sequence[Any], large: Sequence[Any], fmt: str) -> None:
     counts = split.counts()
     if fmt == "json":
-        as_json({"classes": split.classes, "counts": counts, "layout": split.layout,
-                 "bad": [{"path": b.path, "reason": b.reason} for b in bad],
-                 "large": [{"path": b.path, "note": b.reason} for b in large]})  # fmt: skip
+        as_json(
+            {
+                "classes": split.classes,
+                "counts": counts,
+                "layout": split.layout,
+                "bad": [{"path": b.path, "reason": b.reason} for b in bad],
+                "large": [{"path": b.path, "note": b.reason} for b in large],
+            }
+        )
         return
     for name, per_class in counts.items():
-        out(f"{name}: {sum(per_class.values())} images  "
-            + ", ".join(f"{c} {n}" for c, n in per_class.items()))  # fmt: skip
+        out(
+            f"{name}: {sum(per_class.values())} images  "
+            + ", ".join(f"{c} {n}" for c, n in per_class.items())
+        )
     for b in large:
         out(f"large: {b.path}: {b.reason}")
     for b in bad:
@@ -143,8 +156,10 @@ def verification(split: Any, bad: Sequence[Any], large: Sequence[Any], fmt: str)
 
 
 def export_result(r: Any) -> None:
-    out(f"{r.path}: parity on {r.images} {r.source} image(s): max |p_onnx - p_torch| = "
-        f"{r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.0%}")  # fmt: skip
+    out(
+        f"{r.path}: parity on {r.images} {r.source} image(s): max |p_onnx - p_torch| = "
+        f"{r.max_abs_diff:.2e}, top-1 agreement {r.top1_agreement:.0%}"
+    )
 
 
 def backbone_table(infos: Sequence[Any]) -> None:

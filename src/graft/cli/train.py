@@ -55,9 +55,14 @@ def train(
         log.setLevel(logging.WARNING)
     show = dict(progress=render.progress, on_epoch=render.epoch_line if main_rank else None)
     if auto:
-        show.update(auto=True, budget=budget, backbones=_list(backbones),
-                    strategies=_list(strategies), folds=folds,
-                    on_row=render.compare_row)  # fmt: skip
+        show.update(
+            auto=True,
+            budget=budget,
+            backbones=_list(backbones),
+            strategies=_list(strategies),
+            folds=folds,
+            on_row=render.compare_row,
+        )
     if resume is not None:
         if config is not None or overwrite or set(given) - {"skip_bad"}:
             raise typer.BadParameter(
@@ -107,10 +112,15 @@ def compare(
     from ..selection.compare import compare as run_compare
 
     rows = run_compare(
-        str(data_dir), budget=budget, backbones=_list(backbones), strategies=_list(strategies),
-        folds=folds, progress=render.progress, on_row=None if as_json else render.compare_row,
+        str(data_dir),
+        budget=budget,
+        backbones=_list(backbones),
+        strategies=_list(strategies),
+        folds=folds,
+        progress=render.progress,
+        on_row=None if as_json else render.compare_row,
         **settings,  # None = unset: make_config drops it
-    )  # fmt: skip
+    )
     folder, table = out or default_run_dir("compare"), rows.to_dict()
     write_comparison(folder, table)
     if as_json:
@@ -122,5 +132,3 @@ def compare(
 
 def _list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-

@@ -22,8 +22,15 @@ BALANCE = ("none", "weights", "sampler")
 KEEP = ("best", "last")
 ENGINES = ("torch", "onnxruntime")  # the frozen extractor's (frozen/runners.py)
 # what a comparison (graft compare, train --auto) sets per candidate: refused when given there
-CHOSEN_PER_CANDIDATE = ("backbone", "strategy", "unfreeze", "unfreeze_last", "cache_views", "keep",
-                        "patience")  # fmt: skip
+CHOSEN_PER_CANDIDATE = (
+    "backbone",
+    "strategy",
+    "unfreeze",
+    "unfreeze_last",
+    "cache_views",
+    "keep",
+    "patience",
+)
 
 
 def _setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
@@ -42,68 +49,97 @@ class TrainConfig:
         metadata={"help": "Folder of class folders, or with train/ and val/.", "choices": ()}
     )
     # embedded weights: works offline on any machine
-    backbone: str = _setting("efficientnet_lite0", "Backbone name (graft backbones) or timm:<name>.")
+    backbone: str = _setting(
+        "efficientnet_lite0", "Backbone name (graft backbones) or timm:<name>."
+    )
     pretrained: bool = _setting(True, "Start from the backbone's pretrained weights.")
-    weights: str | None = _setting(None, "Local weights file (safetensors or torch) for the backbone.")
+    weights: str | None = _setting(
+        None, "Local weights file (safetensors or torch) for the backbone."
+    )
     # extract: cheapest, and within a few points of fine-tuning on small data
-    strategy: str = _setting("extract", "What trains: the head on frozen features, everything, or "
-                             "the last blocks.", STRATEGIES)  # fmt: skip
-    unfreeze: tuple[str, ...] = _setting((), "partial: blocks to train, comma-separated "
-                                         "(graft backbones NAME --blocks).")  # fmt: skip
+    strategy: str = _setting(
+        "extract",
+        "What trains: the head on frozen features, everything, or the last blocks.",
+        STRATEGIES,
+    )
+    unfreeze: tuple[str, ...] = _setting(
+        (), "partial: blocks to train, comma-separated (graft backbones NAME --blocks)."
+    )
     unfreeze_last: int = _setting(0, "partial: train the last N blocks.")
     epochs: int | None = _setting(None, "Epochs (default: extract 60, finetune/partial 10).")
-    batch_size: int | None = _setting(None, "Images per step, per process [default: extract 64, "
-                                      "finetune/partial 16].")  # fmt: skip
-    optimizer: str | None = _setting(None, "(default: extract adamw, finetune/partial sgd).",
-                                     OPTIMIZERS)  # fmt: skip
-    lr: float | None = _setting(None, "Learning rate [default: extract 3e-3, finetune/partial "
-                                "4e-3].")  # fmt: skip
+    batch_size: int | None = _setting(
+        None, "Images per step, per process [default: extract 64, finetune/partial 16]."
+    )
+    optimizer: str | None = _setting(
+        None, "(default: extract adamw, finetune/partial sgd).", OPTIMIZERS
+    )
+    lr: float | None = _setting(
+        None, "Learning rate [default: extract 3e-3, finetune/partial 4e-3]."
+    )
     momentum: float | None = _setting(None, "sgd: momentum (default: 0.9, the tutorial's).")
     weight_decay: float | None = _setting(None, "(default: extract 1e-2, finetune/partial 1e-4).")
-    schedule: str | None = _setting(None, "Learning-rate schedule [default: extract cosine, "
-                                    "finetune/partial step].", SCHEDULES)  # fmt: skip
+    schedule: str | None = _setting(
+        None, "Learning-rate schedule [default: extract cosine, finetune/partial step].", SCHEDULES
+    )
     # the tutorial's StepLR(step_size=7, gamma=0.1)
     step_size: int | None = _setting(None, "step schedule: epochs between drops (default: 7).")
     gamma: float | None = _setting(None, "step schedule: factor at each drop (default: 0.1).")
     label_smoothing: float = _setting(0.0, "Label smoothing of the loss.")
-    warmup_epochs: int = _setting(0, "finetune/partial: train the head alone this many epochs "
-                                  "first.")  # fmt: skip
-    backbone_lr_mult: float | None = _setting(None, "finetune/partial after --warmup-epochs: "
-                                              "backbone LR = lr x this (default: 0.1).")  # fmt: skip
+    warmup_epochs: int = _setting(
+        0, "finetune/partial: train the head alone this many epochs first."
+    )
+    backbone_lr_mult: float | None = _setting(
+        None, "finetune/partial after --warmup-epochs: backbone LR = lr x this (default: 0.1)."
+    )
     # Off: on the demo it cost 4 points of val accuracy (0.917 vs 0.958) for 7% less time (348 vs
     # 375 s, docs/PERFORMANCE.md)
     progressive: bool = _setting(False, "finetune/partial: first half of the epochs at ~70% size.")
     patience: int = _setting(0, "Stop after this many epochs without improvement; 0 = off.")
     # best: the tutorial's way; it flatters a small val split. last: val chooses nothing
-    keep: str = _setting("best", "Model kept: the best val epoch, or the last (its val accuracy "
-                         "is then unbiased).", KEEP)  # fmt: skip
+    keep: str = _setting(
+        "best",
+        "Model kept: the best val epoch, or the last (its val accuracy is then unbiased).",
+        KEEP,
+    )
     seed: int = _setting(0, "Seed of the split, the data order and the augmentations.")
     image_size: int | None = _setting(None, "Network input side (default: the backbone's).")
-    rotation: float = _setting(0.0, "Training augmentation: random rotation up to this many "
-                               "degrees.")  # fmt: skip
+    rotation: float = _setting(
+        0.0, "Training augmentation: random rotation up to this many degrees."
+    )
     val_fraction: float = _setting(0.2, "Flat folder: share of each class held out for val.")
     workers: int | None = _setting(None, "Data loading processes (default: cores - 1, at most 8).")
     device: str = _setting("auto", "auto | cpu | cuda | cuda:N | mps.")
-    precision: str = _setting("auto", "auto: bf16/fp16 where the hardware is fast at it.",
-                              PRECISIONS)  # fmt: skip
+    precision: str = _setting(
+        "auto", "auto: bf16/fp16 where the hardware is fast at it.", PRECISIONS
+    )
     # onnxruntime: faster on a CPU, opt-in (frozen/runners.py)
-    engine: str = _setting("torch", "extract: what runs the frozen extractor (onnxruntime: CPU, "
-                           "faster).", ENGINES)  # fmt: skip
-    cache_dir: str | None = _setting(None, "Feature cache folder [default: ~/.cache/graft or "
-                                     "$GRAFT_CACHE_DIR].")  # fmt: skip
+    engine: str = _setting(
+        "torch", "extract: what runs the frozen extractor (onnxruntime: CPU, faster).", ENGINES
+    )
+    cache_dir: str | None = _setting(
+        None, "Feature cache folder [default: ~/.cache/graft or $GRAFT_CACHE_DIR]."
+    )
     # partial: 0 runs the trunk live on fresh augmentations, which scored higher on unseen
     # images on 3 of 4 sets than K cached views (docs/QUALITY.md)
-    cache_views: int = _setting(0, "Augmented views per image in the cache: extract's extra "
-                                "training views; partial: train the top on K cached views of "
-                                "the trunk (0 = live).")  # fmt: skip
-    memory_gb: float | None = _setting(None, f"finetune/partial: GB of decoded images or cached "
-                                       f"activations kept in RAM (default: {MEMORY_GB:g}).")  # fmt: skip
+    cache_views: int = _setting(
+        0,
+        "Augmented views per image in the cache: extract's extra "
+        "training views; partial: train the top on K cached views of "
+        "the trunk (0 = live).",
+    )
+    memory_gb: float | None = _setting(
+        None,
+        f"finetune/partial: GB of decoded images or cached "
+        f"activations kept in RAM (default: {MEMORY_GB:g}).",
+    )
     skip_bad: bool = _setting(False, "Train without unreadable files instead of stopping.")
-    max_pixels: int = _setting(MAX_PIXELS, "Refuse images decoding to more pixels [default: "
-                               "Pillow's limit].")  # fmt: skip
+    max_pixels: int = _setting(
+        MAX_PIXELS, "Refuse images decoding to more pixels [default: Pillow's limit]."
+    )
     dedupe: bool = _setting(False, "Drop val/test images identical to training ones.")
-    balance: str = _setting("none", "Imbalanced classes: loss weights or a balanced sampler.",
-                            BALANCE)  # fmt: skip
+    balance: str = _setting(
+        "none", "Imbalanced classes: loss weights or a balanced sampler.", BALANCE
+    )
     out: str | None = _setting(None, "Run folder (default: runs/<time>-<backbone>).")
     report: bool = _setting(True, "Write report.html at the end of training.")
 
@@ -114,8 +150,10 @@ class TrainConfig:
         _check_choice("engine", self.engine, ENGINES)
         _check_choice("precision", self.precision, PRECISIONS)
         if self.keep == "last" and self.patience:
-            raise ConfigError("--patience lets the val split choose when to stop, and --keep last "
-                              "means it chooses nothing: use one of them")  # fmt: skip
+            raise ConfigError(
+                "--patience lets the val split choose when to stop, and --keep last "
+                "means it chooses nothing: use one of them"
+            )
         if self.optimizer is not None:
             _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule is not None:
@@ -162,38 +200,55 @@ class TrainConfig:
         defaults = _strategy_defaults(self.strategy)
         optimizer = self.optimizer or defaults["optimizer"]
         schedule = self.schedule or defaults["schedule"]
-        given = {k: getattr(self, k) for k in _LEGACY_DEFAULTS
-                 if getattr(self, k) not in (None, _LEGACY_DEFAULTS[k])}  # fmt: skip
+        given = {
+            k: getattr(self, k)
+            for k in _LEGACY_DEFAULTS
+            if getattr(self, k) not in (None, _LEGACY_DEFAULTS[k])
+        }
         if "momentum" in given and optimizer != "sgd":
-            raise ConfigError(f"--momentum is ignored with --optimizer {optimizer} (momentum is "
-                              "SGD's; adam and adamw keep their own moments): drop it or use "
-                              "--optimizer sgd")  # fmt: skip
+            raise ConfigError(
+                f"--momentum is ignored with --optimizer {optimizer} (momentum is "
+                "SGD's; adam and adamw keep their own moments): drop it or use "
+                "--optimizer sgd"
+            )
         for name in ("step_size", "gamma"):
             if name in given and schedule != "step":
-                raise ConfigError(f"--{_flag(name)} is ignored with --schedule {schedule} (it "
-                                  "shapes the step schedule): drop it or use --schedule step")  # fmt: skip
+                raise ConfigError(
+                    f"--{_flag(name)} is ignored with --schedule {schedule} (it "
+                    "shapes the step schedule): drop it or use --schedule step"
+                )
         if self.engine != "torch" and self.strategy != "extract":
-            raise ConfigError(f"--engine {self.engine} is ignored with --strategy "
-                              f"{self.strategy} (the engine runs extract's frozen extractor; "
-                              "the blocks that train run in PyTorch): drop it or use --strategy "
-                              "extract")  # fmt: skip
+            raise ConfigError(
+                f"--engine {self.engine} is ignored with --strategy "
+                f"{self.strategy} (the engine runs extract's frozen extractor; "
+                "the blocks that train run in PyTorch): drop it or use --strategy "
+                "extract"
+            )
         if self.strategy == "finetune" and self.cache_views:
-            raise ConfigError("--cache-views is ignored with --strategy finetune (every block "
-                              "trains, so nothing below them can be cached); use it with "
-                              "extract or partial")  # fmt: skip
+            raise ConfigError(
+                "--cache-views is ignored with --strategy finetune (every block "
+                "trains, so nothing below them can be cached); use it with "
+                "extract or partial"
+            )
         if self.strategy != "extract":
             if "backbone_lr_mult" in given and not self.warmup_epochs:
-                raise ConfigError("--backbone-lr-mult is ignored without --warmup-epochs (the "
-                                  "backbone trains at lr from the start): add --warmup-epochs N "
-                                  "or drop it")  # fmt: skip
+                raise ConfigError(
+                    "--backbone-lr-mult is ignored without --warmup-epochs (the "
+                    "backbone trains at lr from the start): add --warmup-epochs N "
+                    "or drop it"
+                )
             return
         for name in ("warmup_epochs", "progressive", "backbone_lr_mult", "memory_gb"):
             if getattr(self, name) and (name in given or name not in _LEGACY_DEFAULTS):
-                raise ConfigError(f"--{_flag(name)} is ignored with --strategy extract "
-                                  f"({_EXTRACT_IGNORES[name]}); use it with finetune or partial")  # fmt: skip
+                raise ConfigError(
+                    f"--{_flag(name)} is ignored with --strategy extract "
+                    f"({_EXTRACT_IGNORES[name]}); use it with finetune or partial"
+                )
         if self.rotation and not self.cache_views:
-            raise ConfigError("--rotation is ignored with --strategy extract unless the cache "
-                              "holds augmented views: add --cache-views N (e.g. 4)")  # fmt: skip
+            raise ConfigError(
+                "--rotation is ignored with --strategy extract unless the cache "
+                "holds augmented views: add --cache-views N (e.g. 4)"
+            )
 
     def resolve(self, input_size: int | None = None) -> TrainConfig:
         """Fill every `None` with the value that really runs, so the saved config reproduces
@@ -207,16 +262,27 @@ class TrainConfig:
         batch 4 faster per image on a 2-core CPU: an open question, docs/PERFORMANCE.md).
         """
         defaults = _strategy_defaults(self.strategy)
-        defaults.update(workers=default_workers(), cache_dir=str(default_cache_dir()),
-                        out=str(default_run_dir(self.backbone)), image_size=input_size)  # fmt: skip
+        defaults.update(
+            workers=default_workers(),
+            cache_dir=str(default_cache_dir()),
+            out=str(default_run_dir(self.backbone)),
+            image_size=input_size,
+        )
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         cfg = dataclasses.replace(self, **updates)
-        used = {"momentum": cfg.optimizer == "sgd", "step_size": cfg.schedule == "step",
-                "gamma": cfg.schedule == "step",
-                "backbone_lr_mult": cfg.strategy != "extract" and cfg.warmup_epochs > 0,
-                "memory_gb": cfg.strategy != "extract"}  # fmt: skip
-        values = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else _LEGACY_DEFAULTS[k])
-                  if use else None for k, use in used.items()}  # fmt: skip
+        used = {
+            "momentum": cfg.optimizer == "sgd",
+            "step_size": cfg.schedule == "step",
+            "gamma": cfg.schedule == "step",
+            "backbone_lr_mult": cfg.strategy != "extract" and cfg.warmup_epochs > 0,
+            "memory_gb": cfg.strategy != "extract",
+        }
+        values = {
+            k: (getattr(cfg, k) if getattr(cfg, k) is not None else _LEGACY_DEFAULTS[k])
+            if use
+            else None
+            for k, use in used.items()
+        }
         return dataclasses.replace(cfg, **values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,8 +291,14 @@ class TrainConfig:
         return d
 
 
-def _check_range(name: str, value: float | None, low: float, high: float, low_open: bool = False,
-                 high_open: bool = False) -> None:  # fmt: skip
+def _check_range(
+    name: str,
+    value: float | None,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """A finite number inside [low, high] (open ends as asked); None means "default"."""
     if value is None:
         return
@@ -234,8 +306,9 @@ def _check_range(name: str, value: float | None, low: float, high: float, low_op
     ok = ok and (value < high if high_open else value <= high)
     if not ok:
         lb, rb = "(" if low_open else "[", ")" if high_open else "]"
-        raise ConfigError(f"{name} must be a finite number in {lb}{low:g}, {high:g}{rb}, "
-                          f"got {value}")  # fmt: skip
+        raise ConfigError(
+            f"{name} must be a finite number in {lb}{low:g}, {high:g}{rb}, got {value}"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -247,8 +320,13 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 # what a setting defaults to where it applies; before graft 0.2 every saved config held these
-_LEGACY_DEFAULTS = {"momentum": 0.9, "step_size": 7, "gamma": 0.1, "backbone_lr_mult": 0.1,
-                    "memory_gb": MEMORY_GB}  # fmt: skip
+_LEGACY_DEFAULTS = {
+    "momentum": 0.9,
+    "step_size": 7,
+    "gamma": 0.1,
+    "backbone_lr_mult": 0.1,
+    "memory_gb": MEMORY_GB,
+}
 _EXTRACT_IGNORES = {
     "warmup_epochs": "only the head trains",
     "progressive": "features are computed once, at full size",
@@ -259,10 +337,17 @@ _EXTRACT_IGNORES = {
 
 def _strategy_defaults(strategy: str) -> dict[str, Any]:
     if strategy == "extract":
-        return dict(epochs=60, batch_size=64, optimizer="adamw", lr=3e-3, weight_decay=1e-2,
-                    schedule="cosine")  # fmt: skip
-    return dict(epochs=10, batch_size=16, optimizer="sgd", lr=4e-3, weight_decay=1e-4,
-                schedule="step")  # fmt: skip
+        return dict(
+            epochs=60,
+            batch_size=64,
+            optimizer="adamw",
+            lr=3e-3,
+            weight_decay=1e-2,
+            schedule="cosine",
+        )
+    return dict(
+        epochs=10, batch_size=16, optimizer="sgd", lr=4e-3, weight_decay=1e-4, schedule="step"
+    )
 
 
 def _flag(name: str) -> str:
@@ -305,8 +390,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): save it "
-                          "as UTF-8") from exc  # fmt: skip
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:

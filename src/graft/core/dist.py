@@ -43,8 +43,11 @@ class Dist:
 def from_env() -> Dist:
     """The place torchrun gave this process (RANK, LOCAL_RANK, WORLD_SIZE); one process without."""
     try:
-        return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                    int(os.environ.get("WORLD_SIZE", 1)))  # fmt: skip
+        return Dist(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+        )
     except ValueError as exc:
         raise DistError(f"RANK/LOCAL_RANK/WORLD_SIZE must be integers ({exc})") from exc
 
@@ -78,9 +81,11 @@ def collective_errors(what: str) -> Iterator[None]:
         yield
     except RuntimeError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DistError(f"another process of this torchrun job failed or stopped answering "
-                        f"while {what} ({first[:200]}); resume with the same torchrun command "
-                        "and --resume RUN") from exc  # fmt: skip
+        raise DistError(
+            f"another process of this torchrun job failed or stopped answering "
+            f"while {what} ({first[:200]}); resume with the same torchrun command "
+            "and --resume RUN"
+        ) from exc
 
 
 def barrier(d: Dist, what: str = "waiting for the others") -> None:

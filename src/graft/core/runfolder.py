@@ -94,8 +94,10 @@ def _lock(run_dir: Path) -> int:
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise GraftError(f"{run_dir} is in use by another graft process (PID {holder}); wait "
-                         "for it to finish, or choose another --out") from None  # fmt: skip
+        raise GraftError(
+            f"{run_dir} is in use by another graft process (PID {holder}); wait "
+            "for it to finish, or choose another --out"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -103,11 +105,15 @@ def _lock(run_dir: Path) -> int:
 
 def _refuse_replacing(run_dir: Path) -> None:
     if (run_dir / MODEL_META).is_file():
-        raise ConfigError(f"{run_dir} holds a finished run ({MODEL_META}); pass --overwrite to "
-                          "replace it, or choose another --out")  # fmt: skip
+        raise ConfigError(
+            f"{run_dir} holds a finished run ({MODEL_META}); pass --overwrite to "
+            "replace it, or choose another --out"
+        )
     if (run_dir / LAST_META).is_file():
-        raise ConfigError(f"{run_dir} holds an interrupted run: continue it with graft train "
-                          f"--resume {run_dir}, or pass --overwrite to start again")  # fmt: skip
+        raise ConfigError(
+            f"{run_dir} holds an interrupted run: continue it with graft train "
+            f"--resume {run_dir}, or pass --overwrite to start again"
+        )
 
 
 def start_new_run(run_dir: str | Path) -> None:
@@ -115,8 +121,20 @@ def start_new_run(run_dir: str | Path) -> None:
     with the new one. Called once the new run's data has loaded: a run that fails earlier leaves
     the old one whole."""
     run_dir = Path(run_dir)
-    for name in (MODEL_WEIGHTS, MODEL_META, LAST_WEIGHTS, LAST_META, METRICS, CONFIG,
-                 REPORT_HTML, REPORT_JSON, CARD, COMPARE_JSON, COMPARE_HTML, *FIGURES):  # fmt: skip
+    for name in (
+        MODEL_WEIGHTS,
+        MODEL_META,
+        LAST_WEIGHTS,
+        LAST_META,
+        METRICS,
+        CONFIG,
+        REPORT_HTML,
+        REPORT_JSON,
+        CARD,
+        COMPARE_JSON,
+        COMPARE_HTML,
+        *FIGURES,
+    ):
         (run_dir / name).unlink(missing_ok=True)
     for name in SPLIT_FILES:
         (run_dir / SPLIT / name).unlink(missing_ok=True)

@@ -24,7 +24,6 @@ from .transforms import PreprocessSpec, build_transforms, geometry_transforms, t
 log = logging.getLogger(__name__)
 
 
-
 def decode_to_tensor(path: str, side: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """uint8 (3, H, W) with the shorter side resized to `side` (never enlarged past it)."""
     im = shrink_to_side(load_image(path, min_side=side, max_pixels=max_pixels), side)
@@ -34,8 +33,13 @@ def decode_to_tensor(path: str, side: int, max_pixels: int = MAX_PIXELS) -> torc
 class ImageDataset(torch.utils.data.Dataset):
     """(path, label) samples -> (transformed image, label)."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, min_side: int | None = None,
-                 max_pixels: int = MAX_PIXELS):  # fmt: skip
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        min_side: int | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ):
         self.samples = list(samples)
         self.transform = transform
         self.min_side, self.max_pixels = min_side, max_pixels
@@ -100,11 +104,12 @@ def build_datasets(
         # the same pixels as the in-memory path: JPEGs drafted to the eval resize side
         kw = dict(min_side=side, max_pixels=max_pixels)
         return (
-            ImageDataset([s for s in train if s[0] not in skip],
-                         build_transforms(spec, True, rotation), **kw),
+            ImageDataset(
+                [s for s in train if s[0] not in skip], build_transforms(spec, True, rotation), **kw
+            ),
             ImageDataset([s for s in val if s[0] not in skip], build_transforms(spec, False), **kw),
             bad,
-        )  # fmt: skip
+        )
     eval_geometry = v2.Compose(geometry_transforms(spec, train=False))
     tr_images, tr_labels, tr_bad = decode_all(
         train, lambda p: decode_to_tensor(p, side, max_pixels), workers

@@ -154,8 +154,10 @@ def class_names_problem(classes: object) -> str | None:
         if not (isinstance(c, str) and c):
             return f"class name {c!r} is not a non-empty string"
         if c in (".", "..") or any(ch in "/\\" or unicodedata.category(ch)[0] == "C" for ch in c):
-            return (f"class name {c!r} cannot be used: it holds a path separator or a control "
-                    "character (newline, tab...); rename it")  # fmt: skip
+            return (
+                f"class name {c!r} cannot be used: it holds a path separator or a control "
+                "character (newline, tab...); rename it"
+            )
     repeated = sorted({c for c in classes if classes.count(c) > 1})
     if repeated:
         return f"class name(s) {', '.join(map(repr, repeated))} appear more than once"

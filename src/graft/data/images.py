@@ -40,8 +40,12 @@ def shrink_to_side(img: Image.Image, side: int) -> Image.Image:
     return img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
-def load_image(path: str | Path | bytes, min_side: int | None = None, name: str | None = None,
-               max_pixels: int = MAX_PIXELS) -> Image.Image:  # fmt: skip
+def load_image(
+    path: str | Path | bytes,
+    min_side: int | None = None,
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Image.Image:
     """Open any image as an 8-bit RGB picture a network can trust, or raise `ImageError`.
 
     EXIF orientation applied; transparency composited on white; grayscale, CMYK, 1-bit, 16-bit
@@ -62,9 +66,12 @@ def load_image(path: str | Path | bytes, min_side: int | None = None, name: str 
                 im.draft("RGB", _draft_size(w, h, min_side))  # DCT scaling: 1/2, 1/4 or 1/8
             dw, dh = im.size
             if dw * dh > max_pixels:
-                raise ImageError(path, f"{w}x{h} = {w * h:,} pixels is over the limit of "
-                                 f"{max_pixels:,} (decompression-bomb guard); if the image is "
-                                 "genuine raise --max-pixels, else downscale it")  # fmt: skip
+                raise ImageError(
+                    path,
+                    f"{w}x{h} = {w * h:,} pixels is over the limit of "
+                    f"{max_pixels:,} (decompression-bomb guard); if the image is "
+                    "genuine raise --max-pixels, else downscale it",
+                )
             with _DECODING.hold(dw * dh):
                 im.load()
                 rgb = prepare_image(im)
@@ -244,8 +251,9 @@ class BadFile:
     reason: str
 
 
-def decode_files(paths: Sequence[str], fn: Callable[[str], Any], workers: int = 4
-                 ) -> tuple[list[Any], list[BadFile]]:  # fmt: skip
+def decode_files(
+    paths: Sequence[str], fn: Callable[[str], Any], workers: int = 4
+) -> tuple[list[Any], list[BadFile]]:
     """`fn(path)` for every path in threads (Pillow decodes without the GIL): the results (None
     where `fn` raised ImageError) and the failures with their reasons, both in input order."""
 
@@ -261,8 +269,9 @@ def decode_files(paths: Sequence[str], fn: Callable[[str], Any], workers: int = 
     return [r for r, _ in results], bad
 
 
-def verify_files(paths: Sequence[str], workers: int = 4, max_pixels: int = MAX_PIXELS,
-                 min_side: int = 256) -> tuple[list[BadFile], list[BadFile]]:  # fmt: skip
+def verify_files(
+    paths: Sequence[str], workers: int = 4, max_pixels: int = MAX_PIXELS, min_side: int = 256
+) -> tuple[list[BadFile], list[BadFile]]:
     """Decode every file; return (unusable files, large files that load downscaled), in input
     order, each with its reason. JPEGs are read through at reduced scale (`min_side`), as
     training reads them: the whole stream is decoded, so truncation still shows."""

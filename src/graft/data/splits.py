@@ -125,8 +125,12 @@ def report_duplicates(split: DatasetSplit, dedupe: bool = False) -> DatasetSplit
         drop = {b for _, b in dups}
         split.val = [s for s in split.val if s[0] not in drop]
         split.test = [s for s in split.test if s[0] not in drop]
-        log.warning("--dedupe: dropped %d val/test image(s) that are also in train:\n%s%s",
-                    len(drop), listing, more)  # fmt: skip
+        log.warning(
+            "--dedupe: dropped %d val/test image(s) that are also in train:\n%s%s",
+            len(drop),
+            listing,
+            more,
+        )
     else:
         log.warning(
             "%d val/test image(s) are identical to train images (validation scores "
@@ -171,7 +175,9 @@ def load_split(folder: str | Path, root: str | Path | None = None) -> DatasetSpl
             samples.append((str(base / rel), classes.index(cls)))
         setattr(out, name, samples)
     if out.train and not Path(out.train[0][0]).exists():
-        raise DatasetError(f"the images of this run are not under {base} any more; say where "
-                           "they are now: graft train --resume RUN NEW_DIR, or graft report RUN "
-                           "--data NEW_DIR")  # fmt: skip
+        raise DatasetError(
+            f"the images of this run are not under {base} any more; say where "
+            "they are now: graft train --resume RUN NEW_DIR, or graft report RUN "
+            "--data NEW_DIR"
+        )
     return out

@@ -51,21 +51,29 @@ class PreprocessSpec:
         if not isinstance(d, dict):
             raise ValueError("preprocess must be a mapping")
         size = d.get("input_size")
-        if not (isinstance(size, int) and not isinstance(size, bool)
-                and MIN_INPUT_SIZE <= size <= MAX_IMAGE_SIZE):  # fmt: skip
-            raise ValueError(f"preprocess.input_size must be an integer from {MIN_INPUT_SIZE} to "
-                             f"{MAX_IMAGE_SIZE}, got {size!r}")  # fmt: skip
+        if not (
+            isinstance(size, int)
+            and not isinstance(size, bool)
+            and MIN_INPUT_SIZE <= size <= MAX_IMAGE_SIZE
+        ):
+            raise ValueError(
+                f"preprocess.input_size must be an integer from {MIN_INPUT_SIZE} to "
+                f"{MAX_IMAGE_SIZE}, got {size!r}"
+            )
         mean, std = _triple(d, "mean"), _triple(d, "std")
         if not all(v > 0 for v in std):
             raise ValueError(f"preprocess.std must be positive, got {d.get('std')!r}")
         crop = d.get("crop_pct", 0.875)
         if not (_number(crop) and MIN_CROP_PCT <= crop <= 1.0):
-            raise ValueError(f"preprocess.crop_pct must be a number from {MIN_CROP_PCT} to 1, "
-                             f"got {crop!r}")  # fmt: skip
+            raise ValueError(
+                f"preprocess.crop_pct must be a number from {MIN_CROP_PCT} to 1, got {crop!r}"
+            )
         interpolation = d.get("interpolation", "bilinear")
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"preprocess.interpolation must be one of "
-                             f"{', '.join(INTERPOLATIONS)}, got {interpolation!r}")  # fmt: skip
+            raise ValueError(
+                f"preprocess.interpolation must be one of "
+                f"{', '.join(INTERPOLATIONS)}, got {interpolation!r}"
+            )
         return cls(size, mean, std, float(crop), interpolation)
 
 

@@ -33,7 +33,6 @@ from .views import cached_views
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ActivationSet:
     """Activations of the samples that loaded: (N, K, *shape) for training views, (N, *shape) for
@@ -53,9 +52,11 @@ class ActivationSet:
             return self.memory[i, view] if self.views else self.memory[i]
         entry = self.cache.get(self.digests[i], self.views, need_eval=not self.views)
         if entry is None:
-            raise GraftError(f"the cached activations of {self.samples[i][0]} changed or went "
-                             f"missing during training (in {self.cache.dir}); train again: they "
-                             "will be recomputed")  # fmt: skip
+            raise GraftError(
+                f"the cached activations of {self.samples[i][0]} changed or went "
+                f"missing during training (in {self.cache.dir}); train again: they "
+                "will be recomputed"
+            )
         return entry[1][view] if self.views else entry[0]
 
 
@@ -82,19 +83,42 @@ def cached_activations(
     # scored in another, and neither entry may replace the other
     key += "-views" if views else "-eval"
     cache = OutputStore(cache_dir or default_cache_dir(), key, dtype=None)
-    found = cached_views(lambda: runtime.prepare(split.trunk), cache, backbone, samples, runtime,
-                         views, eval_view=not views, keep=in_memory, batch_size=batch_size,
-                         workers=workers, progress=progress, rotation=rotation,
-                         max_pixels=max_pixels, label="activations",
-                         views_side=backbone.spec.resize_size)  # fmt: skip
+    found = cached_views(
+        lambda: runtime.prepare(split.trunk),
+        cache,
+        backbone,
+        samples,
+        runtime,
+        views,
+        eval_view=not views,
+        keep=in_memory,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        rotation=rotation,
+        max_pixels=max_pixels,
+        label="activations",
+        views_side=backbone.spec.resize_size,
+    )
     keep, kept, labels = found.kept(samples)
     memory = None
     if in_memory:
         part = 1 if views else 0
-        memory = (torch.stack([found.entries[i][part].contiguous() for i in keep]) if keep
-                  else torch.zeros(0, *([views] if views else []), *split.shape))  # fmt: skip
-    return ActivationSet(cache, [found.digests[i] for i in keep], labels, views, memory, kept,
-                         found.bad_files(samples), found.hits)  # fmt: skip
+        memory = (
+            torch.stack([found.entries[i][part].contiguous() for i in keep])
+            if keep
+            else torch.zeros(0, *([views] if views else []), *split.shape)
+        )
+    return ActivationSet(
+        cache,
+        [found.digests[i] for i in keep],
+        labels,
+        views,
+        memory,
+        kept,
+        found.bad_files(samples),
+        found.hits,
+    )
 
 
 def activation_bytes(split: Cut, runtime: Runtime, train: int, views: int, val: int) -> int:

@@ -67,12 +67,23 @@ def extract_features(
         export_key = key  # the exported network does not depend on the views' rotation
         if engine == "onnxruntime" and views and rotation:
             export_key = output_key(backbone, runtime)
-        return frozen_runner(net, backbone.spec.input_size, runtime, engine, root / "onnx",
-                             export_key)  # fmt: skip
+        return frozen_runner(
+            net, backbone.spec.input_size, runtime, engine, root / "onnx", export_key
+        )
 
-    found = cached_views(make_net, cache, backbone, samples, runtime, views,
-                         batch_size=batch_size, workers=workers, progress=progress,
-                         rotation=rotation, max_pixels=max_pixels)  # fmt: skip
+    found = cached_views(
+        make_net,
+        cache,
+        backbone,
+        samples,
+        runtime,
+        views,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        rotation=rotation,
+        max_pixels=max_pixels,
+    )
     keep, kept, labels = found.kept(samples)
     dim = backbone.model.num_features
 

@@ -35,13 +35,14 @@ def fold_batchnorm(features: nn.Module, size: int) -> nn.Module:
 
     def after_bn(m, i, o):
         conv, _ = produced.get(id(i[0]), (None, None))
-        pairs.append((conv if conv is not None and conv.out_channels == m.num_features else None,
-                      m))  # fmt: skip
+        pairs.append(
+            (conv if conv is not None and conv.out_channels == m.num_features else None, m)
+        )
 
-    hooks = [m.register_forward_hook(after_conv) for m in net.modules()
-             if isinstance(m, nn.Conv2d)]  # fmt: skip
-    hooks += [m.register_forward_hook(after_bn) for m in net.modules()
-              if isinstance(m, nn.BatchNorm2d)]  # fmt: skip
+    hooks = [m.register_forward_hook(after_conv) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [
+        m.register_forward_hook(after_bn) for m in net.modules() if isinstance(m, nn.BatchNorm2d)
+    ]
     try:
         with torch.inference_mode():
             net(torch.zeros(1, 3, size, size))

@@ -27,7 +27,6 @@ from ..core.runtime import Runtime, atomic_path
 log = logging.getLogger(__name__)
 
 
-
 def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnxscript", "onnx"))
 
@@ -39,14 +38,20 @@ def resolve_engine(engine: str, runtime: Runtime, precision: str = "auto") -> st
     if engine == "torch":
         return engine
     if runtime.device.type != "cpu":
-        raise ConfigError(f"--engine onnxruntime runs on the CPU; this run is on "
-                          f"{runtime.device.type}: leave --engine at torch")  # fmt: skip
+        raise ConfigError(
+            f"--engine onnxruntime runs on the CPU; this run is on "
+            f"{runtime.device.type}: leave --engine at torch"
+        )
     if precision not in ("auto", "fp32"):
-        raise ConfigError(f"--engine onnxruntime computes in fp32, not {precision}: drop "
-                          "--precision or use --engine torch")  # fmt: skip
+        raise ConfigError(
+            f"--engine onnxruntime computes in fp32, not {precision}: drop "
+            "--precision or use --engine torch"
+        )
     if not onnxruntime_available():
-        raise ConfigError("--engine onnxruntime needs onnx, onnxruntime and onnxscript: "
-                          "pip install 'graft[export]', or use --engine torch")  # fmt: skip
+        raise ConfigError(
+            "--engine onnxruntime needs onnx, onnxruntime and onnxscript: "
+            "pip install 'graft[export]', or use --engine torch"
+        )
     return engine
 
 

@@ -17,10 +17,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import GraftError
-from ..core.runtime import (
-    Runtime,
-    atomic_path,
-)
+from ..core.runtime import Runtime, atomic_path
 from ..models.backbones import Backbone
 
 log = logging.getLogger(__name__)
@@ -28,16 +25,21 @@ log = logging.getLogger(__name__)
 STORE_DTYPE = torch.float16  # pooled features are well inside fp16's range; halves the cache
 
 
-def output_key(backbone: Backbone, runtime: Runtime, rotation: float = 0.0,
-              trunk: Sequence[str] = ()) -> str:  # fmt: skip
+def output_key(
+    backbone: Backbone, runtime: Runtime, rotation: float = 0.0, trunk: Sequence[str] = ()
+) -> str:
     """The store's key: a hash of everything that changes a network output: weights,
     preprocessing, precision, format, and the augmentation of the cached views (`rotation`).
     Pooled features by default; with `trunk` (the top blocks, which train), the key of the
     activations entering the first of them: only the weights below count. The key's text is
     what it was before the store had this name: caches made before stay valid."""
     h = hashlib.sha256()
-    what = {"backbone": backbone.name, "spec": backbone.spec.to_dict(),
-            "precision": runtime.precision, "v": 2}  # fmt: skip  # v2: BatchNorm folded
+    what = {
+        "backbone": backbone.name,
+        "spec": backbone.spec.to_dict(),
+        "precision": runtime.precision,
+        "v": 2,
+    }  # v2: BatchNorm folded
     if rotation:  # absent when 0, so caches made before rotation was keyed stay valid
         what["rotation"] = rotation
     if trunk:  # training views cropped from the image decoded at the eval resize side
@@ -70,8 +72,9 @@ class OutputStore:
     def _path(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.safetensors"
 
-    def get(self, digest: str, views: int, need_eval: bool = True
-            ) -> tuple[torch.Tensor | None, torch.Tensor] | None:  # fmt: skip
+    def get(
+        self, digest: str, views: int, need_eval: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """(eval (*S), aug (views, *S)) or None when absent, damaged, holding fewer views or no
         eval view when one is needed; S is (D,) for pooled features."""
         from safetensors import safe_open
@@ -109,9 +112,12 @@ class OutputStore:
                 save_file(tensors, str(tmp), metadata={"sha256": _checksum(digest, tensors)})
         except (OSError, GraftError) as exc:  # read-only, full, a file in place of a folder...
             self.enabled = False
-            log.warning("the feature cache in %s cannot be written (%s); going on without it "
-                        "(set --cache-dir to a writable folder to keep features)", self.dir,
-                        getattr(exc, "strerror", None) or exc)  # fmt: skip
+            log.warning(
+                "the feature cache in %s cannot be written (%s); going on without it "
+                "(set --cache-dir to a writable folder to keep features)",
+                self.dir,
+                getattr(exc, "strerror", None) or exc,
+            )
 
     def _stored(self, t: torch.Tensor) -> torch.Tensor:
         return (t if self.dtype is None else t.to(self.dtype)).contiguous()
@@ -134,5 +140,3 @@ def _checksum(digest: str, tensors: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(tensors[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-

@@ -31,9 +31,17 @@ class _ImageViews(torch.utils.data.Dataset):
     from the full image, or (`views_side`) from one whose shorter side was decoded to that size,
     as finetune and live partial crop theirs (data/decoded.py): a JPEG photo then decodes at 1/8."""
 
-    def __init__(self, paths: Sequence[str], digests: Sequence[str], backbone: Backbone,
-                 views: int, rotation: float = 0.0, max_pixels: int = MAX_PIXELS,
-                 eval_view: bool = True, views_side: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        paths: Sequence[str],
+        digests: Sequence[str],
+        backbone: Backbone,
+        views: int,
+        rotation: float = 0.0,
+        max_pixels: int = MAX_PIXELS,
+        eval_view: bool = True,
+        views_side: int | None = None,
+    ):
         self.paths, self.digests, self.views = list(paths), list(digests), views
         self.eval_view, self.views_side = eval_view, views_side
         self.max_pixels = max_pixels
@@ -121,8 +129,16 @@ def cached_views(
     if not todo:
         return Lookup(entries, digests, bad, hits)
     net = make_net()
-    ds = _ImageViews([samples[i][0] for i in todo], [digests[i] for i in todo], backbone,
-                       views, rotation, max_pixels, eval_view, views_side)  # fmt: skip
+    ds = _ImageViews(
+        [samples[i][0] for i in todo],
+        [digests[i] for i in todo],
+        backbone,
+        views,
+        rotation,
+        max_pixels,
+        eval_view,
+        views_side,
+    )
     per = int(eval_view) + views
     loader = torch.utils.data.DataLoader(
         ds, batch_size=max(1, batch_size // per), collate_fn=_collate, **loader_workers(workers)

@@ -84,8 +84,10 @@ class Classifier:
     def probabilities(self, images: Sequence[ImageLike], batch_size: int = 32) -> torch.Tensor:
         """(N, C) probabilities; raises `ImageError` for a file that cannot be read."""
         images = as_image_list(images)
-        out = [self._forward([self.preprocess(im) for im in images[i : i + batch_size]])
-               for i in range(0, len(images), batch_size)]  # fmt: skip
+        out = [
+            self._forward([self.preprocess(im) for im in images[i : i + batch_size]])
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
     def predict(
@@ -163,8 +165,10 @@ class Classifier:
         if samples and not good:
             reasons = "; ".join(f"{p.path}: {p.error}" for p in preds[:3])
             more = ", ..." if len(preds) > 3 else ""
-            raise DatasetError(f"none of the {len(samples)} image(s) could be read ({reasons}"
-                               f"{more}); graft verify lists them all")  # fmt: skip
+            raise DatasetError(
+                f"none of the {len(samples)} image(s) could be read ({reasons}"
+                f"{more}); graft verify lists them all"
+            )
         targets = [y for (_, y), _ in good]
         predicted = [self.classes.index(next(iter(p.probs))) for _, p in good]
         cm = confusion_matrix(targets, predicted, len(self.classes))
@@ -181,8 +185,9 @@ def as_image_list(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
     try:
         return list(images)
     except TypeError:
-        raise GraftError(f"cannot read images from a {type(images).__name__}: pass "
-                         f"{ACCEPTED}, or a list of them") from None  # fmt: skip
+        raise GraftError(
+            f"cannot read images from a {type(images).__name__}: pass {ACCEPTED}, or a list of them"
+        ) from None
 
 
 def _array_to_image(a: np.ndarray | torch.Tensor) -> Image.Image:
@@ -196,8 +201,9 @@ def _array_to_image(a: np.ndarray | torch.Tensor) -> Image.Image:
             a = np.empty(0)
     if a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
         return Image.fromarray(a)
-    raise ImageError(f"<array {shape}>", f"an array of shape {shape} is not an image: pass "
-                     f"{ACCEPTED}")  # fmt: skip
+    raise ImageError(
+        f"<array {shape}>", f"an array of shape {shape} is not an image: pass {ACCEPTED}"
+    )
 
 
 def _label(image: ImageLike) -> str:
@@ -225,14 +231,19 @@ class OnnxClassifier(Classifier):
 
         self.path = Path(path)
         props = read_onnx_meta(self.path)
-        self.meta = ModelMeta(backbone=props.get("backbone") or "", classes=props["classes"],
-                              preprocess=props["preprocess"])  # fmt: skip
+        self.meta = ModelMeta(
+            backbone=props.get("backbone") or "",
+            classes=props["classes"],
+            preprocess=props["preprocess"],
+        )
         self.session = session(self.path)
         self.classes = list(self.meta.classes)
         outputs = self.session.get_outputs()[0].shape[-1]
         if isinstance(outputs, int) and outputs != len(self.classes):
-            raise CheckpointError(f"{self.path}: the graph has {outputs} outputs but its metadata "
-                                  f"names {len(self.classes)} classes; re-export it")  # fmt: skip
+            raise CheckpointError(
+                f"{self.path}: the graph has {outputs} outputs but its metadata "
+                f"names {len(self.classes)} classes; re-export it"
+            )
         self.spec = self.meta.preprocess
         self.max_pixels = props["max_pixels"] or MAX_PIXELS
         self.runtime = resolve_runtime("cpu", "fp32")

@@ -129,8 +129,14 @@ def _shap(model: nn.Module, x: torch.Tensor, idx: list[int]) -> list:
     torch.manual_seed(0)  # Kernel SHAP samples coalitions: same image, same map
     out = []
     for i in idx:
-        attr = explainer.attribute(x, baselines=0.0, target=i, feature_mask=mask,
-                                   n_samples=SHAP_SAMPLES, perturbations_per_eval=32)  # fmt: skip
+        attr = explainer.attribute(
+            x,
+            baselines=0.0,
+            target=i,
+            feature_mask=mask,
+            n_samples=SHAP_SAMPLES,
+            perturbations_per_eval=32,
+        )
         out.append(attr[0].sum(0).detach().cpu().numpy())
     return out
 
@@ -164,14 +170,16 @@ def explanation_figure(
     from ..data.transforms import denormalize
 
     fig, axes = plt.subplots(1, 1 + len(maps), figsize=(3 * (1 + len(maps)), 3.2))
-    draw_explanations(axes, denormalize(image, spec).permute(1, 2, 0).numpy(), maps, method,
-                      title or "image")  # fmt: skip
+    draw_explanations(
+        axes, denormalize(image, spec).permute(1, 2, 0).numpy(), maps, method, title or "image"
+    )
     fig.tight_layout()
     return fig
 
 
-def draw_explanations(axes, rgb: np.ndarray, maps: list[Explanation], method: str,
-                      title: str) -> None:  # fmt: skip
+def draw_explanations(
+    axes, rgb: np.ndarray, maps: list[Explanation], method: str, title: str
+) -> None:
     """One row of axes: the image, then its heatmap per class (gradcam: jet over [0, 1]; shap:
     signed bwr, symmetric around 0), each titled with class and probability."""
     axes[0].imshow(rgb)

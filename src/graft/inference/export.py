@@ -149,8 +149,9 @@ def check_parity(
     if dynamic_batch:
         p_onnx = onnx_clf.probabilities(images, batch_size=8)
     else:  # a fixed-batch graph takes exactly the batch it was exported with
-        p_onnx = torch.cat([onnx_clf.probabilities(images[i : i + 2], 2)
-                            for i in range(0, len(images) - 1, 2)])  # fmt: skip
+        p_onnx = torch.cat(
+            [onnx_clf.probabilities(images[i : i + 2], 2) for i in range(0, len(images) - 1, 2)]
+        )
         images = images[: len(p_onnx)]
     p_torch = clf.probabilities(images, batch_size=8)
     diff = float((p_onnx - p_torch).abs().max())

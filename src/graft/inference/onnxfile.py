@@ -20,8 +20,9 @@ FORMAT = "graft-onnx"
 def require() -> None:
     missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if not importlib.util.find_spec(m)]
     if missing:
-        raise GraftError(f"ONNX export and inference need {', '.join(missing)}: "
-                         "pip install 'graft[export]'")  # fmt: skip
+        raise GraftError(
+            f"ONNX export and inference need {', '.join(missing)}: pip install 'graft[export]'"
+        )
 
 
 def session(path: str | Path):
@@ -53,8 +54,10 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is damaged or not an ONNX model: {exc}") from exc
     props = {p.key: p.value for p in proto.metadata_props}
     if props.get("format") != FORMAT:
-        raise CheckpointError(f"{path} was not exported by graft (no '{FORMAT}' metadata); "
-                              "export it with: graft export RUN")  # fmt: skip
+        raise CheckpointError(
+            f"{path} was not exported by graft (no '{FORMAT}' metadata); "
+            "export it with: graft export RUN"
+        )
     try:
         classes = json.loads(props["classes"])
         preprocess = json.loads(props["preprocess"])
@@ -73,6 +76,8 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any]:
     except ValueError:
         max_pixels = -1
     if max_pixels is not None and not 1 <= max_pixels <= MAX_PIXELS_READ:
-        raise CheckpointError(f"{path}: metadata max_pixels must be an integer from 1 to "
-                              f"{MAX_PIXELS_READ}, got {props.get('max_pixels')!r}")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: metadata max_pixels must be an integer from 1 to "
+            f"{MAX_PIXELS_READ}, got {props.get('max_pixels')!r}"
+        )
     return {**props, "classes": classes, "preprocess": spec, "max_pixels": max_pixels}

@@ -95,11 +95,14 @@ class ModelMeta:
         """Every field checked: a model file received from elsewhere is untrusted input. A wrong
         field is a CheckpointError naming it; keys this graft does not know are ignored."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise CheckpointError(f"{where} is not a graft model description "
-                                  f"(format != {FORMAT!r})")  # fmt: skip
+            raise CheckpointError(
+                f"{where} is not a graft model description (format != {FORMAT!r})"
+            )
         if d.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{where} has format_version {d.get('format_version')!r}; this "
-                                  f"graft reads {FORMAT_VERSION}: upgrade graft")  # fmt: skip
+            raise CheckpointError(
+                f"{where} has format_version {d.get('format_version')!r}; this "
+                f"graft reads {FORMAT_VERSION}: upgrade graft"
+            )
         problem = class_names_problem(d.get("classes"))
         if problem:
             raise CheckpointError(f"{where}: {problem}; the file is not a usable graft model")
@@ -113,8 +116,9 @@ class ModelMeta:
                 continue
             value = d[f.name]
             if not _fits(value, str(f.type)):
-                raise CheckpointError(f"{where}: '{f.name}' must be {f.type}, got "
-                                      f"{type(value).__name__}")  # fmt: skip
+                raise CheckpointError(
+                    f"{where}: '{f.name}' must be {f.type}, got {type(value).__name__}"
+                )
             values[f.name] = value
         if "backbone" not in values:
             raise CheckpointError(f"{where}: 'backbone' must be a backbone name (a string)")
@@ -122,8 +126,10 @@ class ModelMeta:
         if max_pixels is not None and not (
             isinstance(max_pixels, int) and 1 <= max_pixels <= MAX_PIXELS_READ
         ):
-            raise CheckpointError(f"{where}: config.max_pixels must be an integer from 1 to "
-                                  f"{MAX_PIXELS_READ}, got {max_pixels!r}")  # fmt: skip
+            raise CheckpointError(
+                f"{where}: config.max_pixels must be an integer from 1 to "
+                f"{MAX_PIXELS_READ}, got {max_pixels!r}"
+            )
         return cls(**values)
 
 

@@ -37,8 +37,10 @@ def check_opset(opset: int) -> None:
     """Refuse an opset the exporter would not really write (it falls back to 18 silently)."""
     ok = supported_opsets()
     if opset not in ok:
-        raise ConfigError(f"opset {opset} is not supported: choose {ok.start} to {ok.stop - 1} "
-                          f"(default {ONNX_OPSET})")  # fmt: skip
+        raise ConfigError(
+            f"opset {opset} is not supported: choose {ok.start} to {ok.stop - 1} "
+            f"(default {ONNX_OPSET})"
+        )
 
 
 def export_onnx(
@@ -59,6 +61,15 @@ def export_onnx(
         kw["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporter warns and prints its progress
-        torch.onnx.export(model.float().eval(), (x,), str(path), dynamo=True, verbose=False,
-                          input_names=["image"], output_names=[output], opset_version=opset,
-                          external_data=False, **kw)  # fmt: skip
+        torch.onnx.export(
+            model.float().eval(),
+            (x,),
+            str(path),
+            dynamo=True,
+            verbose=False,
+            input_names=["image"],
+            output_names=[output],
+            opset_version=opset,
+            external_data=False,
+            **kw,
+        )

@@ -112,8 +112,11 @@ def _training(meta: ModelMeta, cfg: dict[str, Any]) -> str:
     sel = meta.selection
     if sel:
         n = len(sel["candidates"])
-        lines.insert(0, f"- chosen by `graft train --auto` among {n} candidates "
-                        f"({sel['protocol']}); retrained {sel['retrained']}")  # fmt: skip
+        lines.insert(
+            0,
+            f"- chosen by `graft train --auto` among {n} candidates "
+            f"({sel['protocol']}); retrained {sel['retrained']}",
+        )
     return "## Training\n\n" + "\n".join(lines) + "\n"
 
 
@@ -137,11 +140,14 @@ def _evaluation(val: dict[str, Any], test: dict[str, Any] | None, keep: str = "b
         ]
         out.append("")
     if keep == "last":
-        how = ("The validation images took no part in any choice (a fixed number of epochs, the "
-               "last kept), so their accuracy is an unbiased estimate")  # fmt: skip
+        how = (
+            "The validation images took no part in any choice (a fixed number of epochs, the "
+            "last kept), so their accuracy is an unbiased estimate"
+        )
     else:
-        how = ("The best epoch was chosen on the validation images, so their accuracy leans "
-               "optimistic")  # fmt: skip
+        how = (
+            "The best epoch was chosen on the validation images, so their accuracy leans optimistic"
+        )
     out.append(
         "The saved model is scored exactly as `graft evaluate` scores it. "
         + how

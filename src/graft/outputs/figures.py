@@ -48,10 +48,21 @@ def accuracy_vs_time(rows: list[dict[str, Any]]):
     for r in (r for r in rows if r["status"] == "scored"):
         lo, hi = r["accuracy_ci95"]
         err = [[max(0.0, r["accuracy"] - lo)], [max(0.0, hi - r["accuracy"])]]  # float rounding
-        ax.errorbar(r["seconds"], r["accuracy"], yerr=err,
-                    fmt="o", color=colours.get(r["strategy"], "gray"), capsize=3)  # fmt: skip
-        ax.annotate(r["candidate"], (r["seconds"], r["accuracy"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        ax.errorbar(
+            r["seconds"],
+            r["accuracy"],
+            yerr=err,
+            fmt="o",
+            color=colours.get(r["strategy"], "gray"),
+            capsize=3,
+        )
+        ax.annotate(
+            r["candidate"],
+            (r["seconds"], r["accuracy"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_xlabel("wall seconds")
     ax.set_ylabel("fold accuracy (95% interval)")
     ax.grid(alpha=0.3)
@@ -79,8 +90,15 @@ def confusion(evaluation: dict[str, Any], classes: list[str]):
         peak = data.max() or 1
         for i in range(len(classes)):
             for j in range(len(classes)):
-                ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if data[i, j] > peak / 2 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    fmt.format(data[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if data[i, j] > peak / 2 else "black",
+                )
     fig.tight_layout()
     return fig
 
@@ -119,8 +137,11 @@ def predictions(clf: Classifier, items: list, title: str):
         ax.imshow(denormalize(x, clf.spec).permute(1, 2, 0).numpy())
         k = int(p.argmax())
         right = k == y
-        ax.set_title(f"{clf.classes[k]} {float(p[k]):.2f}\ntrue: {clf.classes[y]}", fontsize=8,
-                     color="black" if right else "red")  # fmt: skip
+        ax.set_title(
+            f"{clf.classes[k]} {float(p[k]):.2f}\ntrue: {clf.classes[y]}",
+            fontsize=8,
+            color="black" if right else "red",
+        )
         if not right:
             ax.axis("on")
             ax.set_xticks([])

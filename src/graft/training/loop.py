@@ -76,11 +76,20 @@ def fit(
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         try:
             with loader_errors(), collective_errors("training"):  # a dead worker or rank
-                tr = train_one_epoch(trainer, job.train_loader, optimizer, job.criterion,
-                                     job.runtime, progress, scaler, job.dist)  # fmt: skip
+                tr = train_one_epoch(
+                    trainer,
+                    job.train_loader,
+                    optimizer,
+                    job.criterion,
+                    job.runtime,
+                    progress,
+                    scaler,
+                    job.dist,
+                )
                 sync_buffers(job.dist, job.model)  # validate (and save) rank 0's model
-                ev = evaluate(job.model, job.val_loader, job.criterion, job.runtime, progress,
-                              job.dist)  # fmt: skip
+                ev = evaluate(
+                    job.model, job.val_loader, job.criterion, job.runtime, progress, job.dist
+                )
         except KeyboardInterrupt:
             state.stopped = "interrupted"
             log.warning("interrupted in epoch %d: keeping the best weights so far", state.epoch + 1)
@@ -88,9 +97,17 @@ def fit(
         scheduler.step()
         row = state.record(job, tr, ev, lr, time.perf_counter() - start)
         if run_dir is not None:
-            save_last(run_dir, model=job.model, optimizer=optimizer, scheduler=scheduler,
-                      scaler=scaler, stage=stage, state=state, generator=job.generator,
-                      world=world)  # fmt: skip
+            save_last(
+                run_dir,
+                model=job.model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                stage=stage,
+                state=state,
+                generator=job.generator,
+                world=world,
+            )
             append_metrics(run_dir, row)
         if on_epoch is not None:
             on_epoch(row)
@@ -160,8 +177,10 @@ def train_one_epoch(
                 logits = out
                 loss = criterion(logits, y)
         if not math.isfinite(loss.item()):
-            raise DivergedError(f"the training loss became {loss.item()} (diverged); nothing "
-                                "was saved as best: lower --lr and train again")  # fmt: skip
+            raise DivergedError(
+                f"the training loss became {loss.item()} (diverged); nothing "
+                "was saved as best: lower --lr and train again"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -246,8 +265,14 @@ class FitState:
             return cls(keep=keep)
         resume.restore(job.model, job.generator)
         log.info("resuming after epoch %d", resume.epoch)
-        return cls(resume.epoch, resume.history, resume.best, resume.best_state,
-                   resume.bad_epochs, keep=keep)  # fmt: skip
+        return cls(
+            resume.epoch,
+            resume.history,
+            resume.best,
+            resume.best_state,
+            resume.bad_epochs,
+            keep=keep,
+        )
 
     def is_better(self, row: dict[str, Any]) -> bool:
         """Higher val accuracy wins; a tie goes to the lower val loss. With keep="last" the
@@ -262,9 +287,16 @@ class FitState:
         """The epoch's row (with per-class val recall: imbalanced data hides there); the best
         weights kept when it is the best so far."""
         self.epoch += 1
-        row = {"epoch": self.epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
-               "val_loss": ev.loss, "val_acc": ev.acc, "lr": lr, "seconds": seconds,
-               "val_recall": per_class_recall(ev, job.classes)}  # fmt: skip
+        row = {
+            "epoch": self.epoch,
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+            "val_loss": ev.loss,
+            "val_acc": ev.acc,
+            "lr": lr,
+            "seconds": seconds,
+            "val_recall": per_class_recall(ev, job.classes),
+        }
         self.history.append(row)
         if self.is_better(row):
             self.best, self.bad_epochs = row, 0

@@ -116,39 +116,56 @@ def train(
     [{'bag': 0.97, ...}]
     """
     d = from_env()
-    select = dict(budget=budget, backbones=backbones, strategies=strategies, folds=folds,
-                  on_row=on_row) if auto else None  # fmt: skip
+    select = (
+        dict(budget=budget, backbones=backbones, strategies=strategies, folds=folds, on_row=on_row)
+        if auto
+        else None
+    )
     with process_group(d):
         return _train(d, data, config_file, resume, overwrite, progress, on_epoch, options, select)
 
 
-def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, options,
-           select) -> Run:  # fmt: skip
+def _train(
+    d: Dist, data, config_file, resume, overwrite, progress, on_epoch, options, select
+) -> Run:
     start = time.perf_counter()
     last = checkpoint.restore_last(resume) if resume is not None else None
     if last is not None and last.meta.get("world_size", 1) != d.world:
         was = last.meta.get("world_size", 1)
-        raise ConfigError(f"{resume} was trained by {was} process(es) and this is {d.world}: "
-                          "resume it with the same number (torchrun --nproc_per_node), so the "
-                          "data order and the resume point match")  # fmt: skip
+        raise ConfigError(
+            f"{resume} was trained by {was} process(es) and this is {d.world}: "
+            "resume it with the same number (torchrun --nproc_per_node), so the "
+            "data order and the resume point match"
+        )
     comparison = None
     if select is not None:
         comparison, cfg = _choose(d, data, config_file, options, resume, progress, select)
     else:
         cfg = _config(data, config_file, resume, options)
-    runtime = resolve_runtime(cfg.device, cfg.precision, training=cfg.strategy != "extract",
-                              local_rank=d.local_rank)  # fmt: skip
+    runtime = resolve_runtime(
+        cfg.device, cfg.precision, training=cfg.strategy != "extract", local_rank=d.local_rank
+    )
     seed_everything(cfg.seed)
-    split = load_split(Path(resume) / SPLIT, data) if resume else report_duplicates(
-        discover(cfg.data_dir, cfg.val_fraction, cfg.seed), cfg.dedupe)  # fmt: skip
+    split = (
+        load_split(Path(resume) / SPLIT, data)
+        if resume
+        else report_duplicates(discover(cfg.data_dir, cfg.val_fraction, cfg.seed), cfg.dedupe)
+    )
     backbone = create_backbone(cfg.backbone, len(split.classes), cfg.pretrained, cfg.weights)
     cfg = broadcast(d, cfg.resolve(input_size=backbone.spec.input_size))  # one run folder
     backbone = dataclasses.replace(backbone, spec=backbone.spec.with_size(cfg.image_size))
     blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
     apply_freezing(backbone, blocks)
     trainable, total = count_parameters(backbone.model)
-    log.info("%s: %s trainable of %s parameters (%s), %s on %s", cfg.backbone, f"{trainable:,}",
-             f"{total:,}", cfg.strategy, runtime.precision, runtime.device)  # fmt: skip
+    log.info(
+        "%s: %s trainable of %s parameters (%s), %s on %s",
+        cfg.backbone,
+        f"{trainable:,}",
+        f"{total:,}",
+        cfg.strategy,
+        runtime.precision,
+        runtime.device,
+    )
 
     writer = claim if d.is_main else _no_claim  # rank 0 alone writes the run folder
     with writer(cfg.out, resuming=last is not None, overwrite=overwrite) as run_dir:
@@ -156,9 +173,16 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
         if not d.is_main:  # the same training, nothing written: rank 0 saves the model
             with sigterm_as_interrupt():
                 fit(job, epoch_plan(cfg, blocks, backbone.spec.input_size), cfg, resume=last)
-            return Run(run_dir=run_dir, classes=split.classes, best={}, history=[],
-                       trainable_params=trainable, total_params=total, wall_seconds=0.0,
-                       config=cfg)  # fmt: skip
+            return Run(
+                run_dir=run_dir,
+                classes=split.classes,
+                best={},
+                history=[],
+                trainable_params=trainable,
+                total_params=total,
+                wall_seconds=0.0,
+                config=cfg,
+            )
         if last is None:
             start_new_run(run_dir)
             atomic_write_text(run_dir / CONFIG, dump_yaml(cfg))
@@ -167,8 +191,16 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
                 write_comparison(run_dir, comparison.to_dict())
         plan = epoch_plan(cfg, blocks, backbone.spec.input_size)
         with sigterm_as_interrupt():
-            state = fit(job, plan, cfg, run_dir=run_dir, resume=last, progress=progress,
-                        on_epoch=on_epoch, world=d.world)  # fmt: skip
+            state = fit(
+                job,
+                plan,
+                cfg,
+                run_dir=run_dir,
+                resume=last,
+                progress=progress,
+                on_epoch=on_epoch,
+                world=d.world,
+            )
         if state.best_state is None:
             raise GraftError("training stopped before the first epoch finished; nothing saved")
         job.model.load_state_dict(state.best_state)
@@ -180,42 +212,77 @@ def _train(d: Dist, data, config_file, resume, overwrite, progress, on_epoch, op
         log.info("val accuracy of the saved model: %.4f on %d images", val["accuracy"], val["n"])
         wall = time.perf_counter() - start
         meta = ModelMeta(
-            backbone=backbone.name, classes=split.classes, preprocess=backbone.spec,
-            strategy=cfg.strategy, trainable_blocks=blocks, trainable_params=trainable,
-            total_params=total, best=state.best, stopped=state.stopped, val=val, test=test,
-            precision=runtime.precision, wall_seconds=round(wall, 2), data_dir=split.root,
-            layout=split.layout, class_counts=split.counts(), skipped_files=job.skipped,
-            config=cfg.to_dict(), world_size=d.world,
+            backbone=backbone.name,
+            classes=split.classes,
+            preprocess=backbone.spec,
+            strategy=cfg.strategy,
+            trainable_blocks=blocks,
+            trainable_params=trainable,
+            total_params=total,
+            best=state.best,
+            stopped=state.stopped,
+            val=val,
+            test=test,
+            precision=runtime.precision,
+            wall_seconds=round(wall, 2),
+            data_dir=split.root,
+            layout=split.layout,
+            class_counts=split.counts(),
+            skipped_files=job.skipped,
+            config=cfg.to_dict(),
+            world_size=d.world,
             trunk=str(job.trunk) if job.trunk is not None else None,
             selection=_selection(comparison, cfg) if comparison is not None else None,
             features_computed_per_rank=job.stats.get("features_computed_per_rank"),
-        )  # fmt: skip
+        )
         save_model(run_dir, backbone, meta)
         write_card(run_dir)
         if cfg.report:
             _report(run_dir, val_preds)
         if state.stopped != "interrupted":  # a finished run needs no resume point
             checkpoint.discard_last(run_dir)
-    return Run(run_dir=run_dir, classes=split.classes, best=state.best, history=state.history,
-               trainable_params=trainable, total_params=total, wall_seconds=wall,
-               stopped=state.stopped, skipped=job.skipped, test=test, val_images=val["n"],
-               config=cfg, val=val,
-               selection=comparison.to_dict() if comparison is not None else None)  # fmt: skip
+    return Run(
+        run_dir=run_dir,
+        classes=split.classes,
+        best=state.best,
+        history=state.history,
+        trainable_params=trainable,
+        total_params=total,
+        wall_seconds=wall,
+        stopped=state.stopped,
+        skipped=job.skipped,
+        test=test,
+        val_images=val["n"],
+        config=cfg,
+        val=val,
+        selection=comparison.to_dict() if comparison is not None else None,
+    )
 
 
-def _choose(d: Dist, data, config_file, options: dict[str, Any], resume, progress: Progress,
-            select: dict[str, Any]) -> tuple[Comparison, TrainConfig]:  # fmt: skip
+def _choose(
+    d: Dist,
+    data,
+    config_file,
+    options: dict[str, Any],
+    resume,
+    progress: Progress,
+    select: dict[str, Any],
+) -> tuple[Comparison, TrainConfig]:
     """--auto: the comparison on the training images, and the winner's config to train. The
     settings given are honoured by every candidate, or refused (compare says which)."""
     if resume is not None or d.enabled:
-        raise ConfigError("--auto runs in one process on a new run: not with --resume, not "
-                          "under torchrun (train the chosen config there)")  # fmt: skip
+        raise ConfigError(
+            "--auto runs in one process on a new run: not with --resume, not "
+            "under torchrun (train the chosen config there)"
+        )
     data_dir, given = _given(data, config_file, options)
     comparison = compare(data_dir, reserve_final=True, progress=progress, **select, **given)
     if comparison.chosen is None:
-        raise GraftError(f"no candidate finished within the budget of "
-                         f"{comparison.budget_s:.0f} s: give more, e.g. --budget "
-                         f"{max(2, round(comparison.budget_s * 2 / 60))}m")  # fmt: skip
+        raise GraftError(
+            f"no candidate finished within the budget of "
+            f"{comparison.budget_s:.0f} s: give more, e.g. --budget "
+            f"{max(2, round(comparison.budget_s * 2 / 60))}m"
+        )
     chosen = Candidate.from_row(comparison.chosen)
     log.info("chosen: %s (fold accuracy %.4f)", chosen.name, comparison.chosen["accuracy"])
     return comparison, make_config(data_dir, **given, **chosen.settings())
@@ -247,13 +314,19 @@ def _val_protocol(cfg: TrainConfig, comparison: Comparison | None) -> str:
 def _selection(comparison: Comparison, cfg: TrainConfig) -> dict[str, Any]:
     """What model.json records of an --auto run: the choice, why, and how the winner trained."""
     best = comparison.chosen
-    return {"chosen": best["candidate"], "fold_accuracy": best["accuracy"],
-            "fold_accuracy_ci95": best["accuracy_ci95"], "protocol": comparison.protocol,
-            "budget_s": comparison.budget_s, "compare_seconds": comparison.wall_s,
-            "retrained": f"on all {comparison.pool} training images, {cfg.epochs} epochs, the "
-                         "last kept; scored once on the val split, which no choice used",
-            "candidates": [{k: r[k] for k in ("candidate", "accuracy", "status", "seconds")}
-                           for r in comparison]}  # fmt: skip
+    return {
+        "chosen": best["candidate"],
+        "fold_accuracy": best["accuracy"],
+        "fold_accuracy_ci95": best["accuracy_ci95"],
+        "protocol": comparison.protocol,
+        "budget_s": comparison.budget_s,
+        "compare_seconds": comparison.wall_s,
+        "retrained": f"on all {comparison.pool} training images, {cfg.epochs} epochs, the "
+        "last kept; scored once on the val split, which no choice used",
+        "candidates": [
+            {k: r[k] for k in ("candidate", "accuracy", "status", "seconds")} for r in comparison
+        ],
+    }
 
 
 def _config(
@@ -265,8 +338,10 @@ def _config(
     """The config to run: a resumed run's saved one, a given TrainConfig, or file + options."""
     if resume is not None:
         if config_file is not None or set(options) - {"skip_bad"} or isinstance(data, TrainConfig):
-            raise ConfigError("resume reuses the run's config.yaml: it takes the run folder, "
-                              "and only where the images are now and skip_bad")  # fmt: skip
+            raise ConfigError(
+                "resume reuses the run's config.yaml: it takes the run folder, "
+                "and only where the images are now and skip_bad"
+            )
         moved = str(data) if data is not None else None  # where the images are now
         return make_config(moved, Path(resume) / CONFIG, out=str(resume), **options)
     if isinstance(data, TrainConfig):
