@@ -114,7 +114,7 @@ def test_the_readmes_plain_python_example_gives_graft_s_probabilities(exported, 
     from pathlib import Path
 
     result, _ = exported
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "GUIDE.md").read_text(encoding="utf-8")
     snippet = re.search(r"```python\n(import json\n\nimport numpy.*?)```", readme, re.S).group(1)
     image = sorted((shapes_dir / "val").rglob("*.png"))[3]
     snippet = snippet.replace("runs/demo/model.onnx", str(result.path))
