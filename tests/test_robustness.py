@@ -261,3 +261,113 @@ def test_balance_on_imbalanced_classes(tmp_path, balance):
     recall = run.history[-1]["val_recall"]
     assert set(recall) == {"circle", "square", "triangle"}
     assert f"balance: {balance}" in (run.run_dir / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------- careless hands, round three
+
+
+def test_out_onto_a_folder_of_someone_elses_files_is_refused(tmp_path, shapes_dir):
+    mine = tmp_path / "p"
+    mine.mkdir()
+    (mine / "README.md").write_text("notes\n")
+    (mine / "config.yaml").write_text("my: cfg\n")
+    for extra in ([], ["--overwrite"]):
+        r = graft_cli("train", shapes_dir, "--out", mine, "--workers", "0", *extra)
+        assert r.returncode == 2, r.stderr
+        assert (
+            r.stderr.strip()
+            .splitlines()[-1]
+            .startswith(
+                f"error: --out {mine} holds files that are not a graft run (README.md, config.yaml)"
+            )
+        )
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md", "config.yaml"]
+    assert (mine / "README.md").read_text() == "notes\n"
+
+
+def test_out_inside_the_data_folder_is_refused(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=3, n_val=1)
+    for out in (data, data / "run"):
+        r = graft_cli("train", data, "--out", out, "--workers", "0")
+        assert r.returncode == 2 and "is inside the data folder" in r.stderr, r.stderr
+    assert not (data / "run").exists() and not (data / "model.json").exists()
+
+
+def test_a_class_folder_with_a_newline_is_refused_at_discovery(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=3, n_val=1)
+    (data / "train" / "circle").rename(data / "train" / "cir\ncle")
+    with pytest.raises(graft.DatasetError, match="control character"):
+        graft.train(data, out=str(tmp_path / "run"), workers=0)
+
+
+def test_model_card_escapes_hostile_class_names():
+    from graft.models.modelfile import ModelMeta
+    from graft.outputs.card import model_card
+
+    hostile = "<img src=x onerror=alert(2)>"
+    meta = ModelMeta(
+        backbone="efficientnet_lite0",
+        classes=[hostile, "a|b"],
+        preprocess=PreprocessSpec(224, (0.5,) * 3, (0.5,) * 3),
+        class_counts={"train": {hostile: 3, "a|b": 4}},
+        val={
+            "accuracy": 0.5,
+            "accuracy_ci95": [0.1, 0.9],
+            "n": 4,
+            "balanced_accuracy": 0.5,
+            "per_class": {
+                hostile: {"precision": 1.0, "recall": 0.5, "support": 2},
+                "a|b": {"precision": 0.5, "recall": 1.0, "support": 2},
+            },
+        },
+    )
+    card = model_card(meta, "run")
+    assert "<img" not in card and "&lt;img src=x onerror=alert\\(2\\)&gt;" in card
+    assert "| a\\|b | 4 |" in card  # the pipe no longer splits the table's cell
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (np.zeros((0, 0, 3), np.uint8), "holds no pixels"),
+        (np.zeros((32, 32, 3), np.float32), "an array of dtype float32 is not an 8-bit image"),
+    ],
+)
+def test_odd_arrays_get_one_clear_error(trained_run, images, message):
+    with pytest.raises(ImageError, match=message):
+        graft.load(trained_run.run_dir).predict(images)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 1.5])
+def test_top_k_below_one_is_refused_in_python_too(trained_run, shapes_dir, top_k):
+    image = next((shapes_dir / "val" / "circle").iterdir())
+    with pytest.raises(graft.ConfigError, match="top_k must be a whole number of 1 or more"):
+        graft.load(trained_run.run_dir).predict(image, top_k=top_k)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "{data}", "--device", "mps"], "device 'mps' was asked for but this machine"),
+        (["export", "{run}", "--opset", "99"], "opset 99 is not supported: choose 18 to"),
+        (["export", "{run}", "--out", "{tmp}"], "is a folder: name the file"),
+        (["export", "{run}", "--out", "{tmp}/no/such/m.onnx"], "does not exist; create it first"),
+        (["predict", "{run}", "{image}", "--json", "--csv"], "--json and --csv each choose"),
+    ],
+)
+def test_careless_commands_end_in_one_line(trained_run, shapes_dir, tmp_path, args, message):
+    image = next((shapes_dir / "val" / "circle").iterdir())
+    if args[:2] == ["train", "{data}"] and _has_mps():
+        pytest.skip("this machine has MPS")
+    fill = {"{data}": shapes_dir, "{run}": trained_run.run_dir, "{tmp}": tmp_path, "{image}": image}
+    filled = [str(fill.get(a, a)).replace("{tmp}", str(tmp_path)) for a in args]
+    r = graft_cli(*filled, *(["--out", tmp_path / "r"] if args[0] == "train" else []))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def _has_mps() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())

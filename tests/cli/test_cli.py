@@ -127,6 +127,10 @@ def test_errors_are_one_line_without_traceback(tmp_path, args, message):
     "args, message",
     [
         (["train", "{data}", "--bogus"], "Error: No such option: --bogus"),
+        (
+            ["train", "{data}", "--epoch", "3"],
+            "Error: No such option: --epoch (Possible options: --epochs)",
+        ),
         (["train", "{data}", "--epochs", "abc"], "Error: Invalid value for '--epochs'"),
         (["predict"], "Error: Missing argument 'run_dir'."),
         (["nosuch"], "Error: No such command 'nosuch'."),
@@ -139,6 +143,8 @@ def test_usage_errors_are_usage_and_one_line(tmp_path, args, message):
     assert "Traceback" not in r.stderr and "╭" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines[0].startswith("Usage: graft") and lines[-1].startswith(message)
+    if args[-1] == "--bogus":  # no far-fetched suggestion (click offered --out)
+        assert lines[-1] == message
 
 
 def test_bare_graft_prints_help_not_a_traceback():

@@ -75,11 +75,11 @@ def test_settings_extract_would_ignore_are_refused(options, message):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"lr": float("inf")}, "lr must be a finite number in (0, inf]"),
+        ({"lr": float("inf")}, "lr must be a finite number above 0"),
         ({"lr": float("nan")}, "lr must be a finite number"),
         ({"label_smoothing": 5.0}, "label_smoothing must be a finite number in [0, 1)"),
         ({"momentum": -1.0}, "momentum must be a finite number in [0, 1)"),
-        ({"weight_decay": -1.0}, "weight_decay must be a finite number in [0, inf]"),
+        ({"weight_decay": -1.0}, "weight_decay must be a finite number at least 0"),
         ({"cache_views": -1}, "cache_views must be 0 or more"),
         ({"seed": 10**20}, "seed must be between 0 and 2**63-1"),
         ({"image_size": 100000}, "image_size 100000 is over 1024 pixels"),

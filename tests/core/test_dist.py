@@ -187,3 +187,28 @@ def test_resume_with_another_process_count_is_refused(data, tmp_path):
     (run / "last.json").write_text(json.dumps({**last, "world_size": 2}))
     with pytest.raises(ConfigError, match="trained by 2 process\\(es\\) and this is 1: resume"):
         graft.train(resume=run)
+
+
+def test_a_failure_without_torchrun_is_not_blamed_on_a_peer():
+    from graft.core.dist import collective_errors
+
+    with pytest.raises(RuntimeError, match="^an ordinary failure$"):
+        with collective_errors("training"):
+            raise RuntimeError("an ordinary failure")
+
+
+def test_a_file_gone_bad_in_a_loader_worker_is_named():
+    from graft.core.errors import GraftError
+    from graft.core.runtime import loader_errors
+
+    caught = (
+        "Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        "call last):\n  File ...\ngraft.core.errors.ImageError: /d/cat/1.png: cannot open: gone"
+    )
+    with pytest.raises(GraftError) as err:
+        with loader_errors():
+            raise RuntimeError(caught)
+    assert str(err.value) == (
+        "/d/cat/1.png: cannot open: gone: the file changed or went missing during training; "
+        "put it back, or remove it and train again"
+    )

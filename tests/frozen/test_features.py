@@ -145,6 +145,7 @@ def test_a_full_cache_volume_is_reported_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(viewcache, "atomic_path", full)
     got = extract_features(bb, split.train[:3], rt, cache_dir=tmp_path / "c")
     assert got.computed == 3
+    extract_features(bb, split.val, rt, cache_dir=tmp_path / "c")  # a run reads val next
     assert sum("cannot be written" in r.message for r in caplog.records) == 1
 
 

@@ -108,6 +108,66 @@ def test_tampered_onnx_files_are_refused_in_one_line(exported, tmp_path, shapes_
 
 
 @pytest.mark.slow
+def test_random_edits_of_the_onnx_metadata_never_crash_or_blow_up(exported, tmp_path, shapes_dir):
+    """Fuzz in a child process under a 6 GB address-space limit: every edit of graft's metadata
+    in an exported file either predicts or ends in one CheckpointError line; an input size of
+    100000 would ask for 120 GB and die here if it were trusted."""
+    result, _ = exported
+    image = sorted((shapes_dir / "val").rglob("*.png"))[0]
+    script = tmp_path / "fuzz.py"
+    script.write_text(FUZZ_ONNX)
+    r = subprocess.run(
+        [sys.executable, str(script), str(result.path), str(image), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    refused, loaded = map(int, r.stdout.split())
+    assert refused >= 20 and loaded >= 1
+
+
+FUZZ_ONNX = """
+import json, random, resource, sys
+import onnx
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+from graft.core.errors import CheckpointError
+from graft.inference.classifier import OnnxClassifier
+
+path, image, tmp = sys.argv[1:]
+original = onnx.load(path)
+props = {p.key: p.value for p in original.metadata_props}
+pre = json.loads(props["preprocess"])
+odd = [None, True, -1, 0, 7, 10**5, 10**12, 1e308, "", "x", [], {}, [0.5, 0.5], [0, 0, 0],
+       [1e9] * 3, "bicubic", "lanczos"]
+rng = random.Random(0)
+refused = loaded = 0
+for i in range(40):
+    meta = dict(props)
+    p2 = dict(pre)
+    key = rng.choice(list(p2))
+    p2[key] = rng.choice(odd)
+    meta["preprocess"] = json.dumps(p2)
+    if i % 4 == 0:
+        meta["classes"] = json.dumps(rng.choice([["a", "a", "b"], ["a"], "ab", ["a", "b", "c"]]))
+    if i % 5 == 0:
+        meta["max_pixels"] = str(rng.choice(odd))
+    proto = onnx.load(path)
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    out = f"{tmp}/fuzz{i}.onnx"
+    onnx.save(proto, out)
+    try:
+        OnnxClassifier(out).predict_files([image])
+        loaded += 1
+    except CheckpointError:
+        refused += 1
+print(refused, loaded)
+"""
+
+
+@pytest.mark.slow
 def test_the_readmes_plain_python_example_gives_graft_s_probabilities(exported, shapes_dir):
     """The docs' onnxruntime + Pillow + numpy snippet preprocesses exactly as graft does."""
     import re

@@ -107,3 +107,16 @@ def test_backbone_is_not_mutated():
     with pytest.raises(dataclasses.FrozenInstanceError):
         bb.spec = bb.spec.with_size(160)
     assert dataclasses.replace(bb, spec=bb.spec.with_size(160)).spec.input_size == 160
+
+
+def test_a_weights_file_that_is_no_weights_says_so(tmp_path):
+    from graft.models.weights import load_state_dict_file
+
+    text = tmp_path / "notimg.txt"
+    text.write_text("not weights\n")
+    with pytest.raises(
+        BackboneError,
+        match=r"notimg.txt is not a torch weights file that can be "
+        r"read \(\w+",
+    ):
+        load_state_dict_file(text)

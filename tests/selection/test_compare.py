@@ -101,8 +101,12 @@ def test_the_budget_runs_the_cheapest_first_and_says_what_it_skipped(small, monk
     skipped = status["efficientnet_lite0 finetune"]
     assert skipped["status"] == "skipped" and skipped["note"].startswith("needs about 37 s")
     assert rows[-1] is skipped  # scored rows first
-    nothing = graft.compare(small, budget="1s", backbones=LITE0, strategies=["extract"], workers=0)
-    assert {r["status"] for r in nothing} == {"skipped"} and nothing.chosen is None
+    with pytest.raises(
+        ConfigError,
+        match=r"the budget leaves \d+ s and the cheapest candidate "
+        r"\(efficientnet_lite0 extract\) needs about \d+ s here: give more",
+    ):
+        graft.compare(small, budget="1s", backbones=LITE0, strategies=["extract"], workers=0)
 
 
 def test_auto_trains_the_winner_on_train_and_scores_val_once(small, swapped, tmp_path):
@@ -254,3 +258,30 @@ def test_partial_on_cached_activations_is_scored_on_every_fold_finetune_on_the_f
     assert (by["partial"]["folds"], by["partial"]["scored_images"]) == (5, 30)
     assert by["partial"]["unfreeze_last"] == 4  # the last third of lite0's 11 blocks
     assert by["partial"]["trainable_params"] < by["finetune"]["trainable_params"]
+
+
+def test_an_interrupted_comparison_keeps_the_rows_scored(small, tmp_path):
+    def stop(row):
+        raise KeyboardInterrupt  # Ctrl-C right after the first candidate
+
+    rows = graft.compare(
+        small, budget="10m", backbones=LITE0, strategies=["extract"], workers=0, on_row=stop
+    )
+    assert rows.interrupted and rows.to_dict()["interrupted"] is True
+    assert [r["status"] for r in rows] == ["scored"]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "graft",
+            "compare",
+            str(small),
+            "--backbones",
+            ",",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--backbones has an empty item" in r.stderr, r.stderr

@@ -118,6 +118,14 @@ def test_health_answers_while_a_prediction_runs(trained_run, shapes_dir, monkeyp
         assert done["r"].status_code == 200 and done["r"].json()[0]["error"] is None
 
 
+def test_head_answers_and_no_page_loads_from_a_cdn(trained_run):
+    client = TestClient(create_app(trained_run.run_dir, device="cpu"))
+    assert client.head("/health").status_code == 200  # uptime checkers send HEAD
+    assert client.head("/").status_code == 200
+    assert client.get("/docs").status_code == 404  # Swagger UI's scripts come from a CDN
+    assert client.get("/openapi.json").status_code == 200
+
+
 def test_page_card_and_explain_endpoints(trained_run, shapes_dir):
     client = TestClient(create_app(trained_run.run_dir, device="cpu"))
     page = client.get("/")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -50,6 +51,8 @@ def predict(
     from ..data.discovery import expand_inputs
     from ..inference.classifier import load_classifier
 
+    if as_json and as_csv:
+        raise typer.BadParameter("--json and --csv each choose the output: give one of them")
     clf = load_classifier(run_dir, device=device)
     results = clf.predict_files(expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
     render.predictions(results, "json" if as_json else "csv" if as_csv else "text")
@@ -185,6 +188,12 @@ def main() -> None:
     except typer.TyperException as exc:  # usage errors: usage line + "Error: ...", exit 2
         if debug:
             raise
+        if getattr(exc, "possibilities", None):  # click offers --out for --bogus: only close ones
+            exc.possibilities = [
+                p
+                for p in exc.possibilities
+                if difflib.SequenceMatcher(None, exc.option_name, p).ratio() >= 0.75
+            ]
         exc.show()
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

@@ -104,11 +104,19 @@ def predictions(results: Sequence[Any], fmt: str) -> None:
                 if r.error
                 else ", ".join(f"{c} {p:.2f}" for c, p in r.probs.items())
             )
-            out(f"{r.path}\t{shown}")
+            out(f"{_one_field(r.path)}\t{shown}")
+
+
+def _one_field(text: str) -> str:
+    """A file name as one tab-separated field on one line: control characters (a tab or a
+    newline in the name) written as escapes, as `ls -b` does; --json keeps the name as it is."""
+    if all(ch.isprintable() or ch == " " for ch in text):
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
 
 
 def _csv(value: str) -> str:
-    return '"' + value.replace('"', '""') + '"' if any(ch in value for ch in ',"\n') else value
+    return '"' + value.replace('"', '""') + '"' if any(ch in value for ch in ',"\n\r') else value
 
 
 def evaluation(report: dict[str, Any]) -> None:

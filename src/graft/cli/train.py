@@ -107,28 +107,38 @@ def compare(
     Cheapest first; prints the table best first and writes compare.json and compare.html. The
     training settings given are used by every candidate (and shown in the table).
     """
-    from ..core.runfolder import COMPARE_HTML, default_run_dir
+    from ..core.runfolder import COMPARE_HTML, COMPARE_JSON, default_run_dir
+    from ..core.runtime import sigterm_as_interrupt
     from ..outputs.pages import write_comparison
     from ..selection.compare import compare as run_compare
 
-    rows = run_compare(
-        str(data_dir),
-        budget=budget,
-        backbones=_list(backbones),
-        strategies=_list(strategies),
-        folds=folds,
-        progress=render.progress,
-        on_row=None if as_json else render.compare_row,
-        **settings,  # None = unset: make_config drops it
-    )
+    with sigterm_as_interrupt():  # SIGTERM stops like Ctrl-C: the rows so far are kept
+        rows = run_compare(
+            str(data_dir),
+            budget=budget,
+            backbones=_list(backbones),
+            strategies=_list(strategies),
+            folds=folds,
+            progress=render.progress,
+            on_row=None if as_json else render.compare_row,
+            **settings,  # None = unset: make_config drops it
+        )
     folder, table = out or default_run_dir("compare"), rows.to_dict()
     write_comparison(folder, table)
     if as_json:
         render.as_json(table)
-        return
-    render.comparison(table)
-    render.out(f"saved {Path(folder) / COMPARE_HTML}")
+    else:
+        render.comparison(table)
+        render.out(f"saved {Path(folder) / COMPARE_HTML}")
+    if rows.interrupted:
+        typer.echo(
+            f"interrupted: the {len(rows)} candidate(s) finished by then are in "
+            f"{Path(folder) / COMPARE_JSON}",
+            err=True,
+        )
+        raise typer.Exit(130)
 
 
 def _list(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    """Comma-separated names; empty items are kept for the library to refuse (`--backbones ,`)."""
+    return None if value is None else [v.strip() for v in value.split(",")]

@@ -13,7 +13,7 @@ import yaml
 from .constants import MAX_IMAGE_SIZE, MAX_PIXELS, MEMORY_GB
 from .errors import ConfigError, did_you_mean
 from .runfolder import default_run_dir
-from .runtime import PRECISIONS, default_cache_dir, default_workers
+from .runtime import DEVICES, PRECISIONS, default_cache_dir, default_workers
 
 STRATEGIES = ("extract", "finetune", "partial")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -108,7 +108,7 @@ class TrainConfig:
     )
     val_fraction: float = _setting(0.2, "Flat folder: share of each class held out for val.")
     workers: int | None = _setting(None, "Data loading processes (default: cores - 1, at most 8).")
-    device: str = _setting("auto", "auto | cpu | cuda | cuda:N | mps.")
+    device: str = _setting("auto", "Where to run (auto: cuda, then mps, then cpu).", DEVICES)
     precision: str = _setting(
         "auto", "auto: bf16/fp16 where the hardware is fast at it.", PRECISIONS
     )
@@ -149,6 +149,7 @@ class TrainConfig:
         _check_choice("keep", self.keep, KEEP)
         _check_choice("engine", self.engine, ENGINES)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("device", self.device, DEVICES)
         if self.keep == "last" and self.patience:
             raise ConfigError(
                 "--patience lets the val split choose when to stop, and --keep last "
@@ -304,6 +305,9 @@ def _check_range(
         return
     ok = math.isfinite(value) and (value > low if low_open else value >= low)
     ok = ok and (value < high if high_open else value <= high)
+    if not ok and math.isinf(high):
+        above = "above" if low_open else "at least"
+        raise ConfigError(f"{name} must be a finite number {above} {low:g}, got {value}")
     if not ok:
         lb, rb = "(" if low_open else "[", ")" if high_open else "]"
         raise ConfigError(

@@ -76,10 +76,15 @@ def process_group(d: Dist) -> Iterator[None]:
 
 @contextlib.contextmanager
 def collective_errors(what: str) -> Iterator[None]:
-    """A collective that fails (a peer died, a timeout) becomes one line saying so."""
+    """A collective that fails (a peer died, a timeout) becomes one line saying so. Without a
+    process group there is no peer to blame: errors pass through as they are."""
+    import torch.distributed as dist
+
     try:
         yield
     except RuntimeError as exc:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DistError(
             f"another process of this torchrun job failed or stopped answering "

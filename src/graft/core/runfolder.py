@@ -70,6 +70,8 @@ def claim(run_dir: str | Path, resuming: bool = False, overwrite: bool = False) 
     try:
         if not resuming and not overwrite:
             _refuse_replacing(run_dir)
+        elif not resuming:
+            _refuse_foreign(run_dir)  # --overwrite replaces a run, never someone's files
         removed = clean_temp_files(run_dir)
         if removed:
             log.info("removed %d temp file(s) an interrupted write left in %s", removed, run_dir)
@@ -104,6 +106,7 @@ def _lock(run_dir: Path) -> int:
 
 
 def _refuse_replacing(run_dir: Path) -> None:
+    _refuse_foreign(run_dir)
     if (run_dir / MODEL_META).is_file():
         raise ConfigError(
             f"{run_dir} holds a finished run ({MODEL_META}); pass --overwrite to "
@@ -113,6 +116,41 @@ def _refuse_replacing(run_dir: Path) -> None:
         raise ConfigError(
             f"{run_dir} holds an interrupted run: continue it with graft train "
             f"--resume {run_dir}, or pass --overwrite to start again"
+        )
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds (the start of) a graft run: its model, its resume point, its
+    metrics or its recorded split."""
+    marks = (MODEL_META, LAST_META, METRICS, f"{SPLIT}/source.json")
+    return any((run_dir / m).is_file() for m in marks)
+
+
+def _refuse_foreign(run_dir: Path) -> None:
+    """A folder of someone else's files is never written into: graft would replace a README.md or
+    a config.yaml of theirs with its own (hidden entries and graft's lock do not count)."""
+    if holds_run(run_dir):
+        return
+    theirs = sorted(
+        p.name for p in run_dir.iterdir() if p.name != LOCK and not p.name.startswith(".")
+    )
+    if theirs:
+        shown = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
+        raise ConfigError(
+            f"--out {run_dir} holds files that are not a graft run ({shown}); graft "
+            "writes a run only into a new or empty folder, or over a run it made: "
+            "choose another --out"
+        )
+
+
+def check_out_of_data(run_dir: str | Path, data_dir: str | Path) -> None:
+    """The run folder may not be the data folder or lie inside it: the run would land among the
+    class folders, and the next training would read it as data."""
+    out, data = Path(run_dir).resolve(), Path(data_dir).resolve()
+    if out == data or data in out.parents:
+        raise ConfigError(
+            f"--out {run_dir} is inside the data folder {data_dir}: put the run "
+            "elsewhere (e.g. runs/NAME)"
         )
 
 

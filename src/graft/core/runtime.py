@@ -104,6 +104,12 @@ def resolve_runtime(
             device = "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use cpu")
+    if device == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ConfigError(
+            "device 'mps' was asked for but this machine has no Apple GPU (MPS); use cpu or auto"
+        )
     dev = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
     if precision == "auto":
         if dev.type == "cuda":
@@ -138,7 +144,14 @@ def loader_errors() -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        first = lines[0] if lines else type(exc).__name__
+        if first.startswith("Caught ImageError"):  # a file went bad after it was checked
+            cause = lines[-1].split("ImageError: ", 1)[-1]
+            raise GraftError(
+                f"{cause}: the file changed or went missing during training; put "
+                "it back, or remove it and train again"
+            ) from exc
         if "DataLoader worker" in first or "DataLoader timed out" in first:
             raise GraftError(
                 f"a data-loading worker failed ({first}); run again with --workers 0 to load "

@@ -95,7 +95,8 @@ def build_datasets(
     estimate = (len(train) * side * side * 4 // 3 + len(val) * spec.input_size**2) * 3
     if estimate > memory_budget:
         log.info(
-            "%.1f GB of decoded images is over the %.1f GB budget: decoding every epoch",
+            "%.3g GB of decoded images is over the %.3g GB budget (--memory-gb): decoding "
+            "every epoch",
             estimate / 1e9,
             memory_budget / 1e9,
         )

@@ -174,7 +174,15 @@ def load_split(folder: str | Path, root: str | Path | None = None) -> DatasetSpl
                 raise DatasetError(f"{path}: class {cls!r} is not in {folder}/source.json")
             samples.append((str(base / rel), classes.index(cls)))
         setattr(out, name, samples)
+    if root is not None and not base.is_dir():
+        raise DatasetError(f"{base} is not a folder: say where this run's images are now")
     if out.train and not Path(out.train[0][0]).exists():
+        missing = sum(not Path(p).exists() for p, _ in out.train)
+        if missing < len(out.train):  # some images went, the folder did not move
+            raise DatasetError(
+                f"{missing} of this run's {len(out.train)} training images are missing under "
+                f"{base} (e.g. {out.train[0][0]}): put them back; the run's split is fixed"
+            )
         raise DatasetError(
             f"the images of this run are not under {base} any more; say where "
             "they are now: graft train --resume RUN NEW_DIR, or graft report RUN "

@@ -69,7 +69,7 @@ class PreprocessSpec:
                 f"preprocess.crop_pct must be a number from {MIN_CROP_PCT} to 1, got {crop!r}"
             )
         interpolation = d.get("interpolation", "bilinear")
-        if interpolation not in INTERPOLATIONS:
+        if not isinstance(interpolation, str) or interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"preprocess.interpolation must be one of "
                 f"{', '.join(INTERPOLATIONS)}, got {interpolation!r}"

@@ -55,6 +55,9 @@ def output_key(
     return h.hexdigest()[:24]
 
 
+_UNWRITABLE: set[Path] = set()  # cache roots already reported as unwritable
+
+
 class OutputStore:
     """One folder per model key; one checksummed safetensors file per image content.
 
@@ -112,10 +115,13 @@ class OutputStore:
                 save_file(tensors, str(tmp), metadata={"sha256": _checksum(digest, tensors)})
         except (OSError, GraftError) as exc:  # read-only, full, a file in place of a folder...
             self.enabled = False
+            if self.dir.parent in _UNWRITABLE:
+                return  # said once per cache folder and process (train and val share it)
+            _UNWRITABLE.add(self.dir.parent)
             log.warning(
                 "the feature cache in %s cannot be written (%s); going on without it "
                 "(set --cache-dir to a writable folder to keep features)",
-                self.dir,
+                self.dir.parent,
                 getattr(exc, "strerror", None) or exc,
             )
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ..core.constants import MAX_PIXELS
-from ..core.errors import CheckpointError, DatasetError, GraftError, ImageError
+from ..core.errors import CheckpointError, ConfigError, DatasetError, GraftError, ImageError
 from ..core.metrics import classification_report, confusion_matrix, most_confused
 from ..core.runtime import Runtime, resolve_runtime
 from ..data.discovery import labelled_samples
@@ -94,6 +94,7 @@ class Classifier:
         self, images: Sequence[ImageLike], top_k: int | None = None, batch_size: int = 32
     ) -> list[dict[str, float]]:
         """For each image, {class: probability}, highest first (all classes, or the top k)."""
+        _check_top_k(top_k)
         probs = self.probabilities(as_image_list(images), batch_size)
         return [self._top(p, top_k) for p in probs]
 
@@ -111,6 +112,7 @@ class Classifier:
     ) -> list[Prediction]:
         """Like `predict`, but a file that cannot be read gets its error instead of stopping.
         `names` label the results (for bytes or PIL images); paths label themselves."""
+        _check_top_k(top_k)
         paths = as_image_list(paths)
         results: list[Prediction] = []
         for i in range(0, len(paths), batch_size):
@@ -199,11 +201,26 @@ def _array_to_image(a: np.ndarray | torch.Tensor) -> Image.Image:
             a = a.permute(1, 2, 0).squeeze(-1).numpy()
         else:
             a = np.empty(0)
-    if a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
-        return Image.fromarray(a)
+    if a.ndim in (2, 3) and 0 in a.shape[:2]:
+        raise ImageError(f"<array {shape}>", f"an array of shape {shape} holds no pixels")
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4)):
+        if a.dtype == np.uint8:
+            return Image.fromarray(a)
+        raise ImageError(
+            f"<array {shape}>",
+            f"an array of dtype {a.dtype} is not an 8-bit "
+            f"image: pass uint8 (0-255), or a float tensor C x H x W in [0, 1]",
+        )
     raise ImageError(
         f"<array {shape}>", f"an array of shape {shape} is not an image: pass {ACCEPTED}"
     )
+
+
+def _check_top_k(top_k: int | None) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(
+            f"top_k must be a whole number of 1 or more (or None for all classes), got {top_k!r}"
+        )
 
 
 def _label(image: ImageLike) -> str:

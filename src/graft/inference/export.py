@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core.constants import EXPORT_PROBABILITY_PARITY, ONNX_OPSET
-from ..core.errors import GraftError
+from ..core.errors import ConfigError, GraftError
 from ..core.runfolder import SPLIT
 from ..core.runtime import atomic_path
 from ..data.transforms import PreprocessSpec
@@ -76,6 +77,7 @@ def export(
     run_dir = Path(run_dir)
     clf = Classifier.load(run_dir, device="cpu", precision="fp32")
     out = Path(out) if out is not None else run_dir / ONNX_FILE
+    _check_writable(out)
     model = _WithPreprocessing(clf.model.to(memory_format=torch.contiguous_format), clf.spec)
     model.eval()
     size = clf.spec.input_size
@@ -95,6 +97,17 @@ def export(
             )
     result.path = out
     return result
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before the minutes of work, a place the file cannot go."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name the file, e.g. {out / ONNX_FILE}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {out}: the folder {parent} cannot be written; choose another")
 
 
 def _export_graph(model: nn.Module, path: Path, size: int, opset: int, dynamic: bool) -> None:

@@ -66,8 +66,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BackboneError(f"cannot read weights file {path}: {exc}") from exc
+    except Exception as exc:  # safetensors, zipfile and pickle raise many types, some bare
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        kind = "a safetensors file" if path.suffix == ".safetensors" else "a torch weights file"
+        raise BackboneError(
+            f"{path} is not {kind} that can be read ({type(exc).__name__}"
+            f"{': ' + why[:200] if why else ''}); pass a .safetensors or .pth "
+            "state dict"
+        ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

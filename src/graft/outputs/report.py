@@ -116,7 +116,7 @@ def build_report(
     atomic_write_text(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(run_dir / REPORT_HTML, _html(report, run_dir))
     write_card(run_dir)  # the card follows the model.json it is made from
-    log.info("report written to %s in %.1fs", run_dir / REPORT_HTML, report["build_seconds"])
+    log.debug("report written to %s in %.1fs", run_dir / REPORT_HTML, report["build_seconds"])
     return report
 
 

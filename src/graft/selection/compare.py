@@ -56,10 +56,12 @@ class Comparison(list):
         folds: int,
         pool: int,
         data_dir: str,
+        interrupted: bool = False,
     ):
         super().__init__(rows)
         self.protocol, self.budget_s, self.wall_s = protocol, budget_s, wall_s
         self.folds, self.pool, self.data_dir = folds, pool, data_dir
+        self.interrupted = interrupted  # Ctrl-C or SIGTERM: the rows are those finished by then
 
     @property
     def chosen(self) -> dict[str, Any] | None:
@@ -74,6 +76,7 @@ class Comparison(list):
             "budget_s": self.budget_s,
             "wall_s": self.wall_s,
             "chosen": self.chosen["candidate"] if self.chosen else None,
+            "interrupted": self.interrupted,
             "rows": list(self),
         }
 
@@ -172,17 +175,24 @@ def compare(
     _check_folds(split, folds)
     plan = Trials(base, split, pool, stratified_folds(pool, folds, base.seed), progress)
     rows: list[dict[str, Any]] = []
-    for cand in sorted(grid, key=plan.estimate):
-        reserve = plan.final_estimate(cand) if reserve_final else 0.0  # to retrain it after
-        need = plan.estimate(cand) + reserve
-        left = seconds - (time.perf_counter() - start)
-        if need > left:
-            row = plan.row(cand, "skipped", f"needs about {need:.0f} s, {max(0, left):.0f} s left")
-        else:
-            row = plan.run(cand, deadline=start + seconds - reserve)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
+    order = sorted(grid, key=plan.estimate)
+    _check_budget(plan, order[0], seconds - (time.perf_counter() - start), reserve_final)
+    interrupted = False
+    try:
+        for cand in order:
+            reserve = plan.final_estimate(cand) if reserve_final else 0.0  # to retrain it after
+            need = plan.estimate(cand) + reserve
+            left = seconds - (time.perf_counter() - start)
+            if need > left:
+                note = f"needs about {need:.0f} s, {max(0, left):.0f} s left"
+                row = plan.row(cand, "skipped", note)
+            else:
+                row = plan.run(cand, deadline=start + seconds - reserve)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    except KeyboardInterrupt:  # keep what was scored: the caller saves it and says so
+        interrupted = True
     return Comparison(
         _ranked(rows),
         protocol=plan.protocol(),
@@ -191,6 +201,7 @@ def compare(
         folds=folds,
         pool=len(pool),
         data_dir=split.root,
+        interrupted=interrupted,
     )
 
 
@@ -208,6 +219,19 @@ def candidate_configs(
                 f"the candidate {cand.name} cannot honour the settings given: {exc}"
             ) from None
     return configs
+
+
+def _check_budget(plan: Trials, cheapest: Candidate, left: float, reserve_final: bool) -> None:
+    """Refuse a budget that cannot fit even the cheapest candidate (and, for --auto, retraining
+    it), rather than spend it and choose nothing."""
+    need = plan.estimate(cheapest) + (plan.final_estimate(cheapest) if reserve_final else 0.0)
+    if need > left:
+        minutes = max(1, math.ceil(need * 1.5 / 60))
+        raise ConfigError(
+            f"the budget leaves {max(0.0, left):.0f} s and the cheapest candidate "
+            f"({cheapest.name}) needs about {need:.0f} s here: give more, e.g. "
+            f"--budget {minutes}m"
+        )
 
 
 def _names(what: str, values: Sequence[str] | None) -> list[str] | None:

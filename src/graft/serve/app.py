@@ -52,9 +52,16 @@ def create_app(
         with model_lock:
             return clf.predict_files(blobs, top_k=top_k, names=names)
 
-    app = FastAPI(title="graft", description=f"{clf.meta.backbone} classifier from {run_dir}")
+    # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, and the server must work
+    # offline; /openapi.json stays for clients that generate code from it
+    app = FastAPI(
+        title="graft",
+        description=f"{clf.meta.backbone} classifier from {run_dir}",
+        docs_url=None,
+        redoc_url=None,
+    )
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def page() -> str:
         return PAGE
 
@@ -78,7 +85,7 @@ def create_app(
             raise HTTPException(422, str(exc)) from exc
         return Response(png, media_type="image/png")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # uptime checkers often send HEAD
     def health() -> dict[str, Any]:
         return {"status": "ok", "backbone": clf.meta.backbone, "classes": len(clf.classes)}
 

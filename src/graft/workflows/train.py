@@ -19,7 +19,7 @@ from typing import Any
 from ..core.config import TrainConfig, dump_yaml, load_yaml, make_config
 from ..core.dist import Dist, broadcast, from_env, process_group
 from ..core.errors import ConfigError, GraftError
-from ..core.runfolder import CONFIG, SPLIT, claim, start_new_run
+from ..core.runfolder import CONFIG, REPORT_HTML, SPLIT, check_out_of_data, claim, start_new_run
 from ..core.runtime import (
     Progress,
     atomic_write_text,
@@ -167,6 +167,7 @@ def _train(
         runtime.device,
     )
 
+    check_out_of_data(cfg.out, split.root)
     writer = claim if d.is_main else _no_claim  # rank 0 alone writes the run folder
     with writer(cfg.out, resuming=last is not None, overwrite=overwrite) as run_dir:
         job = prepare_job(cfg, backbone, split, runtime, progress, d)  # bad files stop us here
@@ -277,6 +278,8 @@ def _choose(
         )
     data_dir, given = _given(data, config_file, options)
     comparison = compare(data_dir, reserve_final=True, progress=progress, **select, **given)
+    if comparison.interrupted:
+        raise KeyboardInterrupt  # nothing trained yet: stop as Ctrl-C stops
     if comparison.chosen is None:
         raise GraftError(
             f"no candidate finished within the budget of "
@@ -375,6 +378,8 @@ def _report(run_dir: Path, val_predictions: list) -> None:
     from ..outputs.report import build_report
 
     try:
-        build_report(run_dir, val_predictions=val_predictions)
+        report = build_report(run_dir, val_predictions=val_predictions)
     except GraftError as exc:  # the model is saved; a missing figure must not undo that
         log.warning("report not written: %s", exc)
+        return
+    log.info("report written to %s in %.1fs", run_dir / REPORT_HTML, report["build_seconds"])
