@@ -20,8 +20,10 @@ def test_saved_model_predicts_like_the_trained_one(trained_run, shapes_dir):
     # the same network in memory, rebuilt from the same state: identical numbers
     from graft.inference.classifier import Classifier
 
-    again = Classifier(clf.backbone, clf.classes, clf.runtime).probabilities(images)
+    again = Classifier(clf.backbone, clf.classes, clf.runtime, clf.meta).probabilities(images)
     assert torch.allclose(probs, again)
+    raw = Classifier(clf.backbone, clf.classes, clf.runtime).probabilities(images)
+    assert not torch.allclose(probs, raw)  # model.json's temperature is applied on loading
     assert probs.shape == (4, 3) and torch.allclose(probs.sum(1), torch.ones(4))
     top = clf.predict(images, top_k=2)
     assert all(len(p) == 2 and next(iter(p)) == "circle" for p in top)

@@ -74,3 +74,9 @@ def test_one_model_one_accuracy(shapes_dir, tmp_path, strategy):
     assert report["evaluation"]["accuracy"] == meta["val"]["accuracy"]
     rebuilt = graft.report(out, explain_images=0)  # predicts the val images afresh
     assert rebuilt["evaluation"]["accuracy"] == meta["val"]["accuracy"]
+    # the calibration numbers too: the same model, calibrated the same way, everywhere
+    assert evaluated["calibration"] == meta["val"]["calibration"]
+    method = meta["calibration"]["method"]
+    assert method == ("temperature" if strategy == "extract" else "none")
+    if strategy == "finetune":
+        assert meta["calibration"]["reason"].startswith("strategy finetune: no out-of-fold")

@@ -120,8 +120,12 @@ def _csv(value: str) -> str:
 
 
 def evaluation(report: dict[str, Any]) -> None:
+    from ..outputs.report import calibration_line
+
     lo, hi = report["accuracy_ci95"]
     out(f"accuracy {report['accuracy']:.4f}  (95% CI {lo:.3f}-{hi:.3f}, n={report['n']})")
+    if report.get("calibration"):
+        out(f"calibration: {calibration_line(report['calibration'])}")
     out(f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for name, m in report["per_class"].items():
         out(

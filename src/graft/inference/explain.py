@@ -95,7 +95,7 @@ def explain(
     x = clf.preprocess(image)[None].to(clf.runtime.device)
     model = clf.model.float().eval()
     with torch.inference_mode():
-        probs = model(x).float().softmax(1)[0].cpu()
+        probs = (model(x).float() / clf.temperature).softmax(1)[0].cpu()  # as predict gives them
     k = max(1, min(classes, len(clf.classes)))
     top = probs.topk(k)
     idx = top.indices.tolist()

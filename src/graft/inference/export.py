@@ -49,16 +49,18 @@ class ExportResult:
 
 
 class _WithPreprocessing(nn.Module):
-    """image in [0, 1] -> normalise -> network -> softmax."""
+    """image in [0, 1] -> normalise -> network -> logits / temperature -> softmax: the
+    calibrated probabilities `graft predict` gives, computed inside the graph."""
 
-    def __init__(self, net: nn.Module, spec: PreprocessSpec):
+    def __init__(self, net: nn.Module, spec: PreprocessSpec, temperature: float = 1.0):
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net((image - self.mean) / self.std).softmax(1)
+        return (self.net((image - self.mean) / self.std) / self.temperature).softmax(1)
 
 
 def export(
@@ -78,7 +80,9 @@ def export(
     clf = Classifier.load(run_dir, device="cpu", precision="fp32")
     out = Path(out) if out is not None else run_dir / ONNX_FILE
     _check_writable(out)
-    model = _WithPreprocessing(clf.model.to(memory_format=torch.contiguous_format), clf.spec)
+    model = _WithPreprocessing(
+        clf.model.to(memory_format=torch.contiguous_format), clf.spec, clf.temperature
+    )
     model.eval()
     size = clf.spec.input_size
     with tempfile.TemporaryDirectory(prefix="graft-export-") as work:
@@ -135,6 +139,7 @@ def _with_meta(path: Path, clf: Classifier, opset: int, dynamic: bool):
         "dynamic_batch": str(dynamic).lower(),
         "input": "image: float32 N x 3 x H x W, RGB in [0, 1], resized and center-cropped",
         "output": "probabilities: float32 N x C (softmax), classes in metadata 'classes'",
+        "temperature": str(clf.temperature),  # already applied inside the graph
     }
     del proto.metadata_props[:]
     for key, value in meta.items():

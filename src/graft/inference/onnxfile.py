@@ -80,4 +80,19 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any]:
             f"{path}: metadata max_pixels must be an integer from 1 to "
             f"{MAX_PIXELS_READ}, got {props.get('max_pixels')!r}"
         )
-    return {**props, "classes": classes, "preprocess": spec, "max_pixels": max_pixels}
+    try:
+        temperature = float(props.get("temperature") or 1.0)
+    except ValueError:
+        temperature = -1.0
+    if not 0.01 <= temperature <= 100:  # NaN fails too
+        raise CheckpointError(
+            f"{path}: metadata temperature must be a number from 0.01 to 100, "
+            f"got {props.get('temperature')!r}"
+        )
+    return {
+        **props,
+        "classes": classes,
+        "preprocess": spec,
+        "max_pixels": max_pixels,
+        "temperature": temperature,
+    }

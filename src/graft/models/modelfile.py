@@ -61,6 +61,9 @@ class ModelMeta:
     metric: str = "val_acc"  # what `best` ranks by, and in which direction
     mode: str = "max"
     best: dict[str, Any] | None = None  # the kept epoch's row of metrics.csv
+    # how the probabilities are calibrated: {"method": "temperature", "temperature": T, ...} or
+    # {"method": "none", "reason": ...}; absent in models saved before: the raw softmax
+    calibration: dict[str, Any] | None = None
     stopped: str | None = None  # early, interrupted, or None when it ran to the end
     val: dict[str, Any] | None = None  # the saved model scored on val as `graft evaluate` does
     test: dict[str, Any] | None = None
@@ -84,6 +87,11 @@ class ModelMeta:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["preprocess"] = self.preprocess.to_dict()
         return d
+
+    @property
+    def temperature(self) -> float:
+        """What the logits are divided by before the softmax (1.0: uncalibrated)."""
+        return float((self.calibration or {}).get("temperature", 1.0))
 
     @property
     def max_pixels(self) -> int | None:
@@ -122,6 +130,11 @@ class ModelMeta:
             values[f.name] = value
         if "backbone" not in values:
             raise CheckpointError(f"{where}: 'backbone' must be a backbone name (a string)")
+        t = (values.get("calibration") or {}).get("temperature", 1.0)
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0.01 <= t <= 100):
+            raise CheckpointError(
+                f"{where}: calibration.temperature must be a number from 0.01 to 100, got {t!r}"
+            )
         max_pixels = (values.get("config") or {}).get("max_pixels")
         if max_pixels is not None and not (
             isinstance(max_pixels, int) and 1 <= max_pixels <= MAX_PIXELS_READ

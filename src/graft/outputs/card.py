@@ -109,6 +109,14 @@ def _training(meta: ModelMeta, cfg: dict[str, Any]) -> str:
         f"- precision {meta.precision}, {meta.wall_seconds} s of training, "
         f"created {meta.created}, graft {(meta.versions or {}).get('graft')}",
     ]
+    cal = meta.calibration or {}
+    if cal.get("method") == "temperature":
+        lines.append(
+            f"- probabilities calibrated: logits divided by {cal['temperature']:.3g}, "
+            f"fitted on {cal['fitted_on']}"
+        )
+    elif cal:
+        lines.append(f"- probabilities not calibrated: {cal.get('reason')}")
     sel = meta.selection
     if sel:
         n = len(sel["candidates"])

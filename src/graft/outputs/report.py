@@ -239,6 +239,8 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
         ],
         ["val accuracy, 95% CI", f"{ev['accuracy']:.4f} ({lo:.3f}-{hi:.3f}, n={ev['n']})"],
     ]
+    if ev.get("calibration"):
+        summary.append(["calibration on val", calibration_line(ev["calibration"])])
     if run.get("test"):
         t = run["test"]
         summary.append(["test accuracy (once, at the end)", f"{t['accuracy']:.4f} (n={t['n']})"])
@@ -287,3 +289,18 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
     ]
     title = f"graft report: {run['backbone']} on {Path(run['data_dir']).name}"
     return page(title, str(run["run_dir"]), sections)
+
+
+def calibration_line(c: dict[str, Any]) -> str:
+    """'ECE 0.021 (raw 0.048), NLL 0.213 (raw 0.240), confidence 0.93 at accuracy 0.95, T 1.31'"""
+    cal, raw = c["calibrated"], c["raw"]
+    if c["temperature"] == 1.0:
+        return (
+            f"ECE {cal['ece']:.3f}, NLL {cal['nll']:.3f}, confidence {cal['confidence']:.2f} "
+            f"at accuracy {cal['accuracy']:.2f} (uncalibrated)"
+        )
+    return (
+        f"ECE {cal['ece']:.3f} (raw {raw['ece']:.3f}), NLL {cal['nll']:.3f} (raw "
+        f"{raw['nll']:.3f}), confidence {cal['confidence']:.2f} (raw {raw['confidence']:.2f}) "
+        f"at accuracy {cal['accuracy']:.2f}; temperature {c['temperature']:.3g}"
+    )

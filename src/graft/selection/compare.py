@@ -212,8 +212,10 @@ def candidate_configs(
     its own. A setting some candidate would ignore is refused, naming the candidate."""
     configs = []
     for cand in grid:
+        # given ones were refused above; an unset (None) one gives way to the candidate's
+        shared = {k: v for k, v in options.items() if k not in cand.settings()}
         try:
-            configs.append(make_config(data_dir, **options, **cand.settings()))
+            configs.append(make_config(data_dir, **shared, **cand.settings()))
         except ConfigError as exc:
             raise ConfigError(
                 f"the candidate {cand.name} cannot honour the settings given: {exc}"

@@ -59,6 +59,9 @@ class Job:
     dist: Dist = Dist()  # under torchrun: DDP, sharded train and val (finetune/partial)
     sampler: Any = None  # told the epoch (set_epoch): a DistributedSampler, or cached views
     trunk: TrunkDecision | None = None  # partial: cached activations or the trunk live, and why
+    # extract: the training images' (eval features, augmented views, labels, samples), from which
+    # calibrate.py scores every image out of fold
+    train_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list] | None = None
 
 
 def prepare_job(
@@ -117,6 +120,7 @@ def _prepare_features(
         cfg, backbone, (tr.features, tr.aug, tr.labels), (va.features, va.labels), split.classes
     )
     job.skipped, job.stats = skipped, stats
+    job.train_features = (tr.features, tr.aug, tr.labels, tr.samples)
     return job
 
 

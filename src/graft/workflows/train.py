@@ -37,6 +37,7 @@ from ..outputs.card import write_card
 from ..outputs.pages import write_comparison
 from ..selection.compare import DEFAULT_FOLDS, Candidate, Comparison, compare
 from ..training import checkpoint
+from ..training.calibrate import calibrate
 from ..training.jobs import prepare_job
 from ..training.loop import fit
 
@@ -205,7 +206,8 @@ def _train(
         if state.best_state is None:
             raise GraftError("training stopped before the first epoch finished; nothing saved")
         job.model.load_state_dict(state.best_state)
-        clf = _classifier(backbone, split.classes, cfg.device)
+        calibration = calibrate(cfg, backbone, job, state.best["epoch"])
+        clf = _classifier(backbone, split.classes, cfg.device, calibration["temperature"])
         val_preds = clf.predict_files([p for p, _ in split.val])
         val = _scores(clf.evaluate_samples(split.val, val_preds))
         val["protocol"] = _val_protocol(cfg, comparison)
@@ -221,6 +223,7 @@ def _train(
             trainable_params=trainable,
             total_params=total,
             best=state.best,
+            calibration=calibration,
             stopped=state.stopped,
             val=val,
             test=test,
@@ -362,15 +365,24 @@ def _no_claim(run_dir: str, **_: Any) -> Iterator[Path]:
     yield Path(run_dir)
 
 
-def _classifier(backbone: Backbone, classes: list[str], device: str):
-    """The saved model as `graft evaluate` runs it (fp32, its batching): one model, one number."""
+def _classifier(backbone: Backbone, classes: list[str], device: str, temperature: float):
+    """The saved model as `graft evaluate` runs it (fp32, its batching, its calibration): one
+    model, one number."""
     from ..inference.classifier import Classifier
 
-    return Classifier(backbone, classes, resolve_runtime(device, "fp32"))
+    return Classifier(backbone, classes, resolve_runtime(device, "fp32"), temperature=temperature)
 
 
 def _scores(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("accuracy", "accuracy_ci95", "balanced_accuracy", "n", "per_class", "skipped")
+    keys = (
+        "accuracy",
+        "accuracy_ci95",
+        "balanced_accuracy",
+        "n",
+        "per_class",
+        "calibration",
+        "skipped",
+    )
     return {k: report[k] for k in keys}
 
 

@@ -1,0 +1,66 @@
+"""Calibration in training: out-of-fold scores of extract's training images, a temperature that
+only moves the confidence, the trained head left as it was, and the probabilities everywhere
+divided by it."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from graft.core.config import make_config
+from graft.core.runtime import resolve_runtime
+from graft.data.discovery import discover
+from graft.models.backbones import create_backbone
+from graft.models.freezing import epoch_plan
+from graft.training.calibrate import calibrate
+from graft.training.jobs import prepare_job
+from graft.training.loop import fit
+
+from ..conftest import make_shapes
+
+
+def test_calibration_leaves_the_trained_head_as_it_was(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=8, n_val=2)
+    cfg = make_config(data, epochs=5, workers=0, cache_dir=str(tmp_path / "c")).resolve(224)
+    split = discover(data)
+    bb = create_backbone(cfg.backbone, len(split.classes))
+    job = prepare_job(cfg, bb, split, resolve_runtime("cpu", "fp32"), lambda it, *a: it)
+    fit(job, epoch_plan(cfg, [], cfg.image_size), cfg)
+    trained = copy.deepcopy(bb.model.head.state_dict())
+    cal = calibrate(cfg, bb, job, kept_epoch=5)
+    assert all(torch.equal(v, bb.model.head.state_dict()[k]) for k, v in trained.items())
+    assert cal["method"] == "temperature" and 0.05 <= cal["temperature"] <= 20
+    assert cal["fitted_on"] == (
+        "5-fold out-of-fold scores of the 24 training images, each fold's head trained to "
+        "epoch 5 as the model was"
+    )
+    oof = cal["out_of_fold"]  # the fit minimises this NLL, starting from T = 1
+    assert oof["calibrated"]["nll"] <= oof["raw"]["nll"] + 1e-6
+    assert oof["calibrated"]["accuracy"] == oof["raw"]["accuracy"]
+
+
+def test_too_few_images_keep_the_raw_softmax_and_say_so(tmp_path):
+    data = make_shapes(tmp_path / "data", n_train=3, n_val=1)
+    cfg = make_config(data, epochs=2, workers=0, cache_dir=str(tmp_path / "c")).resolve(224)
+    split = discover(data)
+    bb = create_backbone(cfg.backbone, len(split.classes))
+    job = prepare_job(cfg, bb, split, resolve_runtime("cpu", "fp32"), lambda it, *a: it)
+    cal = calibrate(cfg, bb, job, kept_epoch=2)
+    assert cal["method"] == "none" and cal["temperature"] == 1.0
+    assert cal["reason"].startswith("too few training images to fit a calibration (9,")
+
+
+def test_predictions_are_the_logits_divided_by_the_temperature(trained_run, shapes_dir):
+    clf = trained_run.load()
+    t = clf.meta.calibration["temperature"]
+    assert clf.temperature == t and t != 1.0
+    images = sorted((shapes_dir / "val").rglob("*.png"))[:6]
+    x = torch.stack([clf.preprocess(i) for i in images])
+    with torch.inference_mode():
+        logits = clf.model.float()(x).float()
+    assert torch.allclose(clf.probabilities(images), (logits / t).softmax(1), atol=1e-5)
+    report = clf.evaluate(shapes_dir)
+    c = report["calibration"]
+    assert c["temperature"] == t
+    assert c["raw"]["accuracy"] == c["calibrated"]["accuracy"] == report["accuracy"]
