@@ -26,6 +26,7 @@ SECTIONS = (
     "samples",
     "predictions",
     "top-losses",
+    "calibration",
     "most-confused",
     "explanations",
 )

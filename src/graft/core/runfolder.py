@@ -41,7 +41,8 @@ SAMPLES = "samples.png"
 PREDICTIONS = "predictions.png"
 TOP_LOSSES = "top_losses.png"
 EXPLANATIONS = "explanations.png"
-FIGURES = (CURVES, CONFUSION, SAMPLES, PREDICTIONS, TOP_LOSSES, EXPLANATIONS)
+RELIABILITY = "reliability.png"  # confidence against accuracy, raw and calibrated
+FIGURES = (CURVES, CONFUSION, SAMPLES, PREDICTIONS, TOP_LOSSES, EXPLANATIONS, RELIABILITY)
 
 
 def default_run_dir(backbone: str, parent: str | Path = "runs") -> Path:

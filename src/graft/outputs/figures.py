@@ -103,6 +103,40 @@ def confusion(evaluation: dict[str, Any], classes: list[str]):
     return fig
 
 
+def reliability(probs: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """Accuracy against confidence in equal-width bins, for the raw softmax and the calibrated
+    probabilities: a calibrated model's bars sit on the diagonal. Bars are as wide as their bin;
+    the count of images in each is written above it."""
+    import matplotlib.pyplot as plt
+
+    from ..core.calibration import ECE_BINS, raw_probabilities, scores
+
+    bins = ECE_BINS  # the bins the ECE in the titles is computed on
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
+    edges = np.linspace(0, 1, bins + 1)
+    for ax, p, title in (
+        (axes[0], raw_probabilities(probs, temperature), "raw softmax"),
+        (axes[1], probs, f"calibrated (temperature {temperature:.3g})"),
+    ):
+        conf, pred = p.max(1)
+        right = (pred == targets).float()
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            inside = (conf > lo) & (conf <= hi)
+            if inside.any():
+                acc = float(right[inside].mean())
+                ax.bar(lo, acc, width=hi - lo, align="edge", color="#4c78a8", edgecolor="white")
+                ax.text((lo + hi) / 2, acc + 0.01, str(int(inside.sum())), ha="center", fontsize=7)
+        ax.plot([0, 1], [0, 1], color="#e45756", linestyle="--", linewidth=1)
+        s = scores(p, targets)
+        ax.set_title(f"{title}\nECE {s['ece']:.3f}, NLL {s['nll']:.3f}", fontsize=9)
+        ax.set_xlabel("confidence (top probability)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.08)
+    axes[0].set_ylabel("accuracy")
+    fig.tight_layout()
+    return fig
+
+
 def grid(n: int, cols: int = 4, cell: float = 2.4):
     import matplotlib.pyplot as plt
 

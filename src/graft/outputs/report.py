@@ -23,6 +23,7 @@ from ..core.runfolder import (
     EXPLANATIONS,
     FIGURES,
     PREDICTIONS,
+    RELIABILITY,
     REPORT_HTML,
     REPORT_JSON,
     SAMPLES,
@@ -94,6 +95,7 @@ def build_report(
     _save(run_dir, PREDICTIONS, draw.predictions(clf, shown, "Validation predictions"), figures)
     lossy = [(ok[i][0][0], int(targets[i]), probs[i]) for i in wrong[:8]]
     _save(run_dir, TOP_LOSSES, draw.predictions(clf, lossy, "Top losses"), figures)
+    _save(run_dir, RELIABILITY, draw.reliability(probs, targets, clf.temperature), figures)
     explanations_note = None
     try:
         picks = draw.spread(shown, explain_images)
@@ -275,6 +277,16 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
             "Top losses (most confidently wrong)",
             _img(run_dir, TOP_LOSSES)
             + table(["image", "true", "predicted", "confidence", "loss"], losses),
+        ),
+        (
+            "calibration",
+            "Calibration: can the probabilities be taken at their word?",
+            _img(run_dir, RELIABILITY)
+            + (
+                f"<p>{html.escape(calibration_line(ev['calibration']))}</p>"
+                if ev.get("calibration")
+                else ""
+            ),
         ),
         (
             "most-confused",
