@@ -193,7 +193,7 @@ def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, bud
         "unseen": unseen,
         "inside": low <= unseen <= high,
         "wall_s": round(wall, 1),
-        "chosen": meta.get("selection", {}).get("chosen"),
+        "chosen": (meta.get("selection") or {}).get("chosen"),
     }
 
 

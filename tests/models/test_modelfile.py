@@ -38,6 +38,8 @@ def test_run_folder_contents(trained_run):
     assert meta["preprocess"]["mean"] == [0.5, 0.5, 0.5]
     assert meta["best"]["val_acc"] == trained_run.best["val_acc"]
     assert {"torch", "timm", "graft"} <= set(meta["versions"])
+    # keys only some runs have (partial's trunk, --auto's selection) stay out when they do not
+    assert not {"trunk", "selection", "features_computed_per_rank"} & set(meta)
     assert not list(trained_run.run_dir.glob(".graft-tmp-*"))
 
 

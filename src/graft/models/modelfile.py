@@ -86,7 +86,8 @@ class ModelMeta:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["preprocess"] = self.preprocess.to_dict()
-        return d
+        # keys a run has only sometimes are left out when it has not, as model.json always did
+        return {k: v for k, v in d.items() if not (k in _SOMETIMES and v is None)}
 
     @property
     def temperature(self) -> float:
@@ -146,6 +147,7 @@ class ModelMeta:
         return cls(**values)
 
 
+_SOMETIMES = ("trunk", "selection", "features_computed_per_rank")  # partial, --auto, torchrun
 # a model may raise the decoded-pixel limit it was trained with, but not past what a machine can
 # decode: 16 times Pillow's own refusal level (2.9 gigapixels, 8.6 GB of RGB)
 MAX_PIXELS_READ = 16 * 178_956_970
