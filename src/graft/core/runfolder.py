@@ -69,10 +69,10 @@ def claim(run_dir: str | Path, resuming: bool = False, overwrite: bool = False) 
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(run_dir)
     try:
+        if not resuming:
+            _refuse_foreign(run_dir)  # --overwrite replaces a run, never someone's files
         if not resuming and not overwrite:
             _refuse_replacing(run_dir)
-        elif not resuming:
-            _refuse_foreign(run_dir)  # --overwrite replaces a run, never someone's files
         removed = clean_temp_files(run_dir)
         if removed:
             log.info("removed %d temp file(s) an interrupted write left in %s", removed, run_dir)
@@ -107,7 +107,6 @@ def _lock(run_dir: Path) -> int:
 
 
 def _refuse_replacing(run_dir: Path) -> None:
-    _refuse_foreign(run_dir)
     if (run_dir / MODEL_META).is_file():
         raise ConfigError(
             f"{run_dir} holds a finished run ({MODEL_META}); pass --overwrite to "

@@ -150,24 +150,31 @@ def class_names_problem(classes: object) -> str | None:
     """
     if not (isinstance(classes, list) and len(classes) >= 2):
         return "classes must be a list of at least two names"
-    for c in classes:
-        if not (isinstance(c, str) and c):
-            return f"class name {c!r} is not a non-empty string"
-        if c in (".", "..") or any(ch in "/\\" or unicodedata.category(ch)[0] == "C" for ch in c):
-            return (
-                f"class name {c!r} cannot be used: it holds a path separator or a control "
-                "character (newline, tab...); rename it"
-            )
+    problem = next(filter(None, map(_class_name_problem, classes)), None)
+    if problem:
+        return problem
     repeated = sorted({c for c in classes if classes.count(c) > 1})
     if repeated:
         return f"class name(s) {', '.join(map(repr, repeated))} appear more than once"
     return None
 
 
+def _class_name_problem(c: object) -> str | None:
+    """What is wrong with one class name, or None."""
+    if not (isinstance(c, str) and c):
+        return f"class name {c!r} is not a non-empty string"
+    if c in (".", "..") or any(ch in "/\\" or unicodedata.category(ch)[0] == "C" for ch in c):
+        return (
+            f"class name {c!r} cannot be used: it holds a path separator or a control "
+            "character (newline, tab...); rename it"
+        )
+    return None
+
+
 def _check_classes(by_class: dict[str, list[str]], folder: Path) -> None:
-    bad = next((c for c in by_class if class_names_problem([c, c + "_"]) is not None), None)
-    if bad is not None:
-        raise DatasetError(f"{folder}: {class_names_problem([bad, bad + '_'])}")
+    problem = next(filter(None, map(_class_name_problem, by_class)), None)
+    if problem:
+        raise DatasetError(f"{folder}: {problem}")
     if not by_class:
         loose = [p for p in folder.iterdir() if p.is_file() and is_image_file(p)]
         hint = (

@@ -12,7 +12,7 @@ from typing import Any
 from ..core.errors import CheckpointError, GraftError
 from ..data.discovery import class_names_problem
 from ..data.transforms import PreprocessSpec
-from ..models.modelfile import MAX_PIXELS_READ
+from ..models.modelfile import MAX_PIXELS_READ, TEMPERATURE_READ
 
 FORMAT = "graft-onnx"
 
@@ -84,9 +84,10 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any]:
         temperature = float(props.get("temperature") or 1.0)
     except ValueError:
         temperature = -1.0
-    if not 0.01 <= temperature <= 100:  # NaN fails too
+    low, high = TEMPERATURE_READ
+    if not low <= temperature <= high:  # NaN fails too
         raise CheckpointError(
-            f"{path}: metadata temperature must be a number from 0.01 to 100, "
+            f"{path}: metadata temperature must be a number from {low:g} to {high:g}, "
             f"got {props.get('temperature')!r}"
         )
     return {

@@ -132,9 +132,11 @@ class ModelMeta:
         if "backbone" not in values:
             raise CheckpointError(f"{where}: 'backbone' must be a backbone name (a string)")
         t = (values.get("calibration") or {}).get("temperature", 1.0)
-        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0.01 <= t <= 100):
+        low, high = TEMPERATURE_READ
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and low <= t <= high):
             raise CheckpointError(
-                f"{where}: calibration.temperature must be a number from 0.01 to 100, got {t!r}"
+                f"{where}: calibration.temperature must be a number from {low:g} to {high:g}, "
+                f"got {t!r}"
             )
         max_pixels = (values.get("config") or {}).get("max_pixels")
         if max_pixels is not None and not (
@@ -148,6 +150,9 @@ class ModelMeta:
 
 
 _SOMETIMES = ("trunk", "selection", "features_computed_per_rank")  # partial, --auto, torchrun
+# a temperature a model file may carry: far outside what a fit gives (core/calibration.T_RANGE),
+# still finite and positive, so a tampered one cannot divide by zero or flip the ranking
+TEMPERATURE_READ = (0.01, 100.0)
 # a model may raise the decoded-pixel limit it was trained with, but not past what a machine can
 # decode: 16 times Pillow's own refusal level (2.9 gigapixels, 8.6 GB of RGB)
 MAX_PIXELS_READ = 16 * 178_956_970
