@@ -23,6 +23,7 @@ from .inference.export import export
 from .models.backbones import Backbone, create_backbone, list_backbones
 from .outputs.report import build_report as report
 from .selection.compare import Comparison, compare
+from .workflows.decisions import set_targets
 from .workflows.train import Run, train
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "load_image",
     "make_config",
     "report",
+    "set_targets",
     "train",
     "verify",
 ]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from ..conftest import make_shapes
 
@@ -70,10 +73,48 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
     assert out[0]["error"] is None and len(out[0]["probabilities"]) == 2
     assert out[1] == {
         "path": str(tmp_path / "broken.jpg"),
+        "decision": None,
         "probabilities": None,
+        "unknown_score": None,
         "error": "empty file (0 bytes)",
     }
     assert "1 file(s) could not be read" in r.stderr
+    # every row decides: the top class, or "unknown" past the threshold model.json holds
+    threshold = json.loads((run / "model.json").read_text())["decision"]["unknown"]["threshold"]
+    top = next(iter(out[0]["probabilities"]))
+    assert out[0]["decision"] == ("unknown" if out[0]["unknown_score"] > threshold else top)
+
+    # a picture of nothing the folder holds is "unknown", in every format
+    checker = (np.indices((64, 64)).sum(0) // 8 % 2 * 255).astype(np.uint8)
+    Image.fromarray(checker).save(tmp_path / "checker.png")
+    r = graft("predict", run, tmp_path / "checker.png", "--top-k", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{tmp_path / 'checker.png'}\tunknown (closest: ")
+    r = graft("predict", run, tmp_path / "checker.png", "--csv", "--top-k", "1")
+    header, row = r.stdout.splitlines()
+    assert header == "path,rank,class,probability,error,decision,unknown_score"
+    assert row.split(",")[5] == "unknown" and float(row.split(",")[6]) > threshold
+
+    # an operating point on the saved run, chosen on its out-of-fold scores, no training
+    r = graft("thresholds", run, "--target", "triangle:recall=0.9")
+    assert r.returncode == 0, r.stderr
+    assert "thresholds chosen on 5-fold out-of-fold scores of the 60 training images" in r.stdout
+    assert re.search(r"^triangle +recall 0\.9 +[01]\.\d{4} ", r.stdout, re.M), r.stdout
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["decision"]["thresholds"]["triangle"]["kind"] == "recall"
+    assert meta["config"]["target"] == ["triangle:recall=0.9"]
+    assert "| triangle | recall 0.9 |" in (run / "README.md").read_text()
+    r = graft("thresholds", run, "--target", "triangel:recall=0.9")
+    assert r.returncode == 2 and r.stderr == (
+        "error: --target 'triangel:recall=0.9': there is no class 'triangel' (did you mean: "
+        "triangle?); the classes are circle, square, triangle\n"
+    )
+    r = graft("thresholds", run, "--target", "circle:recall=0.99")
+    assert r.returncode == 2 and r.stderr == (
+        "error: --target circle:recall=0.99: 20 held-out image(s) of 'circle' can promise a "
+        "recall of 0.952 at most (0.99 needs 99 or more); lower the target or add images of "
+        "the class\n"
+    )
 
 
 def test_bad_files_stop_training_before_the_first_epoch(tmp_path):
@@ -193,6 +234,8 @@ def test_hostile_values_end_in_one_line(trained_run, shapes_dir, tmp_path):
         (["train", shapes_dir, "--label-smoothing", "5"], "label_smoothing must be"),
         (["train", shapes_dir, "--seed", "100000000000000000000"], "seed must be between"),
         (["train", shapes_dir, "--image-size", "100000"], "image_size 100000 is over"),
+        (["train", shapes_dir, "--target", "dog:recall=0.9"], "there is no class 'dog'"),
+        (["train", shapes_dir, "--target", "circle:recall=2"], "must be a number in (0, 1]"),
         (["train", shapes_dir, "--out", tmp_path / "file"], "is a file, not a folder"),
         (["train", "--config", tmp_path / "latin1.yaml"], "is not UTF-8 text"),
         (["evaluate", trained_run.run_dir, tmp_path / "bad"], "none of the 1 image(s) could be"),
@@ -220,7 +263,8 @@ def test_train_and_compare_options_are_the_config_schema():
     assert train["memory_gb"].help == TrainConfig.__dataclass_fields__["memory_gb"].metadata["help"]
     assert train["memory_gb"].opts == ["--memory-gb"] and train["skip_bad"].secondary_opts
     compare = {p.name for p in cli.commands["compare"].params}
-    assert compare & names == names - set(CHOSEN_PER_CANDIDATE) - {"report"}  # its own --out
+    # its own --out; no report or operating point: it trains nothing to keep
+    assert compare & names == names - set(CHOSEN_PER_CANDIDATE) - {"report", "target"}
 
 
 @pytest.mark.parametrize(

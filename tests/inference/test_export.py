@@ -52,6 +52,10 @@ def test_export_keeps_preprocessing_and_matches_pytorch(exported, shapes_dir):
     got, want = json.loads(r.stdout)[0], json.loads(via_run.stdout)[0]
     assert list(got["probabilities"]) == list(want["probabilities"])
     assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-4)
+    # the unknown score is computed inside the graph, the decision from the metadata
+    assert got["decision"] == want["decision"]
+    assert got["unknown_score"] == pytest.approx(want["unknown_score"], abs=1e-4)
+    assert meta["policy"] == torch_clf.policy and meta["unknown_k"] == torch_clf.unknown_k
 
 
 @pytest.mark.slow
@@ -183,3 +187,17 @@ def test_the_readmes_plain_python_example_gives_graft_s_probabilities(exported, 
     exec(compile(snippet.replace("print(", "top3 = ("), "README", "exec"), scope)
     want = OnnxClassifier(result.path).probabilities([image])[0]
     assert torch.allclose(torch.from_numpy(scope["probabilities"]), want, atol=1e-5)
+    # the snippet's decision rule is graft's, on every kind of row
+    from graft.core.decisions import Policy, Threshold
+
+    policy = Policy(
+        ("circle", "square", "triangle"),
+        {"square": Threshold("recall", 0.9, 0.2), "circle": Threshold("precision", 0.9, 0.8)},
+        scope["rule"]["unknown_threshold"],
+    )
+    scope["rule"]["thresholds"] = policy.to_dict()
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(200, 3, generator=g), 1)
+    unknown = torch.rand(200, generator=g) * 2 * policy.unknown_threshold
+    mine = [scope["decide"](p.numpy(), float(u)) for p, u in zip(probs, unknown)]
+    assert mine == policy.decide(probs, unknown) and {"review", "unknown"} <= set(mine)

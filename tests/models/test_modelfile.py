@@ -38,6 +38,9 @@ def test_run_folder_contents(trained_run):
     assert meta["preprocess"]["mean"] == [0.5, 0.5, 0.5]
     assert meta["best"]["val_acc"] == trained_run.best["val_acc"]
     assert {"torch", "timm", "graft"} <= set(meta["versions"])
+    # the unknown score's reference features: the training images', L2-normalised, half precision
+    assert {"reference.safetensors", "scores.safetensors"} <= names
+    assert meta["decision"]["unknown"]["references"] == 48 and meta["decision"]["thresholds"] == {}
     # keys only some runs have (partial's trunk, --auto's selection) stay out when they do not
     assert not {"trunk", "selection", "features_computed_per_rank"} & set(meta)
     assert not list(trained_run.run_dir.glob(".graft-tmp-*"))
@@ -62,6 +65,18 @@ def test_pickle_payload_in_place_of_weights_never_runs(run_copy, tmp_path):
     import os
 
     assert not os.path.exists("/tmp/graft-pwned")
+
+
+def test_reference_features_are_checked(run_copy):
+    from safetensors.torch import save_file
+
+    (run_copy / "reference.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="reference.safetensors not found: model.json has"):
+        graft.load(run_copy)
+    nan = torch.full((48, 1280), float("nan"))
+    save_file({"features": nan}, str(run_copy / "reference.safetensors"))
+    with pytest.raises(CheckpointError, match="'features' holds values that are not finite"):
+        graft.load(run_copy)
 
 
 def test_truncated_weights_refused(run_copy):
@@ -92,6 +107,17 @@ def test_truncated_weights_refused(run_copy):
         ({"format_version": 99}, "has format_version 99; this graft reads 1"),
         ({"classes": ["a", "b", "c", "d"]}, "model.json lists 4 classes; the weights have"),
         ({"backbone": "resnet18"}, "does not fit the backbone in model.json"),
+        ({"decision.unknown.k": 0}, "decision.unknown.k must be a whole number from 1 to 1000"),
+        ({"decision.unknown.threshold": -1}, "decision.unknown.threshold must be a number from"),
+        ({"decision.unknown.references": 5}, "'features' must have shape (5, 1280), got"),
+        (
+            {"decision.thresholds": {"dog": {"kind": "recall", "target": 0.9, "threshold": 0.1}}},
+            "decision.thresholds names 'dog', which is not a class",
+        ),
+        (
+            {"decision.thresholds": {"circle": {"kind": "recall", "target": 2, "threshold": 0}}},
+            "decision.thresholds.circle: target and threshold must be numbers from 0 to 1",
+        ),
     ],
 )
 def test_malformed_model_json_refused(run_copy, change, message):
@@ -99,6 +125,10 @@ def test_malformed_model_json_refused(run_copy, change, message):
     for key, value in change.items():
         if key.startswith("preprocess."):
             meta["preprocess"][key.split(".")[1]] = value
+        elif key == "decision.thresholds":
+            meta["decision"]["thresholds"] = value
+        elif key.startswith("decision.unknown."):
+            meta["decision"]["unknown"][key.split(".")[2]] = value
         else:
             meta[key] = value
     (run_copy / "model.json").write_text(json.dumps(meta))

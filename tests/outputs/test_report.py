@@ -27,6 +27,7 @@ SECTIONS = (
     "predictions",
     "top-losses",
     "calibration",
+    "decisions",
     "most-confused",
     "explanations",
 )
@@ -191,5 +192,12 @@ def test_model_card_holds_the_real_numbers(trained_run):
     )
     for c in ("circle", "square", "triangle"):
         assert f"| {c} | 16 | 8 |" in body  # train and val images per class
-    assert 'it has no "none of these"' in body
+    # the decisions: what "unknown" is, and the operating point per class on val
+    u = meta["decision"]["unknown"]
+    assert (
+        f"to the 1st nearest of 48 training images in the network's features, above "
+        f"{u['threshold']:.4f}, a level that flags 5% of held-out training images." in body
+    )
+    assert "| class | target | threshold | precision | recall | review | caught |" in body
+    assert re.search(r"^\| circle \| arg-max \| - \| \d\.\d{3} \(", body, re.M)
     assert not re.search(r"TODO|TBD|XXX|lorem|\{\{", card)

@@ -46,9 +46,15 @@ def test_predict_over_http(trained_run, shapes_dir):
     assert square["probabilities"] == pytest.approx(expected[0])
     assert notes == {
         "filename": "notes.jpg",
+        "decision": None,
         "probabilities": None,
+        "unknown_score": None,
         "error": "a text file, not an image",
     }
+    # every prediction carries its decision and unknown score, as the Python API gives them
+    (want,) = trained_run.load().predict_files([shapes_dir / "val" / "square" / "000.png"])
+    assert square["decision"] == want.decision == "square"
+    assert square["unknown_score"] == pytest.approx(want.unknown) and 0 <= want.unknown < 2
     assert huge["probabilities"] is None and huge["error"] == "larger than 50,000 bytes"
 
 
@@ -168,21 +174,26 @@ def test_the_page_in_a_real_browser(trained_run, shapes_dir, tmp_path, chrome):
         assert shown == [(c, f"{100 * p:.1f}%") for c, p in want["probabilities"].items()]
         top = driver.find_element(By.CSS_SELECTOR, ".result .top")
         name, p = next(iter(want["probabilities"].items()))
+        assert want["decision"] == name  # a val image of a clear class: no unknown, no review
         assert top.text == f"{name} {100 * p:.1f}%"
         driver.execute_script(
             "const t = document.getElementById('threshold'); t.value = 100;"
             "t.dispatchEvent(new Event('input'));"
         )
-        # the page flags what is below the threshold: a calibrated 1.0 (float32) is not below 100%
+        # the review band: a class decided below the slider goes to review (a calibrated 1.0 in
+        # float32 is not below 100%)
+        second = list(want["probabilities"].items())[1]
         if 100 * p < 100:
-            assert top.text == f"unsure ({name} {100 * p:.1f}%)"
+            assert top.text == (
+                f"review: {name} {100 * p:.1f}%, {second[0]} {100 * second[1]:.1f}%"
+            )
         else:
             assert top.text == f"{name} {100 * p:.1f}%"
         driver.execute_script(
             f"const t = document.getElementById('threshold'); t.value = {int(100 * p)};"
             "t.dispatchEvent(new Event('input'));"
         )
-        assert top.text == f"{name} {100 * p:.1f}%"  # at its own level it is not unsure
+        assert top.text == f"{name} {100 * p:.1f}%"  # at its own level it is not for review
         driver.find_element(By.CSS_SELECTOR, ".result .cam").click()
         wait.until(
             lambda d: d.execute_script(

@@ -28,7 +28,8 @@ def test_calibration_leaves_the_trained_head_as_it_was(tmp_path):
     job = prepare_job(cfg, bb, split, resolve_runtime("cpu", "fp32"), lambda it, *a: it)
     fit(job, epoch_plan(cfg, [], cfg.image_size), cfg)
     trained = copy.deepcopy(bb.model.head.state_dict())
-    cal = calibrate(cfg, bb, job, kept_epoch=5)
+    calibrated = calibrate(cfg, bb, job, kept_epoch=5)
+    cal = calibrated.record
     assert all(torch.equal(v, bb.model.head.state_dict()[k]) for k, v in trained.items())
     assert cal["method"] == "temperature" and 0.05 <= cal["temperature"] <= 20
     assert cal["fitted_on"] == (
@@ -38,6 +39,12 @@ def test_calibration_leaves_the_trained_head_as_it_was(tmp_path):
     oof = cal["out_of_fold"]  # the fit minimises this NLL, starting from T = 1
     assert oof["calibrated"]["nll"] <= oof["raw"]["nll"] + 1e-6
     assert oof["calibrated"]["accuracy"] == oof["raw"]["accuracy"]
+    # the scores it was fitted on come back, for the thresholds --target chooses
+    assert (
+        calibrated.logits.shape == (24, 3)
+        and calibrated.labels.tolist() == job.train_features[2].tolist()
+    )
+    assert torch.allclose(calibrated.probabilities().sum(1), torch.ones(24))
 
 
 def test_too_few_images_keep_the_raw_softmax_and_say_so(tmp_path):
@@ -46,7 +53,9 @@ def test_too_few_images_keep_the_raw_softmax_and_say_so(tmp_path):
     split = discover(data)
     bb = create_backbone(cfg.backbone, len(split.classes))
     job = prepare_job(cfg, bb, split, resolve_runtime("cpu", "fp32"), lambda it, *a: it)
-    cal = calibrate(cfg, bb, job, kept_epoch=2)
+    calibrated = calibrate(cfg, bb, job, kept_epoch=2)
+    cal = calibrated.record
+    assert calibrated.probabilities() is None
     assert cal["method"] == "none" and cal["temperature"] == 1.0
     assert cal["reason"].startswith("too few training images to fit a calibration (9,")
 

@@ -83,6 +83,33 @@ def evaluate(
 
 
 @app.command()
+def thresholds(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="CLASS:recall=X or CLASS:precision=X (repeatable, or a,b)."),
+    ] = None,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Back to the plain arg-max for every class.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Per-class operating points of a saved run, chosen on the held-out scores it kept (no
+    training); what no class claims is decided 'review'. Without --target: the current ones."""
+    from ..models.modelfile import read_meta
+    from ..workflows.decisions import set_targets
+
+    targets = [t.strip() for v in target or [] for t in v.split(",") if t.strip()]
+    if targets and clear:
+        raise typer.BadParameter("--clear removes the targets that --target sets: give one")
+    meta = set_targets(run_dir, targets) if targets or clear else read_meta(run_dir)
+    if as_json:
+        render.as_json({"decision": meta.decision, "val": (meta.val or {}).get("decisions")})
+    else:
+        render.operating_point(meta.decision, (meta.val or {}).get("decisions"))
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
     data: Annotated[

@@ -19,7 +19,7 @@ from ..core.config import TrainConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "tuple": str}
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "tuple": list[str]}
 
 
 def settings_options(exclude: Iterable[str] = ()) -> Callable[[F], F]:
@@ -38,7 +38,7 @@ def settings_options(exclude: Iterable[str] = ()) -> Callable[[F], F]:
 
 
 def _parameter(f: Field) -> inspect.Parameter:
-    kind = _TYPES[str(f.type).split("[")[0].split(" ")[0]]
+    kind = _TYPES[str(f.type).split("[")[0].split(" ")[0]]  # a tuple: repeatable, or a,b
     flag = f.name.replace("_", "-")
     decls = [f"--{flag}/--no-{flag}"] if kind is bool else [f"--{flag}"]
     option = typer.Option(*decls, help=_help(f), show_default=False)

@@ -87,24 +87,46 @@ def comparison(c: dict[str, Any]) -> None:
 
 
 def predictions(results: Sequence[Any], fmt: str) -> None:
-    """One row per file: `text` (tab-separated), `json` or `csv` (path,rank,class,probability)."""
+    """One row per file: `text` (tab-separated: the decision and the probabilities), `json`, or
+    `csv` (path,rank,class,probability,error,decision,unknown_score: one row per class shown)."""
     if fmt == "json":
-        as_json([{"path": r.path, "probabilities": r.probs, "error": r.error} for r in results])
+        as_json(
+            [
+                {
+                    "path": r.path,
+                    "decision": r.decision,
+                    "probabilities": r.probs,
+                    "unknown_score": r.unknown,
+                    "error": r.error,
+                }
+                for r in results
+            ]
+        )
     elif fmt == "csv":
-        out("path,rank,class,probability,error")
+        out("path,rank,class,probability,error,decision,unknown_score")
         for r in results:
             if r.error:
-                out(f"{_csv(r.path)},,,,{_csv(r.error)}")
+                out(f"{_csv(r.path)},,,,{_csv(r.error)},,")
+            unknown = "" if r.unknown is None else f"{r.unknown:.6f}"
             for rank, (c, p) in enumerate((r.probs or {}).items(), 1):
-                out(f"{_csv(r.path)},{rank},{_csv(c)},{p:.6f},")
+                out(f"{_csv(r.path)},{rank},{_csv(c)},{p:.6f},,{_csv(r.decision or '')},{unknown}")
     else:
         for r in results:
-            shown = (
-                f"error: {r.error}"
-                if r.error
-                else ", ".join(f"{c} {p:.2f}" for c, p in r.probs.items())
-            )
-            out(f"{_one_field(r.path)}\t{shown}")
+            out(f"{_one_field(r.path)}\t{decision_text(r)}")
+
+
+def decision_text(r: Any) -> str:
+    """`bag 0.91, shirt 0.05` when the decision is the top class; `unknown (closest: bag
+    0.41, ...)`; `review: risked 0.55, approved 0.40`; `risked: approved 0.60, risked 0.35` when
+    a class's threshold claims an image that another class tops."""
+    if r.error:
+        return f"error: {r.error}"
+    shown = ", ".join(f"{c} {p:.2f}" for c, p in r.probs.items())
+    if r.decision is None or r.decision == next(iter(r.probs)):
+        return shown
+    if r.decision == "unknown":
+        return f"unknown (closest: {shown})"
+    return f"{r.decision}: {shown}"
 
 
 def _one_field(text: str) -> str:
@@ -120,6 +142,7 @@ def _csv(value: str) -> str:
 
 
 def evaluation(report: dict[str, Any]) -> None:
+    from ..outputs.card import share_text
     from ..outputs.report import calibration_line
 
     lo, hi = report["accuracy_ci95"]
@@ -138,8 +161,36 @@ def evaluation(report: dict[str, Any]) -> None:
     out(" " * width + "".join(f"{c[: width - 1]:>{width}}" for c in classes))
     for name, row in zip(classes, report["confusion_matrix"]):
         out(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row))
+    if report.get("decisions"):
+        d = report["decisions"]
+        out(f"\ndecisions: review {share_text(d['review'])}, unknown {share_text(d['unknown'])}")
     for s in report["skipped"]:
         out(f"skipped {s['path']}: {s['reason']}")
+
+
+def operating_point(decision: dict[str, Any] | None, val: dict[str, Any] | None) -> None:
+    """Per class: its target and threshold, then precision, recall and the shares sent to
+    review and caught on the val split, with 95% intervals."""
+    from ..outputs.card import OPERATING_HEADER, operating_rows, share_text
+
+    decision = decision or {}
+    unknown = decision.get("unknown")
+    if unknown:
+        out(f"unknown: {unknown['method']} k={unknown['k']}, threshold {unknown['threshold']:.4f}")
+    else:
+        out("unknown: no unknown score in this model")
+    if decision.get("chosen_on") and decision.get("thresholds"):
+        out(f"thresholds chosen on {decision['chosen_on']}")
+    if not val:
+        return
+    out(
+        f"on the val split (n={val['n']}): review {share_text(val['review'])}, unknown "
+        f"{share_text(val['unknown'])}; caught: not decided as another class"
+    )
+    rows = operating_rows(decision, val)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(OPERATING_HEADER)]
+    for r in [OPERATING_HEADER, *rows]:
+        out("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 def verification(split: Any, bad: Sequence[Any], large: Sequence[Any], fmt: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .constants import MAX_IMAGE_SIZE, MAX_PIXELS, MEMORY_GB
+from .decisions import parse_targets
 from .errors import ConfigError, did_you_mean
 from .runfolder import default_run_dir
 from .runtime import DEVICES, PRECISIONS, default_cache_dir, default_workers
@@ -140,6 +141,12 @@ class TrainConfig:
     balance: str = _setting(
         "none", "Imbalanced classes: loss weights or a balanced sampler.", BALANCE
     )
+    # the plain arg-max unless asked: a threshold only means something to whoever acts on it
+    target: tuple[str, ...] = _setting(
+        (),
+        "Operating point of a class: CLASS:recall=X or CLASS:precision=X (repeatable); images "
+        "no class claims, or several do, are decided 'review'.",
+    )
     out: str | None = _setting(None, "Run folder (default: runs/<time>-<backbone>).")
     report: bool = _setting(True, "Write report.html at the end of training.")
 
@@ -192,6 +199,7 @@ class TrainConfig:
                 f"image_size {self.image_size} is over {MAX_IMAGE_SIZE} pixels; "
                 "the network's input is its pretrained size (224-260) or near it"
             )
+        parse_targets(self.target)  # the syntax now; the class names once the data is read
         self._refuse_ignored()
 
     def _refuse_ignored(self) -> None:
@@ -288,7 +296,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["unfreeze"] = list(self.unfreeze)
+        d["unfreeze"], d["target"] = list(self.unfreeze), list(self.target)
         return d
 
 
@@ -379,10 +387,12 @@ def make_config(
             raise ConfigError(f"unknown config key {key!r}{where}{did_you_mean(key, known)}")
     if "data_dir" not in values:
         raise ConfigError("no data folder given: pass DATA_DIR or set data_dir in the config file")
-    if isinstance(values.get("unfreeze"), str):
-        values["unfreeze"] = tuple(b.strip() for b in values["unfreeze"].split(",") if b.strip())
-    elif values.get("unfreeze") is not None:
-        values["unfreeze"] = tuple(values["unfreeze"])
+    for name in ("unfreeze", "target"):  # a list (YAML, repeated option) or comma-separated
+        value = values.get(name)
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            values[name] = tuple(b.strip() for v in value for b in v.split(",") if b.strip())
     _check_types(values, config_file)
     return TrainConfig(**values)
 
@@ -433,7 +443,9 @@ def _check_types(values: dict[str, Any], source: Any) -> None:
             if ok:
                 values[key] = str(value)
         elif expected.startswith("tuple"):
-            ok = all(isinstance(v, str) for v in value)
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            if ok:
+                values[key] = tuple(value)
         if not ok:
             where = f" in {source}" if source else ""
             raise ConfigError(f"config key {key!r}{where} must be {expected}, got {value!r}")

@@ -28,6 +28,8 @@ SPLIT_FILES = ("train.txt", "val.txt", "test.txt", "source.json")
 LOCK = ".graft-lock"  # one live writer; holds the writer's PID
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
+REFERENCE = "reference.safetensors"  # training features the unknown score measures against
+SCORES = "scores.safetensors"  # held-out scores that thresholds are chosen on (graft thresholds)
 LAST_WEIGHTS = "last.safetensors"  # resume point, written after every epoch
 LAST_META = "last.json"
 REPORT_HTML = "report.html"
@@ -162,6 +164,8 @@ def start_new_run(run_dir: str | Path) -> None:
     for name in (
         MODEL_WEIGHTS,
         MODEL_META,
+        REFERENCE,
+        SCORES,
         LAST_WEIGHTS,
         LAST_META,
         METRICS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from PIL import Image
 from ..core.calibration import raw_probabilities
 from ..core.calibration import scores as calibration_scores
 from ..core.constants import MAX_PIXELS
+from ..core.decisions import Policy, knn_distance, normalise, operating_report
 from ..core.errors import CheckpointError, ConfigError, DatasetError, GraftError, ImageError
 from ..core.metrics import classification_report, confusion_matrix, most_confused
 from ..core.runtime import Runtime, resolve_runtime
@@ -23,7 +25,7 @@ from ..data.images import load_image, prepare_image
 from ..data.splits import Sample
 from ..data.transforms import build_transforms
 from ..models.backbones import Backbone
-from ..models.modelfile import ModelMeta, load_model
+from ..models.modelfile import ModelMeta, load_model, load_reference
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,15 @@ ACCEPTED = (
 
 @dataclass
 class Prediction:
-    """One file's result: probabilities (highest first) or the reason it could not be read."""
+    """One file's result: probabilities (highest first), the decision (a class, "unknown" or
+    "review": core/decisions.py) and the unknown score (None for a model without one), or the
+    reason it could not be read."""
 
     path: str
     probs: dict[str, float] | None
     error: str | None = None
+    decision: str | None = None
+    unknown: float | None = None
 
 
 class Classifier:
@@ -58,6 +64,8 @@ class Classifier:
         runtime: Runtime,
         meta: ModelMeta | None = None,
         temperature: float | None = None,
+        policy: Policy | None = None,
+        references: torch.Tensor | None = None,
     ):
         self.backbone = backbone
         self.classes = list(classes)
@@ -65,6 +73,11 @@ class Classifier:
         self.meta = meta  # model.json, for a classifier loaded from a run folder
         # logits / temperature before the softmax: calibrated probabilities (core/calibration.py)
         self.temperature = temperature or (meta.temperature if meta is not None else 1.0)
+        # how probabilities become decisions, and the training features the unknown score
+        # measures against (L2-normalised; None: no unknown score)
+        self.policy = policy or (meta.policy if meta is not None else Policy(tuple(classes)))
+        self.references = references.float() if references is not None else None
+        self.unknown_k = (meta.unknown or {}).get("k", 1) if meta is not None else 1
         self.spec = backbone.spec
         self.max_pixels = (meta.max_pixels if meta is not None else None) or MAX_PIXELS
         # channels_last where it pays: about 2x faster convolutions on CPU (oneDNN) and cuDNN
@@ -75,7 +88,19 @@ class Classifier:
     def load(cls, run_dir: str | Path, device: str = "auto", precision: str = "fp32") -> Classifier:
         """Load from a run folder alone. fp32 by default so probabilities are reproducible."""
         backbone, meta = load_model(run_dir)
-        return cls(backbone, meta.classes, resolve_runtime(device, precision), meta)
+        references = load_reference(run_dir, meta, backbone.model.num_features)
+        return cls(
+            backbone, meta.classes, resolve_runtime(device, precision), meta, references=references
+        )
+
+    def with_decisions(
+        self, policy: Policy, references: torch.Tensor | None = None, k: int = 1
+    ) -> Classifier:
+        """This classifier deciding by `policy`, with the unknown score against `references`
+        (features of training images, L2-normalised) at the k-th neighbour."""
+        self.policy, self.unknown_k = policy, k
+        self.references = references.float() if references is not None else None
+        return self
 
     def preprocess(self, image: ImageLike) -> torch.Tensor:
         """One image (path, bytes or PIL image) -> the normalised (3, H, W) tensor the network
@@ -88,12 +113,33 @@ class Classifier:
 
     def probabilities(self, images: Sequence[ImageLike], batch_size: int = 32) -> torch.Tensor:
         """(N, C) probabilities; raises `ImageError` for a file that cannot be read."""
+        return self.scores(images, batch_size)[0]
+
+    def scores(
+        self, images: Sequence[ImageLike], batch_size: int = 32
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, C) probabilities and (N,) unknown scores (None for a model without them);
+        raises `ImageError` for a file that cannot be read."""
         images = as_image_list(images)
         out = [
             self._forward([self.preprocess(im) for im in images[i : i + batch_size]])
             for i in range(0, len(images), batch_size)
         ]
-        return torch.cat(out) if out else torch.zeros(0, len(self.classes))
+        if not out:
+            return torch.zeros(0, len(self.classes)), None
+        probs = torch.cat([p for p, _ in out])
+        unknown = None if out[0][1] is None else torch.cat([u for _, u in out])
+        return probs, unknown
+
+    def features(self, images: Sequence[ImageLike], batch_size: int = 32) -> torch.Tensor:
+        """(N, D) L2-normalised features, the vectors the head reads: what the unknown score
+        (and a folder audit) compares images by."""
+        images = as_image_list(images)
+        out = [
+            self._features([self.preprocess(im) for im in images[i : i + batch_size]])
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, self.model.num_features)
 
     def predict(
         self, images: Sequence[ImageLike], top_k: int | None = None, batch_size: int = 32
@@ -102,6 +148,23 @@ class Classifier:
         _check_top_k(top_k)
         probs = self.probabilities(as_image_list(images), batch_size)
         return [self._top(p, top_k) for p in probs]
+
+    def redecide(self, preds: Sequence[Prediction]) -> list[Prediction]:
+        """The same predictions decided by this classifier's policy as it is now (all classes'
+        probabilities needed: predictions made with top_k=None)."""
+        good = [p for p in preds if p.probs is not None]
+        probs = torch.tensor([[p.probs[c] for c in self.classes] for p in good])
+        probs = probs.reshape(-1, len(self.classes))
+        unknown = None
+        if good and good[0].unknown is not None:
+            unknown = torch.tensor([p.unknown for p in good])
+        decisions = iter(self.policy.decide(probs, unknown))
+        return [dataclasses.replace(p, decision=next(decisions)) if p.probs else p for p in preds]
+
+    def decide(self, images: Sequence[ImageLike], batch_size: int = 32) -> list[str]:
+        """For each image its decision: a class, "unknown" (none of these) or "review"
+        (no class clears its threshold, or several do): core/decisions.py."""
+        return self.policy.decide(*self.scores(images, batch_size))
 
     def _top(self, p: torch.Tensor, top_k: int | None) -> dict[str, float]:
         k = len(self.classes) if top_k is None else max(1, min(top_k, len(self.classes)))
@@ -127,22 +190,37 @@ class Classifier:
                     tensors.append(self.preprocess(p))
                 except ImageError as exc:
                     errors[j] = exc.reason
-            probs = iter(self._forward(tensors))
+            probs, unknown = self._forward(tensors)
+            decisions = iter(self.policy.decide(probs, unknown))
+            scored = iter(zip(probs, unknown.tolist() if unknown is not None else _nones()))
             for j, p in enumerate(chunk):
                 label = names[i + j] if names is not None else _label(p)
                 if j in errors:
                     results.append(Prediction(label, None, errors[j]))
-                else:
-                    results.append(Prediction(label, self._top(next(probs), top_k)))
+                    continue
+                row, u = next(scored)
+                results.append(
+                    Prediction(label, self._top(row, top_k), None, next(decisions), _round(u))
+                )
         return results
 
     @torch.inference_mode()
-    def _forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Calibrated probabilities (N, C) and unknown scores (N,) or None."""
         if not tensors:
-            return torch.zeros(0, len(self.classes))
+            return torch.zeros(0, len(self.classes)), None
         with self.runtime.autocast():
-            logits = self.model(self.runtime.batch(torch.stack(tensors)))
-        return (logits.float() / self.temperature).softmax(1).cpu()
+            feats = self.model.features(self.runtime.batch(torch.stack(tensors)))
+            logits = self.model.head(feats)
+        probs = (logits.float() / self.temperature).softmax(1).cpu()
+        if self.references is None:
+            return probs, None
+        return probs, knn_distance(normalise(feats.float().cpu()), self.references, self.unknown_k)
+
+    @torch.inference_mode()
+    def _features(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        with self.runtime.autocast():
+            return normalise(self.model.features(self.runtime.batch(torch.stack(tensors))).cpu())
 
     def explain(self, image: ImageLike, method: str = "gradcam", classes: int = 2):
         """Heatmaps of where the network looked for its top `classes` classes (see explain.py)."""
@@ -182,7 +260,15 @@ class Classifier:
         report = classification_report(cm, self.classes)
         report["most_confused"] = most_confused(cm, self.classes)
         probs = torch.tensor([[p.probs[c] for c in self.classes] for _, p in good])
-        report["calibration"] = self._calibration(probs.reshape(-1, len(self.classes)), targets)
+        probs = probs.reshape(-1, len(self.classes))
+        report["calibration"] = self._calibration(probs, targets)
+        unknown = (
+            None
+            if not good or good[0][1].unknown is None
+            else (torch.tensor([p.unknown for _, p in good]))
+        )
+        decisions = self.policy.decide(probs, unknown)
+        report["decisions"] = operating_report(decisions, targets, self.classes)
         report["skipped"] = [{"path": p.path, "reason": p.error} for p in preds if p.error]
         return report
 
@@ -233,6 +319,15 @@ def _array_to_image(a: np.ndarray | torch.Tensor) -> Image.Image:
     )
 
 
+def _nones():
+    while True:
+        yield None
+
+
+def _round(u: float | None) -> float | None:
+    return None if u is None else round(u, 6)
+
+
 def _check_top_k(top_k: int | None) -> None:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(
@@ -281,6 +376,8 @@ class OnnxClassifier(Classifier):
         self.spec = self.meta.preprocess
         self.max_pixels = props["max_pixels"] or MAX_PIXELS
         self.temperature = props["temperature"]  # applied inside the graph already
+        self.policy = props["policy"]
+        self.references, self.unknown_k = None, props["unknown_k"]  # inside the graph
         self.runtime = resolve_runtime("cpu", "fp32")
         self._transform = build_transforms(self.spec, train=False, normalize=False)
 
@@ -288,11 +385,15 @@ class OnnxClassifier(Classifier):
     def load(cls, path: str | Path, device: str = "auto", precision: str = "fp32") -> Classifier:
         return cls(path)
 
-    def _forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not tensors:
-            return torch.zeros(0, len(self.classes))
-        x = torch.stack(tensors).numpy()
-        return torch.from_numpy(self.session.run(None, {"image": x})[0]).float()
+            return torch.zeros(0, len(self.classes)), None
+        out = self.session.run(None, {"image": torch.stack(tensors).numpy()})
+        unknown = torch.from_numpy(out[1]).float() if len(out) > 1 else None
+        return torch.from_numpy(out[0]).float(), unknown
+
+    def features(self, images: Sequence[ImageLike], batch_size: int = 32) -> torch.Tensor:
+        raise GraftError("an exported .onnx model gives no features: load the run folder")
 
 
 def load_classifier(path: str | Path, device: str = "auto") -> Classifier:

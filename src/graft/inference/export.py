@@ -2,8 +2,10 @@
 
 The graph takes `image`: float32 N x 3 x H x W RGB in [0, 1], resized and cropped as model.json
 says (graft's own preprocessing code does that: `transforms.build_transforms(normalize=False)`),
-and returns `probabilities`: N x C. Class names, preprocessing, backbone and graft's version
-travel in the file's metadata. Every export is run with ONNX Runtime on real images of the run
+and returns `probabilities`: N x C (calibrated) and, for a model with an unknown score,
+`unknown_score`: N (the training features it measures against are inside the graph). Class names,
+preprocessing, backbone, graft's version and the decision thresholds travel in the file's
+metadata. Every export is run with ONNX Runtime on real images of the run
 and compared with PyTorch before it replaces anything; a file that disagrees is not kept.
 Needs the `graft[export]` extra (onnx, onnxruntime, onnxscript), imported here only.
 """
@@ -49,18 +51,34 @@ class ExportResult:
 
 
 class _WithPreprocessing(nn.Module):
-    """image in [0, 1] -> normalise -> network -> logits / temperature -> softmax: the
-    calibrated probabilities `graft predict` gives, computed inside the graph."""
+    """image in [0, 1] -> normalise -> features -> head -> logits / temperature -> softmax: the
+    calibrated probabilities `graft predict` gives, computed inside the graph; with `references`,
+    the unknown score too (core/decisions.knn_distance, written out for the exporter)."""
 
-    def __init__(self, net: nn.Module, spec: PreprocessSpec, temperature: float = 1.0):
+    def __init__(
+        self,
+        net: nn.Module,
+        spec: PreprocessSpec,
+        temperature: float = 1.0,
+        references: torch.Tensor | None = None,
+        k: int = 1,
+    ):
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        ref = None if references is None else references.float().T.contiguous()
+        self.register_buffer("references", ref)  # None: no unknown score
+        self.k = k
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return (self.net((image - self.mean) / self.std) / self.temperature).softmax(1)
+    def forward(self, image: torch.Tensor):
+        feats = self.net.features((image - self.mean) / self.std)
+        probs = (self.net.head(feats) / self.temperature).softmax(1)
+        if self.references is None:
+            return probs
+        sims = torch.nn.functional.normalize(feats, dim=1) @ self.references
+        return probs, 1.0 - sims.topk(self.k, dim=1).values[:, -1]
 
 
 def export(
@@ -81,13 +99,18 @@ def export(
     out = Path(out) if out is not None else run_dir / ONNX_FILE
     _check_writable(out)
     model = _WithPreprocessing(
-        clf.model.to(memory_format=torch.contiguous_format), clf.spec, clf.temperature
+        clf.model.to(memory_format=torch.contiguous_format),
+        clf.spec,
+        clf.temperature,
+        clf.references,
+        clf.unknown_k,
     )
     model.eval()
     size = clf.spec.input_size
     with tempfile.TemporaryDirectory(prefix="graft-export-") as work:
         raw = Path(work) / "raw.onnx"  # the exporter may put weights beside it in raw.onnx.data
-        _export_graph(model, raw, size, opset, dynamic_batch)
+        outputs = ["probabilities"] + (["unknown_score"] if clf.references is not None else [])
+        _export_graph(model, raw, size, opset, dynamic_batch, outputs)
         proto = _with_meta(raw, clf, opset, dynamic_batch)
     with atomic_path(out) as tmp:  # one self-contained file, kept only if it agrees
         _save(proto, tmp)
@@ -114,9 +137,11 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out}: the folder {parent} cannot be written; choose another")
 
 
-def _export_graph(model: nn.Module, path: Path, size: int, opset: int, dynamic: bool) -> None:
+def _export_graph(
+    model: nn.Module, path: Path, size: int, opset: int, dynamic: bool, outputs: list[str]
+) -> None:
     try:
-        export_onnx(model, path, size, "probabilities", opset=opset, dynamic_batch=dynamic)
+        export_onnx(model, path, size, outputs, opset=opset, dynamic_batch=dynamic)
     except Exception as exc:  # the exporter raises many types; the message is what matters
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {exc}") from exc
 
@@ -140,7 +165,20 @@ def _with_meta(path: Path, clf: Classifier, opset: int, dynamic: bool):
         "input": "image: float32 N x 3 x H x W, RGB in [0, 1], resized and center-cropped",
         "output": "probabilities: float32 N x C (softmax), classes in metadata 'classes'",
         "temperature": str(clf.temperature),  # already applied inside the graph
+        # how the outputs become a decision: core/decisions.py, docs/GUIDE.md has it in Python
+        "decision": json.dumps(
+            {
+                "thresholds": clf.policy.to_dict(),
+                "unknown_threshold": clf.policy.unknown_threshold,
+                "unknown_k": clf.unknown_k if clf.references is not None else None,
+            },
+            ensure_ascii=False,
+        ),
     }
+    if clf.references is not None:
+        meta["output"] += (
+            "; unknown_score: float32 N (1 - cosine similarity to the k-th nearest training image)"
+        )
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
@@ -165,14 +203,18 @@ def check_parity(
     images, source = _check_images(clf, run_dir)
     onnx_clf = OnnxClassifier(onnx_path)
     if dynamic_batch:
-        p_onnx = onnx_clf.probabilities(images, batch_size=8)
+        p_onnx, u_onnx = onnx_clf.scores(images, batch_size=8)
     else:  # a fixed-batch graph takes exactly the batch it was exported with
-        p_onnx = torch.cat(
-            [onnx_clf.probabilities(images[i : i + 2], 2) for i in range(0, len(images) - 1, 2)]
-        )
+        pairs = [onnx_clf.scores(images[i : i + 2], 2) for i in range(0, len(images) - 1, 2)]
+        p_onnx = torch.cat([p for p, _ in pairs])
+        u_onnx = None if pairs[0][1] is None else torch.cat([u for _, u in pairs])
         images = images[: len(p_onnx)]
-    p_torch = clf.probabilities(images, batch_size=8)
+    p_torch, u_torch = clf.scores(images, batch_size=8)
     diff = float((p_onnx - p_torch).abs().max())
+    if (u_onnx is None) != (u_torch is None):
+        raise ExportError("the exported graph's unknown_score output does not match the model")
+    if u_torch is not None:  # the unknown score, on the same scale as the probabilities
+        diff = max(diff, float((u_onnx - u_torch).abs().max()))
     agree = float((p_onnx.argmax(1) == p_torch.argmax(1)).float().mean())
     return ExportResult(onnx_path, len(images), diff, agree, source)
 

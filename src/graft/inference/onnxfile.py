@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..core.decisions import Policy, read_thresholds
 from ..core.errors import CheckpointError, GraftError
 from ..data.discovery import class_names_problem
 from ..data.transforms import PreprocessSpec
@@ -90,10 +91,30 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any]:
             f"{path}: metadata temperature must be a number from {low:g} to {high:g}, "
             f"got {props.get('temperature')!r}"
         )
+    policy, k = _decision(path, props.get("decision"), classes)
     return {
         **props,
+        "policy": policy,
+        "unknown_k": k,
         "classes": classes,
         "preprocess": spec,
         "max_pixels": max_pixels,
         "temperature": temperature,
     }
+
+
+def _decision(path: Path, text: str | None, classes: list[str]) -> tuple[Policy, int]:
+    """The thresholds in the metadata (absent in files exported before: the arg-max)."""
+    if not text:
+        return Policy(tuple(classes)), 1
+    try:
+        d = json.loads(text)
+        thresholds = read_thresholds(d.get("thresholds"), classes)
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: metadata decision is damaged ({exc})") from None
+    t, k = d.get("unknown_threshold"), d.get("unknown_k")
+    if t is not None and not (isinstance(t, (int, float)) and 0.0 <= t <= 2.0):
+        raise CheckpointError(f"{path}: metadata unknown_threshold must be from 0 to 2, got {t!r}")
+    if k is not None and not (isinstance(k, int) and 1 <= k <= 1000):
+        raise CheckpointError(f"{path}: metadata unknown_k must be from 1 to 1000, got {k!r}")
+    return Policy(tuple(classes), thresholds, t), k or 1

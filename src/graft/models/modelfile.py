@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from ..core.decisions import Policy, read_thresholds
 from ..core.errors import CheckpointError, GraftError
-from ..core.runfolder import MODEL_META, MODEL_WEIGHTS
+from ..core.runfolder import MODEL_META, MODEL_WEIGHTS, REFERENCE
 from ..core.runtime import atomic_path, atomic_write_text
 from ..data.discovery import class_names_problem
 from ..data.transforms import PreprocessSpec
@@ -64,6 +65,10 @@ class ModelMeta:
     # how the probabilities are calibrated: {"method": "temperature", "temperature": T, ...} or
     # {"method": "none", "reason": ...}; absent in models saved before: the raw softmax
     calibration: dict[str, Any] | None = None
+    # how probabilities become decisions (core/decisions.py): {"unknown": {"method": "knn", "k",
+    # "threshold", "references", ...}, "thresholds": {class: {kind, target, threshold}},
+    # "chosen_on": ..., "val": the operating point on the val split}; absent: the arg-max
+    decision: dict[str, Any] | None = None
     stopped: str | None = None  # early, interrupted, or None when it ran to the end
     val: dict[str, Any] | None = None  # the saved model scored on val as `graft evaluate` does
     test: dict[str, Any] | None = None
@@ -93,6 +98,21 @@ class ModelMeta:
     def temperature(self) -> float:
         """What the logits are divided by before the softmax (1.0: uncalibrated)."""
         return float((self.calibration or {}).get("temperature", 1.0))
+
+    @property
+    def unknown(self) -> dict[str, Any] | None:
+        """The unknown score's settings ({"method": "knn", "k", "threshold", ...}), or None."""
+        return (self.decision or {}).get("unknown")
+
+    @property
+    def policy(self) -> Policy:
+        """Per-class thresholds and the unknown threshold, as model.json says (validated)."""
+        d = self.decision or {}
+        return Policy(
+            tuple(self.classes),
+            read_thresholds(d.get("thresholds"), self.classes),
+            (self.unknown or {}).get("threshold"),
+        )
 
     @property
     def max_pixels(self) -> int | None:
@@ -138,6 +158,7 @@ class ModelMeta:
                 f"{where}: calibration.temperature must be a number from {low:g} to {high:g}, "
                 f"got {t!r}"
             )
+        _check_decision(values.get("decision"), values["classes"], where)
         max_pixels = (values.get("config") or {}).get("max_pixels")
         if max_pixels is not None and not (
             isinstance(max_pixels, int) and 1 <= max_pixels <= MAX_PIXELS_READ
@@ -149,7 +170,8 @@ class ModelMeta:
         return cls(**values)
 
 
-_SOMETIMES = ("trunk", "selection", "features_computed_per_rank")  # partial, --auto, torchrun
+_SOMETIMES = ("trunk", "selection", "features_computed_per_rank", "decision")
+MAX_REFERENCES_READ = 1_000_000  # reference features a model file may carry (10,000 are written)
 # a temperature a model file may carry: far outside what a fit gives (core/calibration.T_RANGE),
 # still finite and positive, so a tampered one cannot divide by zero or flip the ranking
 TEMPERATURE_READ = (0.01, 100.0)
@@ -157,6 +179,37 @@ TEMPERATURE_READ = (0.01, 100.0)
 # decode: 16 times Pillow's own refusal level (2.9 gigapixels, 8.6 GB of RGB)
 MAX_PIXELS_READ = 16 * 178_956_970
 _TYPES = {"str": str, "int": int, "float": (int, float), "dict": dict, "list": list}
+
+
+def _check_decision(d: Any, classes: list[str], where: str) -> None:
+    """decision: thresholds known classes' probabilities; the unknown score's k and threshold in
+    range, so a tampered file cannot crash a prediction or flag everything silently."""
+    if d is None:
+        return
+    try:
+        read_thresholds(d.get("thresholds"), classes)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    unknown = d.get("unknown")
+    if unknown is None:
+        return
+    k, t, n = (
+        unknown.get(key) if isinstance(unknown, dict) else None
+        for key in ("k", "threshold", "references")
+    )
+    if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 1000):
+        raise CheckpointError(
+            f"{where}: decision.unknown.k must be a whole number from 1 to 1000, got {k!r}"
+        )
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 2.0):
+        raise CheckpointError(
+            f"{where}: decision.unknown.threshold must be a number from 0 to 2, got {t!r}"
+        )
+    if not (isinstance(n, int) and not isinstance(n, bool) and k <= n <= MAX_REFERENCES_READ):
+        raise CheckpointError(
+            f"{where}: decision.unknown.references must be a whole number from k to "
+            f"{MAX_REFERENCES_READ:,}, got {n!r}"
+        )
 
 
 def _fits(value: Any, annotation: str) -> bool:
@@ -169,20 +222,32 @@ def _fits(value: Any, annotation: str) -> bool:
     return any(isinstance(value, _TYPES[k]) for k in kinds if k in _TYPES)
 
 
-def save_model(run_dir: str | Path, backbone: Backbone, meta: ModelMeta) -> Path:
-    """Write the weights, then the JSON that describes them (`meta`, stamped with the time and
-    the versions); each write atomic."""
+def save_model(
+    run_dir: str | Path, backbone: Backbone, meta: ModelMeta, reference: torch.Tensor | None = None
+) -> Path:
+    """Write the weights (and `reference`, the training features the unknown score measures
+    against), then the JSON that describes them (`meta`, stamped with the time and the
+    versions); each write atomic."""
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
     with atomic_path(run_dir / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
+    if reference is not None:
+        with atomic_path(run_dir / REFERENCE) as tmp:
+            features = reference.detach().cpu().half().contiguous()
+            save_file({"features": features}, str(tmp), metadata={"format": FORMAT})
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    meta = dataclasses.replace(meta, created=now, versions=versions())
-    text = json.dumps(meta.to_dict(), indent=2, default=str) + "\n"
-    atomic_write_text(run_dir / META_FILE, text)
+    write_meta(run_dir, dataclasses.replace(meta, created=now, versions=versions()))
     return run_dir / WEIGHTS_FILE
+
+
+def write_meta(run_dir: str | Path, meta: ModelMeta) -> None:
+    """model.json, atomically: `save_model` writes it after the weights; a change of decisions
+    (graft thresholds) rewrites it alone."""
+    text = json.dumps(meta.to_dict(), indent=2, default=str) + "\n"
+    atomic_write_text(Path(run_dir) / META_FILE, text)
 
 
 def read_meta(run_dir: str | Path) -> ModelMeta:
@@ -219,6 +284,35 @@ def load_model(run_dir: str | Path) -> tuple[Backbone, ModelMeta]:
     _check_state(backbone.model.state_dict(), state, weights, len(meta.classes))
     backbone.model.load_state_dict(state)
     return dataclasses.replace(backbone, spec=meta.preprocess), meta
+
+
+def load_reference(run_dir: str | Path, meta: ModelMeta, dims: int) -> torch.Tensor | None:
+    """The training features of the unknown score (N, dims), float32, or None for a model
+    without one. Checked against model.json: a file from elsewhere is untrusted."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    unknown = meta.unknown
+    if unknown is None:
+        return None
+    path = Path(run_dir) / REFERENCE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found: model.json has an unknown score, which needs it; the run folder "
+            "is incomplete"
+        )
+    try:
+        features = load_file(str(path)).get("features")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is damaged or not a safetensors file: {exc}") from exc
+    shape = (unknown["references"], dims)
+    if features is None or tuple(features.shape) != shape:
+        got = None if features is None else tuple(features.shape)
+        raise CheckpointError(f"{path}: 'features' must have shape {shape}, got {got}")
+    features = features.float()
+    if not torch.isfinite(features).all():
+        raise CheckpointError(f"{path}: 'features' holds values that are not finite numbers")
+    return torch.nn.functional.normalize(features, dim=1)
 
 
 def _check_state(

@@ -49,6 +49,7 @@ def model_card(meta: ModelMeta, name: str) -> str:
         _classes(meta, classes),
         _training(meta, cfg),
         _evaluation(val, test, cfg.get("keep", "best")),
+        _decisions(meta, val),
         _limitations(meta, classes, val),
         _usage(name),
     ]
@@ -164,13 +165,88 @@ def _evaluation(val: dict[str, Any], test: dict[str, Any] | None, keep: str = "b
     return "\n".join(out) + "\n"
 
 
+OPERATING_HEADER = ["class", "target", "threshold", "precision", "recall", "review", "caught"]
+
+
+def operating_rows(decision: dict[str, Any] | None, report: dict[str, Any]) -> list[list[str]]:
+    """The operating point per class on a split (`report`: evaluate's "decisions"): target and
+    threshold, then precision, recall and the shares sent to review and caught (not decided as
+    another class), each with its 95% interval."""
+    thresholds = (decision or {}).get("thresholds") or {}
+    rows = []
+    for name, m in report["per_class"].items():
+        t = thresholds.get(name)
+        rows.append(
+            [
+                name,
+                f"{t['kind']} {t['target']:g}" if t else "arg-max",
+                f"{t['threshold']:.4f}" if t else "-",
+                *(share_text(m.get(k)) for k in ("precision", "recall", "review", "caught")),
+            ]
+        )
+    return rows
+
+
+def share_text(share: dict[str, Any] | None) -> str:
+    """'0.950 (0.76-0.99)': a share with its Wilson 95% interval, '-' for none of none."""
+    if not isinstance(share, dict) or share.get("value") is None:
+        return "-"
+    lo, hi = share["ci95"]
+    return f"{share['value']:.3f} ({lo:.2f}-{hi:.2f})"
+
+
+def unknown_text(meta: ModelMeta) -> str:
+    """What the unknown score is and how its threshold was set, in one sentence."""
+    u = meta.unknown
+    if u is None:
+        return 'It always answers one of its classes: it has no "none of these".'
+    return (
+        f'Images unlike every training image are answered "unknown": the distance (1 - cosine '
+        f"similarity) to the {_nth(u['k'])} nearest of {u['references']} training images in "
+        f"the network's features, above {u['threshold']:.4f}, a level that flags "
+        f"{u['flag_rate']:.0%} of held-out training images."
+    )
+
+
+def _nth(k: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
+
+
+def _decisions(meta: ModelMeta, val: dict[str, Any]) -> str:
+    d = (val or {}).get("decisions")
+    if not d:
+        return ""
+    rows = operating_rows(meta.decision, d)
+    chosen = (meta.decision or {}).get("chosen_on")
+    lines = [
+        "## Decisions\n",
+        unknown_text(meta),
+        'Each prediction is a class, "unknown", or "review" (no class claims it, or '
+        "several do)"
+        + (f"; the thresholds below were chosen on {chosen}." if chosen else ": arg-max.")
+        + f" On the {d['n']} validation images: review {share_text(d['review'])}, unknown "
+        f"{share_text(d['unknown'])}.\n",
+        "| " + " | ".join(OPERATING_HEADER) + " |\n|---|---|---:|---:|---:|---:|---:|",
+        *("| " + " | ".join([_md(r[0]), *r[1:]]) + " |" for r in rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def _limitations(meta: ModelMeta, classes: list[str], val: dict[str, Any]) -> str:
     weakest = min(
         (val.get("per_class") or {}).items(), key=lambda kv: kv[1]["recall"], default=None
     )
-    items = [
+    none_of_these = (
         f'- It always answers one of its {len(classes)} classes: it has no "none of these". '
-        "A picture of something else still gets a class, often with high confidence.",
+        "A picture of something else still gets a class, often with high confidence."
+        if meta.unknown is None
+        else '- Its "unknown" is a distance to the training images: a picture of something '
+        "else that looks like a class can still get that class, and a few usual pictures are "
+        f"flagged ({meta.unknown['flag_rate']:.0%} of held-out training images)."
+    )
+    items = [
+        none_of_these,
         f"- {val.get('n', 0)} validation images give an interval, not a promise: read the 95% "
         "interval above before trusting the second decimal.",
         "- It learned from the folder above: other cameras, lighting, framing or image sizes "

@@ -36,7 +36,7 @@ from ..data.splits import load_split
 from ..inference.classifier import Classifier
 from ..models.modelfile import ModelMeta
 from . import figures as draw
-from .card import write_card
+from .card import OPERATING_HEADER, operating_rows, share_text, unknown_text, write_card
 from .pages import DPI, comparison_section, page, png_tag, table
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ def build_report(
         "figures": figures,
         "explanations_note": explanations_note,
         "how_good": _how_good(meta, evaluation, run_dir),
+        "decision": meta.decision,
+        "unknown_text": unknown_text(meta),
         "build_seconds": round(time.perf_counter() - start, 2),
     }
     atomic_write_text(run_dir / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
@@ -289,6 +291,11 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
             ),
         ),
         (
+            "decisions",
+            "Decisions: a class, unknown or review",
+            _decisions_html(r["unknown_text"], r["decision"], ev.get("decisions")),
+        ),
+        (
             "most-confused",
             "Most confused classes",
             table(["true", "predicted as", "images"], confused),
@@ -301,6 +308,20 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
     ]
     title = f"graft report: {run['backbone']} on {Path(run['data_dir']).name}"
     return page(title, str(run["run_dir"]), sections)
+
+
+def _decisions_html(unknown: str, decision: dict[str, Any] | None, d: dict[str, Any] | None) -> str:
+    if not d:
+        return '<p class="muted">no decisions in this model (trained before graft had them)</p>'
+    chosen = (decision or {}).get("chosen_on")
+    return (
+        f"<p>{html.escape(unknown)}</p>"
+        f"<p>On the {d['n']} validation images: review {share_text(d['review'])}, unknown "
+        f"{share_text(d['unknown'])}"
+        + (f"; thresholds chosen on {html.escape(chosen)}" if chosen else "; arg-max")
+        + ". Caught: not decided as another class (decided as it, review or unknown).</p>"
+        + table(OPERATING_HEADER, operating_rows(decision, d))
+    )
 
 
 def calibration_line(c: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
 GET / is a page to try the model in a browser (page.py); GET /card the model card's facts;
 GET /health, GET /classes, POST /predict (multipart, one or more `files`, optional `top_k`):
-per file its class probabilities, or the reason it could not be read; POST /explain (one `file`):
+per file its decision (a class, "unknown" or "review": core/decisions.py), class probabilities
+and unknown score, or the reason it could not be read; POST /explain (one `file`):
 a PNG of the Grad-CAM overlay for its top class (needs `graft[explain]`). Needs `graft[serve]`.
 
 The network runs in a worker thread, one request at a time (a lock: two requests computing at
@@ -110,7 +111,9 @@ def create_app(
         return [
             {
                 "filename": r.path,
+                "decision": None if i in too_big else r.decision,
                 "probabilities": None if i in too_big else r.probs,
+                "unknown_score": None if i in too_big else r.unknown,
                 "error": too_big.get(i, r.error),
             }
             for i, r in enumerate(results)
@@ -131,6 +134,9 @@ def model_facts(meta: ModelMeta) -> dict[str, Any]:
         "val_ci95": val.get("accuracy_ci95"),
         "val_images": val.get("n"),
         "train_images": sum(counts.values()),
+        "unknown": meta.unknown is not None,
+        "unknown_flag_rate": (meta.unknown or {}).get("flag_rate"),
+        "thresholds": (meta.decision or {}).get("thresholds") or {},
         "created": meta.created,
     }
 

@@ -1,5 +1,6 @@
-"""The page `graft serve` shows at GET /: drop or pick images, see each one's top classes as bars,
-"unsure" under a confidence threshold, a Grad-CAM overlay on request, and the model card beside.
+"""The page `graft serve` shows at GET /: drop or pick images, see each one's decision (a class,
+"unknown" or "review") and top classes as bars, a review band (a class decided below the slider's
+probability is shown as "review"), a Grad-CAM overlay on request, and the model card beside.
 One self-contained HTML string: no external URL, works offline; it only calls the JSON API."""
 
 PAGE = """<!DOCTYPE html>
@@ -17,7 +18,7 @@ padding:1em;border-radius:6px;align-self:flex-start}#card h2{margin-top:0;font-s
 .result{display:flex;gap:1em;background:#fff;border:1px solid #ddd;border-radius:6px;
 padding:.8em;margin:.6em 0}.result img{width:160px;height:160px;object-fit:contain;
 background:#eee}.info{flex:1}.top{font-weight:600;font-size:1.1em;margin-bottom:.4em}
-.top.unsure{color:#a60}
+.top.review{color:#a60}.top.unknown{color:#666;font-style:italic}
 .bar{display:grid;grid-template-columns:minmax(0,7em) minmax(4em,1fr) 3.8em;gap:.5em;
 align-items:center;margin:.2em 0}.track{background:#eee;height:.9em;border-radius:3px}
 .fill{background:#3a7;height:100%;border-radius:3px}.pct{text-align:right;
@@ -28,8 +29,8 @@ table{border-collapse:collapse}td{padding:2px 6px;border-bottom:1px solid #eee}
 <main><div id="left">
 <div id="drop">Drop images here, or <input type="file" id="files" multiple accept="image/*"></div>
 <div class="controls">
-<label>unsure below <input type="range" id="threshold" min="0" max="100" value="50">
-<span id="thv">50%</span></label>
+<label>review below <input type="range" id="threshold" min="0" max="100" value="0">
+<span id="thv">0%</span></label>
 <label>classes shown <input type="number" id="topk" min="1" max="20" value="3"></label>
 </div>
 <div id="results"></div></div>
@@ -43,11 +44,15 @@ function label(el) {
   const probs = JSON.parse(el.dataset.probs || "null");
   const top = $(".top", el);
   if (!probs) return;
-  const [name, p] = Object.entries(probs)[0];
-  const unsure = p * 100 < +$("#threshold").value;
-  top.className = "top" + (unsure ? " unsure" : "");
-  top.textContent = unsure ? `unsure (${name} ${pct(p)})` : `${name} ${pct(p)}`;
-  top.dataset.cls = unsure ? "" : name;
+  const shown = Object.entries(probs).slice(0, 2).map(([c, p]) => `${c} ${pct(p)}`).join(", ");
+  let d = el.dataset.decision || Object.keys(probs)[0];
+  // the review band: a class decided below the slider's probability goes to a person too
+  if (d in probs && probs[d] * 100 < +$("#threshold").value) d = "review";
+  top.className = "top" + (d === "review" ? " review" : d === "unknown" ? " unknown" : "");
+  top.textContent = d === "unknown" ? `unknown (closest: ${shown})` :
+    d === "review" ? `review: ${shown}` : `${d} ${pct(probs[d])}`;
+  top.dataset.cls = d in probs ? d : "";
+  top.dataset.decision = d;
 }
 async function classify(file) {
   const el = document.createElement("div");
@@ -64,6 +69,7 @@ async function classify(file) {
     const [res] = await r.json();
     if (!r.ok || res.error) throw new Error(res.error || r.statusText);
     el.dataset.probs = JSON.stringify(res.probabilities);
+    el.dataset.decision = res.decision || "";
     $(".bars", el).innerHTML = Object.entries(res.probabilities).map(([c, p]) =>
       `<div class="bar" data-class="${esc(c)}" data-p="${p}"><span>${esc(c)}</span>` +
       `<div class="track"><div class="fill" style="width:${100 * p}%"></div></div>` +
@@ -102,7 +108,12 @@ fetch("card").then(r => r.json()).then(c => {
     ["training images", c.train_images], ["trained", c.created], ["classes", c.classes.join(", ")]];
   $("#cardbody").innerHTML = "<table>" + rows.map(([k, v]) =>
     `<tr><td>${esc(k)}</td><td>${esc(v)}</td></tr>`).join("") + "</table>" +
-    `<p>It always answers one of these classes; it has no "none of these".</p>`;
+    (c.unknown ? `<p>An image unlike every training image is answered "unknown" (the ` +
+      `threshold flags ${pct(c.unknown_flag_rate)} of held-out training images).</p>` :
+      `<p>It always answers one of these classes; it has no "none of these".</p>`) +
+    (Object.keys(c.thresholds).length ? "<p>Operating points: " + Object.entries(c.thresholds)
+      .map(([k, t]) => esc(`${k} ${t.kind} ${t.target}`)).join(", ") +
+      '; what no class claims is "review".</p>' : "");
 });
 </script></body></html>
 """

@@ -11,6 +11,9 @@ worse (fm10 in bench/calibration.py: ECE 0.22 -> 0.26 on 3,000 unseen images). T
 stays untouched, so the numbers reported on it, calibration included, are honest. finetune and
 partial train the whole network or its top: k more trainings would multiply the cost, so they
 keep the raw softmax for now, and model.json says so.
+
+The out-of-fold scores themselves come back too: per-class thresholds (--target) are chosen on
+them, calibrated, for the same reason (core/decisions.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,10 +43,28 @@ class _Kept(Exception):
     """A fold's head reached the epoch the real one was kept at."""
 
 
-def calibrate(cfg: TrainConfig, backbone: Backbone, job: Job, kept_epoch: int) -> dict[str, Any]:
-    """What model.json records under "calibration": the temperature and how it was fitted, or
-    method "none" and why not. `kept_epoch`: the epoch the trained head was kept at. Leaves the
-    trained head as it found it."""
+@dataclass(frozen=True)
+class Calibrated:
+    """What model.json records under "calibration" (the temperature and how it was fitted, or
+    method "none" and why not), and the out-of-fold logits and labels it was fitted on."""
+
+    record: dict[str, Any]
+    logits: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    @property
+    def temperature(self) -> float:
+        return self.record["temperature"]
+
+    def probabilities(self) -> torch.Tensor | None:
+        """The out-of-fold scores as the saved model gives them: calibrated."""
+        return None if self.logits is None else (self.logits / self.temperature).softmax(1)
+
+
+def calibrate(cfg: TrainConfig, backbone: Backbone, job: Job, kept_epoch: int) -> Calibrated:
+    """The temperature fitted on out-of-fold scores of the training images, with those scores.
+    `kept_epoch`: the epoch the trained head was kept at. Leaves the trained head as it found
+    it."""
     if job.train_features is None:
         return _none(
             f"strategy {cfg.strategy}: no out-of-fold scores without training the "
@@ -96,14 +118,15 @@ def calibrate(cfg: TrainConfig, backbone: Backbone, job: Job, kept_epoch: int) -
         raw["nll"],
         after["nll"],
     )
-    return {
+    record = {
         "method": "temperature",
         "temperature": round(t, 6),
         "fitted_on": f"{k}-fold out-of-fold scores of the {len(labels)} training images, "
         f"each fold's head trained to epoch {kept_epoch} as the model was",
         "out_of_fold": {"raw": raw, "calibrated": after},
     }
+    return Calibrated(record, oof, labels.clone())
 
 
-def _none(reason: str) -> dict[str, Any]:
-    return {"method": "none", "temperature": 1.0, "reason": reason}
+def _none(reason: str) -> Calibrated:
+    return Calibrated({"method": "none", "temperature": 1.0, "reason": reason})

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import TrainConfig, dump_yaml, load_yaml, make_config
+from ..core.decisions import parse_targets
 from ..core.dist import Dist, broadcast, from_env, process_group
 from ..core.errors import ConfigError, GraftError
 from ..core.runfolder import CONFIG, REPORT_HTML, SPLIT, check_out_of_data, claim, start_new_run
@@ -40,6 +41,7 @@ from ..training import checkpoint
 from ..training.calibrate import calibrate
 from ..training.jobs import prepare_job
 from ..training.loop import fit
+from .decisions import fit_decisions, save_scores
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ def _train(
         if resume
         else report_duplicates(discover(cfg.data_dir, cfg.val_fraction, cfg.seed), cfg.dedupe)
     )
+    parse_targets(cfg.target, split.classes)  # a class that is not there: before any training
     backbone = create_backbone(cfg.backbone, len(split.classes), cfg.pretrained, cfg.weights)
     cfg = broadcast(d, cfg.resolve(input_size=backbone.spec.input_size))  # one run folder
     backbone = dataclasses.replace(backbone, spec=backbone.spec.with_size(cfg.image_size))
@@ -206,9 +209,10 @@ def _train(
         if state.best_state is None:
             raise GraftError("training stopped before the first epoch finished; nothing saved")
         job.model.load_state_dict(state.best_state)
-        calibration = calibrate(cfg, backbone, job, state.best["epoch"])
-        clf = _classifier(backbone, split.classes, cfg.device, calibration["temperature"])
-        val_preds = clf.predict_files([p for p, _ in split.val])
+        calibrated = calibrate(cfg, backbone, job, state.best["epoch"])
+        clf = _classifier(backbone, split.classes, cfg.device, calibrated.temperature)
+        decisions = fit_decisions(cfg, clf, job, split, calibrated)
+        val_preds = decisions.val_preds
         val = _scores(clf.evaluate_samples(split.val, val_preds))
         val["protocol"] = _val_protocol(cfg, comparison)
         test = _scores(clf.evaluate_samples(split.test)) if split.test else None
@@ -223,7 +227,8 @@ def _train(
             trainable_params=trainable,
             total_params=total,
             best=state.best,
-            calibration=calibration,
+            calibration=calibrated.record,
+            decision=decisions.record,
             stopped=state.stopped,
             val=val,
             test=test,
@@ -239,7 +244,8 @@ def _train(
             selection=_selection(comparison, cfg) if comparison is not None else None,
             features_computed_per_rank=job.stats.get("features_computed_per_rank"),
         )
-        save_model(run_dir, backbone, meta)
+        save_model(run_dir, backbone, meta, decisions.reference)
+        save_scores(run_dir, decisions.scores)
         write_card(run_dir)
         if cfg.report:
             _report(run_dir, val_preds)
@@ -381,6 +387,7 @@ def _scores(report: dict[str, Any]) -> dict[str, Any]:
         "n",
         "per_class",
         "calibration",
+        "decisions",
         "skipped",
     )
     return {k: report[k] for k in keys}
