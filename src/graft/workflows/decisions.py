@@ -125,7 +125,7 @@ def _held_out(
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], str]:
     """The scores thresholds are chosen on: out-of-fold, or else the val split's."""
     oof = calibrated.probabilities()
-    if oof is not None:
+    if oof is not None and "out_of_fold" in calibrated.record:  # else: val, below
         return (oof, calibrated.labels), calibrated.record["fitted_on"]
     val = _val_scores(split, val_preds, classes)
     if cfg.target and not len(val["val_labels"]):

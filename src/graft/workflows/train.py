@@ -38,7 +38,7 @@ from ..outputs.card import write_card
 from ..outputs.pages import write_comparison
 from ..selection.compare import DEFAULT_FOLDS, Candidate, Comparison, compare
 from ..training import checkpoint
-from ..training.calibrate import calibrate
+from ..training.calibrate import Calibrated, calibrate, fit_on
 from ..training.jobs import prepare_job
 from ..training.loop import fit
 from .decisions import fit_decisions, save_scores
@@ -211,6 +211,8 @@ def _train(
         job.model.load_state_dict(state.best_state)
         calibrated = calibrate(cfg, backbone, job, state.best["epoch"])
         clf = _classifier(backbone, split.classes, cfg.device, calibrated.temperature)
+        if job.train_features is None:  # finetune, partial: no out-of-fold scores
+            calibrated = _calibrate_on_val(cfg, clf, split)
         decisions = fit_decisions(cfg, clf, job, split, calibrated)
         val_preds = decisions.val_preds
         val = _scores(clf.evaluate_samples(split.val, val_preds))
@@ -377,6 +379,25 @@ def _classifier(backbone: Backbone, classes: list[str], device: str, temperature
     from ..inference.classifier import Classifier
 
     return Classifier(backbone, classes, resolve_runtime(device, "fp32"), temperature=temperature)
+
+
+def _calibrate_on_val(cfg: TrainConfig, clf, split) -> Calibrated:
+    """finetune and partial: the temperature fitted on the val split's scores, which it then
+    applies to (training.calibrate explains why); `clf` takes it."""
+    import torch
+
+    preds = clf.predict_files([p for p, _ in split.val])
+    good = [(y, p) for (_, y), p in zip(split.val, preds) if p.probs is not None]
+    probs = torch.tensor([[p.probs[c] for c in clf.classes] for _, p in good])
+    labels = torch.tensor([y for y, _ in good], dtype=torch.long)
+    calibrated = fit_on(
+        probs.reshape(-1, len(clf.classes)).clamp_min(1e-12).log(),
+        labels,
+        f"the val split's {len(labels)} images (strategy {cfg.strategy} has no out-of-fold "
+        "scores): the val split's calibration numbers are optimistic",
+    )
+    clf.temperature = calibrated.temperature
+    return calibrated
 
 
 def _scores(report: dict[str, Any]) -> dict[str, Any]:
