@@ -23,6 +23,7 @@ from .inference.export import export
 from .models.backbones import Backbone, create_backbone, list_backbones
 from .outputs.report import build_report as report
 from .selection.compare import Comparison, compare
+from .workflows.audit import apply_fixes, audit
 from .workflows.decisions import set_targets
 from .workflows.train import Run, train
 
@@ -37,6 +38,8 @@ def load(run_dir, **kwargs) -> Classifier:
 
 
 __all__ = [
+    "apply_fixes",
+    "audit",
     "Backbone",
     "BackboneError",
     "CheckpointError",

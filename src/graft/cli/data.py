@@ -1,4 +1,4 @@
-"""The `graft` commands about data and backbones: verify, backbones, datasets fetch.
+"""The `graft` commands about data and backbones: verify, audit, backbones, datasets fetch.
 Plain functions with typer annotations, registered on the app in main.py."""
 
 from __future__ import annotations
@@ -10,6 +10,59 @@ from typing import Annotated
 import typer
 
 from . import render
+
+
+def audit(
+    data_dir: Annotated[
+        Path, typer.Argument(help="Data folder (class folders, or train/val/test).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for audit.json, audit.html, fixes.csv (or --apply's copy)."),
+    ] = None,
+    apply: Annotated[
+        Path | None,
+        typer.Option(
+            "--apply", help="fixes.csv (edited): build a corrected copy of DATA in --out."
+        ),
+    ] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone whose features compare the images.")] = (
+        "efficientnet_lite0"
+    ),
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Feature cache (default: training's).")
+    ] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Find wrong labels, near-duplicates, outliers, bad files and imbalance before training
+    (the data folder is only read); with --apply, build the corrected copy."""
+    from ..workflows.audit import AUDIT_HTML, apply_fixes
+    from ..workflows.audit import audit as run_audit
+
+    if apply is not None:
+        if out is None:
+            raise typer.BadParameter("--apply needs --out: the new folder for the corrected copy")
+        counts = apply_fixes(data_dir, apply, out)
+        render.out(
+            f"{out}: {counts.get('written', 0)} images ({counts.get('relabelled', 0)} relabelled), "
+            f"{counts.get('dropped', 0)} dropped; {data_dir} unchanged"
+        )
+        return
+    result = run_audit(
+        data_dir,
+        out or "audit",
+        backbone=backbone,
+        cache_dir=cache_dir,
+        device=device,
+        progress=render.progress,
+    )
+    kinds = result.by_kind()
+    render.out(
+        f"{result.images} images: "
+        + (", ".join(f"{n} {k}" for k, n in kinds.items()) if kinds else "no issues")
+        + f" ({result.seconds:.1f}s)"
+    )
+    render.out(f"{result.out_dir / AUDIT_HTML}  (fixes.csv beside it: edit, then --apply)")
 
 
 def verify(

@@ -1,0 +1,122 @@
+"""The math of a folder audit, on L2-normalised image features: out-of-fold probabilities from
+linear heads, label issues by confident learning, near-duplicate pairs, outlier scores.
+
+Confident learning (Northcutt, Jiang and Chuang, JAIR 2021; cleanlab's `filter.py`, read, not
+used: it is AGPL): each class j gets a threshold t_j, the mean out-of-fold probability of class j
+over the images labelled j (how sure the model is, on average, of its own class). An image
+labelled i counts towards the confident joint at (i, k) where k is the class, among those whose
+probability reaches their threshold, with the highest probability; an image counted off the
+diagonal (k != i) is a label issue, with k suggested. Ranked by the given label's own
+probability, lowest first (self-confidence, cleanlab's default ranking).
+
+>>> import torch
+>>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.85, 0.15]])
+>>> label_issues(probs, torch.tensor([0, 0, 1, 1]))
+[(3, 0, 0.15)]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEAR_DUPLICATE = 0.97  # cosine similarity of features: a resize, recompression or light crop
+FOLDS = 5
+L2 = 1e-4  # the heads' weight decay: on 420 demo images with 10% of labels moved, 1e-3 found 71% of
+# them at 94% precision, 1e-4 81% at 87%, 1e-5 86% at 72%
+
+
+def fit_linear(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.nn.Linear:
+    """A softmax regression on features, fitted by L-BFGS to convergence (a convex problem:
+    no epochs, no learning rate to choose)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(features.shape[1], classes)
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+    x, y = features.float(), labels.long()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(x), y) + L2 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head
+
+
+def out_of_fold(
+    features: torch.Tensor, labels: torch.Tensor, classes: int, seed: int = 0
+) -> torch.Tensor:
+    """(N, C) probabilities of each image from a head that never saw it (k-fold, stratified;
+    k = FOLDS, or fewer when a class has fewer images)."""
+    counts = torch.bincount(labels, minlength=classes)
+    k = min(FOLDS, int(counts[counts > 0].min()))
+    probs = torch.full((len(labels), classes), 1.0 / classes)
+    if k < 2:
+        return probs
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(labels), dtype=torch.long)
+    for c in range(classes):  # each class dealt round the folds in a seeded order
+        mine = (labels == c).nonzero().flatten()
+        fold[mine[torch.randperm(len(mine), generator=g)]] = torch.arange(len(mine)) % k
+    for f in range(k):
+        te = (fold == f).nonzero().flatten()
+        keep = torch.ones(len(labels), dtype=torch.bool)
+        keep[te] = False
+        head = fit_linear(features[keep], labels[keep], classes)
+        with torch.no_grad():
+            probs[te] = head(features[te].float()).softmax(1)
+    return probs
+
+
+def label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, float]]:
+    """(index, suggested class, self-confidence) of each image confident learning counts off
+    the diagonal, lowest self-confidence first."""
+    probs, labels = probs.float(), labels.long()
+    classes = probs.shape[1]
+    thresholds = torch.tensor(
+        [
+            float(probs[labels == j, j].mean()) if (labels == j).any() else math.inf
+            for j in range(classes)
+        ]
+    )
+    above = probs >= thresholds - 1e-6
+    masked = torch.where(above, probs, torch.full_like(probs, -1.0))
+    best = masked.argmax(1)
+    counted = above.any(1)
+    out = [
+        (i, int(best[i]), round(float(probs[i, labels[i]]), 6))
+        for i in range(len(labels))
+        if counted[i] and best[i] != labels[i]
+    ]
+    return sorted(out, key=lambda t: t[2])
+
+
+def near_duplicates(
+    features: torch.Tensor, threshold: float = NEAR_DUPLICATE
+) -> list[tuple[int, int, float]]:
+    """(i, j, cosine similarity) of every pair with i < j at or above `threshold`, most similar
+    first. Blocked matrix products: memory grows with N x 1024, time with N squared (10,000
+    images: 10^8 similarities, seconds)."""
+    pairs = []
+    x = features.float()
+    for start in range(0, len(x), 1024):
+        sims = x[start : start + 1024] @ x.T
+        rows, cols = (sims >= threshold).nonzero(as_tuple=True)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            if start + r < c:
+                pairs.append((start + r, c, round(float(sims[r, c]), 4)))
+    return sorted(pairs, key=lambda t: -t[2])
+
+
+def outlier_scores(features: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Each image's distance (1 - cosine) to its nearest other image, and the level above which
+    it is an outlier: Tukey's far fence, Q3 + 3 IQR, of those distances."""
+    from .decisions import knn_distance
+
+    if len(features) < 3:
+        return torch.zeros(len(features)), math.inf
+    d = knn_distance(features, features, 1, leave_one_out=True)
+    q1, q3 = torch.quantile(d, torch.tensor([0.25, 0.75])).tolist()
+    return d, q3 + 3 * (q3 - q1)
