@@ -25,6 +25,7 @@ from .outputs.report import build_report as report
 from .selection.compare import Comparison, compare
 from .workflows.audit import apply_fixes, audit
 from .workflows.decisions import set_targets
+from .workflows.suggest import suggest
 from .workflows.train import Run, train
 
 __version__ = "0.1.0"
@@ -62,6 +63,7 @@ __all__ = [
     "make_config",
     "report",
     "set_targets",
+    "suggest",
     "train",
     "verify",
 ]

@@ -1,4 +1,4 @@
-"""The `graft` commands about data and backbones: verify, audit, backbones, datasets fetch.
+"""The `graft` commands about data and backbones: verify, audit, suggest, backbones, datasets fetch.
 Plain functions with typer annotations, registered on the app in main.py."""
 
 from __future__ import annotations
@@ -63,6 +63,25 @@ def audit(
         + f" ({result.seconds:.1f}s)"
     )
     render.out(f"{result.out_dir / AUDIT_HTML}  (fixes.csv beside it: edit, then --apply)")
+
+
+def suggest(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder from graft train.")],
+    unlabeled: Annotated[Path, typer.Argument(help="Folder of unlabelled images.")],
+    n: Annotated[int, typer.Option("-n", min=1, help="How many to suggest.")] = 50,
+    out: Annotated[Path, typer.Option(help="Folder for suggest.csv and suggest.html.")] = Path(
+        "suggestions"
+    ),
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Which unlabelled images to label next: typical images of what no label covers yet."""
+    from ..workflows.suggest import SUGGEST_HTML
+    from ..workflows.suggest import suggest as run_suggest
+
+    rows = run_suggest(run_dir, unlabeled, n, out, device)
+    for r in rows:
+        render.out(f"{r['rank']}\t{r['path']}\t{r['model_guess']} {r['probability']:.2f}")
+    render.out(f"{out / SUGGEST_HTML}")
 
 
 def verify(

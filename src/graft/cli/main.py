@@ -180,6 +180,7 @@ def export(
 # data and backbone commands (data.py), after the model commands in --help
 app.command()(cli_data.verify)
 app.command()(cli_data.audit)
+app.command()(cli_data.suggest)
 app.command()(cli_data.backbones)
 datasets_app.command("fetch")(cli_data.datasets_fetch)
 

@@ -141,6 +141,34 @@ class Classifier:
         ]
         return torch.cat(out) if out else torch.zeros(0, self.model.num_features)
 
+    def features_files(
+        self, paths: Sequence[ImageLike], batch_size: int = 32
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[Prediction]]:
+        """Features (N, D, L2-normalised) and probabilities (N, C) of the files that read, in one
+        pass, with their indices in `paths`; the ones that did not read, with their errors."""
+        paths = as_image_list(paths)
+        feats, probs, kept, bad = [], [], [], []
+        for i in range(0, len(paths), batch_size):
+            tensors = []
+            for j, p in enumerate(paths[i : i + batch_size]):
+                try:
+                    tensors.append(self.preprocess(p))
+                    kept.append(i + j)
+                except ImageError as exc:
+                    bad.append(Prediction(_label(p), None, exc.reason))
+            if tensors:
+                f, p = self._features(tensors, with_probs=True)
+                feats.append(f)
+                probs.append(p)
+        if not feats:
+            return (
+                torch.zeros(0, self.model.num_features),
+                torch.zeros(0, len(self.classes)),
+                [],
+                bad,
+            )
+        return torch.cat(feats), torch.cat(probs), kept, bad
+
     def predict(
         self, images: Sequence[ImageLike], top_k: int | None = None, batch_size: int = 32
     ) -> list[dict[str, float]]:
@@ -218,9 +246,15 @@ class Classifier:
         return probs, knn_distance(normalise(feats.float().cpu()), self.references, self.unknown_k)
 
     @torch.inference_mode()
-    def _features(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _features(self, tensors: list[torch.Tensor], with_probs: bool = False):
+        """L2-normalised features; `with_probs`: and the calibrated probabilities, one pass."""
         with self.runtime.autocast():
-            return normalise(self.model.features(self.runtime.batch(torch.stack(tensors))).cpu())
+            feats = self.model.features(self.runtime.batch(torch.stack(tensors)))
+            if not with_probs:
+                return normalise(feats.cpu())
+            logits = self.model.head(feats)
+        probs = (logits.float() / self.temperature).softmax(1).cpu()
+        return normalise(feats.float().cpu()), probs
 
     def explain(self, image: ImageLike, method: str = "gradcam", classes: int = 2):
         """Heatmaps of where the network looked for its top `classes` classes (see explain.py)."""

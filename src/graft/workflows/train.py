@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.cleaning import label_issues
 from ..core.config import TrainConfig, dump_yaml, load_yaml, make_config
 from ..core.decisions import parse_targets
 from ..core.dist import Dist, broadcast, from_env, process_group
@@ -213,6 +214,8 @@ def _train(
         clf = _classifier(backbone, split.classes, cfg.device, calibrated.temperature)
         if job.train_features is None:  # finetune, partial: no out-of-fold scores
             calibrated = _calibrate_on_val(cfg, clf, split)
+        else:
+            _mention_label_issues(calibrated, split.root)
         decisions = fit_decisions(cfg, clf, job, split, calibrated)
         val_preds = decisions.val_preds
         val = _scores(clf.evaluate_samples(split.val, val_preds))
@@ -379,6 +382,22 @@ def _classifier(backbone: Backbone, classes: list[str], device: str, temperature
     from ..inference.classifier import Classifier
 
     return Classifier(backbone, classes, resolve_runtime(device, "fp32"), temperature=temperature)
+
+
+def _mention_label_issues(calibrated: Calibrated, root: str) -> None:
+    """The out-of-fold scores calibration made anyway, read as confident learning does
+    (core/cleaning.py): images the heads that never saw them put confidently in another class."""
+    probs = calibrated.probabilities()
+    if probs is None:
+        return
+    issues = label_issues(probs, calibrated.labels)
+    if issues:
+        log.info(
+            "%d training image(s) look mislabelled to heads that never saw them: "
+            "`graft audit %s` lists them with the class suggested",
+            len(issues),
+            root,
+        )
 
 
 def _calibrate_on_val(cfg: TrainConfig, clf, split) -> Calibrated:

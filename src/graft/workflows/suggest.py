@@ -1,0 +1,107 @@
+"""`graft suggest`: which unlabelled images to label next, so that each label helps most.
+
+A trained run's features of the unlabelled images and of its training images, then TypiClust
+(core/cleaning.typical_and_diverse): typical images from the regions of the feature space no
+label covers yet. At the budgets a folder like graft's has (tens to hundreds of labels), diverse
+and typical beats the most uncertain images (Hacohen et al. 2022), which are often outliers or
+duplicates of each other; measured in bench/suggest.py. Writes OUT/suggest.csv (rank, path, the
+model's guess to label faster) and OUT/suggest.html (thumbnails in that order).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..core.cleaning import typical_and_diverse
+from ..core.errors import ConfigError, DatasetError
+from ..core.runtime import atomic_write_text
+from ..data.discovery import expand_inputs
+from ..inference.classifier import Classifier
+from ..outputs.auditpage import thumbnail
+from ..outputs.pages import page
+
+log = logging.getLogger(__name__)
+
+SUGGEST_CSV, SUGGEST_HTML = "suggest.csv", "suggest.html"
+
+
+def suggest(
+    run_dir: str | Path,
+    unlabeled: str | Path,
+    n: int = 50,
+    out: str | Path = "suggestions",
+    device: str = "auto",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The `n` unlabelled images to label first, best first; writes OUT/suggest.csv and
+    OUT/suggest.html.
+
+    >>> graft.suggest("runs/demo", "inbox/", n=50)[0]["path"]  # doctest: +SKIP
+    'inbox/IMG_0412.jpg'
+    """
+    if n < 1:
+        raise ConfigError(f"-n must be at least 1, got {n}")
+    clf = Classifier.load(run_dir, device=device)
+    labelled = clf.references
+    if labelled is None:
+        raise DatasetError(
+            f"{run_dir} keeps no training features (trained by an older graft, or with fewer "
+            "than 10 images): train it again with this graft"
+        )
+    paths = expand_inputs([unlabeled])
+    feats, probs, kept, bad = clf.features_files(paths)
+    for b in bad:
+        log.warning("skipped %s: %s", b.path, b.error)
+    if not kept:
+        raise DatasetError(f"no readable image in {unlabeled}")
+    picks = typical_and_diverse(feats, labelled, n, seed)
+    rows = []
+    for rank, i in enumerate(picks, 1):
+        p, c = probs[i].max(0)
+        rows.append(
+            {
+                "rank": rank,
+                "path": str(paths[kept[i]]),
+                "model_guess": clf.classes[int(c)],
+                "probability": round(float(p), 4),
+            }
+        )
+    _write(Path(out), rows, str(unlabeled), len(kept))
+    return rows
+
+
+def _write(out: Path, rows: list[dict[str, Any]], source: str, pool: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["rank", "path", "model_guess", "probability"])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / SUGGEST_CSV, buf.getvalue())
+    cards = "".join(
+        f'<div class="issue">{thumbnail(r["path"])}<div class="what">#{r["rank"]} '
+        f"{html.escape(r['path'])}<br>the model's guess: {html.escape(r['model_guess'])} "
+        f"{r['probability']:.2f}</div></div>"
+        for r in rows
+    )
+    note = (
+        f"<p>The {len(rows)} of {pool} unlabelled images to label first: typical images of "
+        "regions no training image covers yet (TypiClust). suggest.csv holds the same list.</p>"
+    )
+    css = (
+        "<style>.issue{display:flex;gap:.8em;align-items:center;border-bottom:1px solid #eee}"
+        ".thumb{width:112px;height:112px;object-fit:contain;background:#f4f4f4}"
+        ".what{text-align:left}</style>"
+    )
+    atomic_write_text(
+        out / SUGGEST_HTML,
+        page(
+            f"graft suggest: {source}",
+            f"{pool} images",
+            [("picks", "Label these first", css + note + cards)],
+        ),
+    )
