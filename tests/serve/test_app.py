@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
 import io
 import re
+import shutil
 import socket
 import threading
 import time
@@ -49,13 +52,36 @@ def test_predict_over_http(trained_run, shapes_dir):
         "decision": None,
         "probabilities": None,
         "unknown_score": None,
+        "sha256": hashlib.sha256(b"hello world").hexdigest(),
         "error": "a text file, not an image",
     }
+    assert square["sha256"] == hashlib.sha256(good).hexdigest()
     # every prediction carries its decision and unknown score, as the Python API gives them
     (want,) = trained_run.load().predict_files([shapes_dir / "val" / "square" / "000.png"])
     assert square["decision"] == want.decision == "square"
     assert square["unknown_score"] == pytest.approx(want.unknown) and 0 <= want.unknown < 2
     assert huge["probabilities"] is None and huge["error"] == "larger than 50,000 bytes"
+
+
+def test_corrections_come_back_as_labels(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.run_dir, run)
+    client = TestClient(create_app(run, device="cpu"))
+    digest = hashlib.sha256(b"x").hexdigest()
+    ok = {"filename": "a,b.png", "sha256": digest, "predicted": "circle", "corrected": "square"}
+    assert client.post("/feedback", json=ok).json() == {"saved": True, "corrected": "square"}
+    bad = [
+        ({**ok, "corrected": "hexagon"}, "corrected must be one of the classes: circle, square"),
+        ({**ok, "predicted": "x"}, "predicted must be a class, unknown or review"),
+        ({**ok, "sha256": "abc"}, "sha256 must be the upload's 64 hex digits"),
+        ({**ok, "filename": "a\nb"}, "filename must be printable text"),
+    ]
+    for body, message in bad:
+        r = client.post("/feedback", json=body)
+        assert r.status_code == 422 and r.json()["detail"].startswith(message)
+    rows = list(csv.reader(open(run / "feedback.csv", encoding="utf-8")))
+    assert rows[0] == ["time", "filename", "sha256", "predicted", "corrected"]
+    assert rows[1][1:] == ["a,b.png", digest, "circle", "square"] and len(rows) == 2
 
 
 def test_too_many_files_in_one_request_are_refused(trained_run, shapes_dir):
@@ -159,7 +185,9 @@ def test_the_page_in_a_real_browser(trained_run, shapes_dir, tmp_path, chrome):
     from selenium.webdriver.support.ui import WebDriverWait
 
     image, driver = shapes_dir / "val" / "triangle" / "001.png", chrome
-    with live_server(trained_run.run_dir) as base:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.run_dir, run)
+    with live_server(run) as base:
         files = [("files", (image.name, image.read_bytes(), "image/png"))]
         want = httpx.post(f"{base}/predict", files=files, data={"top_k": "3"}).json()[0]
         driver.get(base + "/")
@@ -194,6 +222,19 @@ def test_the_page_in_a_real_browser(trained_run, shapes_dir, tmp_path, chrome):
             "t.dispatchEvent(new Event('input'));"
         )
         assert top.text == f"{name} {100 * p:.1f}%"  # at its own level it is not for review
+        # "wrong? it is circle": the correction lands in RUN/feedback.csv
+        from selenium.webdriver.support.ui import Select
+
+        Select(driver.find_element(By.CSS_SELECTOR, ".result .fix select")).select_by_visible_text(
+            "circle"
+        )
+        driver.find_element(By.CSS_SELECTOR, ".result .send").click()
+        wait.until(
+            lambda d: "saved: it is circle" in d.find_element(By.CSS_SELECTOR, ".result").text
+        )
+        rows = list(csv.reader(open(run / "feedback.csv", encoding="utf-8")))
+        digest = hashlib.sha256(image.read_bytes()).hexdigest()
+        assert rows[1][1:] == [image.name, digest, want["decision"], "circle"]
         driver.find_element(By.CSS_SELECTOR, ".result .cam").click()
         wait.until(
             lambda d: d.execute_script(

@@ -29,6 +29,7 @@ LOCK = ".graft-lock"  # one live writer; holds the writer's PID
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
 REFERENCE = "reference.safetensors"  # training features the unknown score measures against
+FEEDBACK = "feedback.csv"  # graft serve's "this is wrong, it is X": corrections to label
 SCORES = "scores.safetensors"  # held-out scores that thresholds are chosen on (graft thresholds)
 LAST_WEIGHTS = "last.safetensors"  # resume point, written after every epoch
 LAST_META = "last.json"

@@ -4,7 +4,9 @@ GET / is a page to try the model in a browser (page.py); GET /card the model car
 GET /health, GET /classes, POST /predict (multipart, one or more `files`, optional `top_k`):
 per file its decision (a class, "unknown" or "review": core/decisions.py), class probabilities
 and unknown score, or the reason it could not be read; POST /explain (one `file`):
-a PNG of the Grad-CAM overlay for its top class (needs `graft[explain]`). Needs `graft[serve]`.
+a PNG of the Grad-CAM overlay for its top class (needs `graft[explain]`); POST /feedback (JSON:
+filename, sha256 of the upload, predicted, corrected): "this is wrong, it is X", appended to
+RUN/feedback.csv so production mistakes come back as labels. Needs `graft[serve]`.
 
 The network runs in a worker thread, one request at a time (a lock: two requests computing at
 once on the same cores would only slow each other down), never on the event loop, so /health
@@ -13,12 +15,18 @@ and new connections are answered while a large request is being predicted.
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run
 # time, and UploadFile is imported inside create_app (fastapi is an optional extra).
+import csv
+import datetime as _dt
+import hashlib
 import importlib.util
+import io
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import GraftError
+from ..core.runfolder import FEEDBACK
 from ..inference.classifier import Classifier
 from ..models.modelfile import ModelMeta
 
@@ -47,7 +55,7 @@ def create_app(
     from .page import PAGE
 
     clf = Classifier.load(run_dir, device=device)
-    model_lock = threading.Lock()
+    model_lock, feedback_lock = threading.Lock(), threading.Lock()
 
     def run_model(blobs: list[bytes], top_k: int, names: list[str]):
         with model_lock:
@@ -86,6 +94,23 @@ def create_app(
             raise HTTPException(422, str(exc)) from exc
         return Response(png, media_type="image/png")
 
+    @app.post("/feedback")
+    def feedback(item: dict[str, Any]) -> dict[str, Any]:
+        """One correction: which upload (its name and sha256), what the model said, what it is."""
+        row = _feedback_row(item, clf.classes)
+        if isinstance(row, str):
+            raise HTTPException(422, row)
+        path = Path(run_dir) / FEEDBACK
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        with feedback_lock:
+            if not path.exists():
+                writer.writerow(["time", "filename", "sha256", "predicted", "corrected"])
+            writer.writerow(row)
+            with open(path, "a", encoding="utf-8", newline="") as fh:
+                fh.write(buf.getvalue())
+        return {"saved": True, "corrected": row[-1]}
+
     @app.api_route("/health", methods=["GET", "HEAD"])  # uptime checkers often send HEAD
     def health() -> dict[str, Any]:
         return {"status": "ok", "backbone": clf.meta.backbone, "classes": len(clf.classes)}
@@ -114,12 +139,32 @@ def create_app(
                 "decision": None if i in too_big else r.decision,
                 "probabilities": None if i in too_big else r.probs,
                 "unknown_score": None if i in too_big else r.unknown,
+                "sha256": hashlib.sha256(blobs[i]).hexdigest() if blobs[i] else None,
                 "error": too_big.get(i, r.error),
             }
             for i, r in enumerate(results)
         ]
 
     return app
+
+
+def _feedback_row(item: Any, classes: list[str]) -> list[str] | str:
+    """The CSV row of a correction, or what is wrong with it (untrusted input: a class that is
+    not one, a hash that is not one, control characters in a file name are refused)."""
+    if not isinstance(item, dict):
+        return "send a JSON object: filename, sha256, predicted, corrected"
+    name, digest = item.get("filename"), item.get("sha256")
+    predicted, corrected = item.get("predicted"), item.get("corrected")
+    if corrected not in classes:
+        return f"corrected must be one of the classes: {', '.join(classes)}"
+    if predicted not in (*classes, "unknown", "review"):
+        return "predicted must be a class, unknown or review"
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        return "sha256 must be the upload's 64 hex digits, as /predict returns it"
+    if not (isinstance(name, str) and len(name) <= 255 and name.isprintable()):
+        return "filename must be printable text of at most 255 characters"
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return [now, name, digest, predicted, corrected]
 
 
 def model_facts(meta: ModelMeta) -> dict[str, Any]:

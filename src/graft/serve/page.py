@@ -68,20 +68,34 @@ async function classify(file) {
     const r = await fetch("predict", {method: "POST", body});
     const [res] = await r.json();
     if (!r.ok || res.error) throw new Error(res.error || r.statusText);
+    await classesReady;
     el.dataset.probs = JSON.stringify(res.probabilities);
     el.dataset.decision = res.decision || "";
+    el.dataset.sha256 = res.sha256 || "";
     $(".bars", el).innerHTML = Object.entries(res.probabilities).map(([c, p]) =>
       `<div class="bar" data-class="${esc(c)}" data-p="${p}"><span>${esc(c)}</span>` +
       `<div class="track"><div class="fill" style="width:${100 * p}%"></div></div>` +
       `<span class="pct">${pct(p)}</span></div>`).join("") +
-      `<button class="cam">show Grad-CAM</button>`;
+      `<button class="cam">show Grad-CAM</button> <span class="fix">wrong? it is ` +
+      `<select>${CLASSES.map(c => `<option>${esc(c)}</option>`).join("")}</select> ` +
+      `<button class="send">send</button></span>`;
     $(".cam", el).onclick = () => explain(file, el);
+    $(".send", el).onclick = () => correct(file, el);
     label(el);
     el.classList.add("done");
   } catch (err) {
     $(".top", el).innerHTML = `<span class="error">${esc(err.message)}</span>`;
     el.classList.add("done", "failed");
   }
+}
+let CLASSES = [];
+const classesReady = fetch("classes").then(r => r.json()).then(c => { CLASSES = c; });
+async function correct(file, el) {
+  const body = {filename: file.name, sha256: el.dataset.sha256,
+    predicted: $(".top", el).dataset.decision, corrected: $(".fix select", el).value};
+  const r = await fetch("feedback", {method: "POST", headers: {"Content-Type":
+    "application/json"}, body: JSON.stringify(body)});
+  $(".fix", el).textContent = r.ok ? `saved: it is ${body.corrected}` : (await r.json()).detail;
 }
 async function explain(file, el) {
   const body = new FormData();
