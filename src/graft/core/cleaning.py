@@ -148,10 +148,15 @@ def kmeans(features: torch.Tensor, k: int, seed: int = 0, iters: int = 30) -> to
 def typicality(features: torch.Tensor, k: int = 20) -> torch.Tensor:
     """How typical each row is of its neighbourhood: the inverse of the mean distance (1 -
     cosine) to its k nearest others (Hacohen et al. 2022)."""
-    k = max(1, min(k, len(features) - 1))
-    sims = features.float() @ features.float().T  # N x N: 10,000 pool images take 400 MB
-    sims.fill_diagonal_(-math.inf)
-    mean_d = (1 - sims.topk(k, dim=1).values).mean(1)
+    x = features.float()
+    k = max(1, min(k, len(x) - 1))
+    out = []
+    for start in range(0, len(x), 1024):  # 1024 rows at a time: memory grows with N, not N^2
+        sims = x[start : start + 1024] @ x.T
+        rows = torch.arange(len(sims))
+        sims[rows, rows + start] = -math.inf
+        out.append((1 - sims.topk(k, dim=1).values).mean(1))
+    mean_d = torch.cat(out) if out else torch.zeros(0)
     return 1.0 / mean_d.clamp_min(1e-6)
 
 
