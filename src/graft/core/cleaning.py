@@ -7,8 +7,8 @@ used: it is AGPL): each class j gets a threshold t_j, the mean out-of-fold proba
 over the images labelled j (how sure the model is, on average, of its own class). An image
 labelled i counts towards the confident joint at (i, k) where k is the class, among those whose
 probability reaches their threshold, with the highest probability; an image counted off the
-diagonal (k != i) is a label issue, with k suggested. Ranked by the given label's own
-probability, lowest first (self-confidence, cleanlab's default ranking).
+diagonal (k != i) says class i holds a wrong label; the images of class i with the largest margin
+of another class over i, as many as were counted, are the label issues, worst first.
 
 >>> import torch
 >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.85, 0.15]])
@@ -72,10 +72,16 @@ def out_of_fold(
 
 
 def label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int, float]]:
-    """(index, suggested class, self-confidence) of each image confident learning counts off
-    the diagonal, lowest self-confidence first."""
+    """(index, suggested class, self-confidence) of the likely label errors, worst first.
+
+    How many per class: the images of the class that confident learning counts off the
+    diagonal. Which ones: those with the largest margin of another class over the given one
+    (cleanlab's default, "prune by noise rate"). On bench/audit.py's noisy folders it found more
+    of the moved images, more precisely, than the off-diagonal images themselves (fm10: 0.58
+    precision at 0.83 recall, against 0.46 at 0.65)."""
     probs, labels = probs.float(), labels.long()
-    classes = probs.shape[1]
+    n, classes = probs.shape
+    rows = torch.arange(n)
     thresholds = torch.tensor(
         [
             float(probs[labels == j, j].mean()) if (labels == j).any() else math.inf
@@ -84,14 +90,20 @@ def label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, i
     )
     above = probs >= thresholds - 1e-6
     masked = torch.where(above, probs, torch.full_like(probs, -1.0))
-    best = masked.argmax(1)
-    counted = above.any(1)
-    out = [
-        (i, int(best[i]), round(float(probs[i, labels[i]]), 6))
-        for i in range(len(labels))
-        if counted[i] and best[i] != labels[i]
-    ]
-    return sorted(out, key=lambda t: t[2])
+    off_diagonal = above.any(1) & (masked.argmax(1) != labels)
+    others = probs.clone()
+    others[rows, labels] = -1.0
+    best_other, suggested = others.max(1)
+    margin = best_other - probs[rows, labels]
+    out = []
+    for c in range(classes):
+        mine = (labels == c).nonzero().flatten()
+        count = int(off_diagonal[mine].sum())
+        for i in mine[margin[mine].argsort(descending=True)[:count]].tolist():
+            out.append(
+                (i, int(suggested[i]), round(float(probs[i, labels[i]]), 6), float(margin[i]))
+            )
+    return [t[:3] for t in sorted(out, key=lambda t: -t[3])]
 
 
 def near_duplicates(

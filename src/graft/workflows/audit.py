@@ -51,6 +51,7 @@ ACTIONS = ("relabel", "drop", "keep")
 TINY_SHARE = 4  # a shorter side under a quarter of the folder's usual one: a thumbnail slipped in
 ASPECT = 5.0  # longer side over shorter: a banner or a strip, not a photo of one thing
 BLANK = 3.0  # standard deviation of the grey levels (0-255): a nearly uniform picture
+RELABEL_SURE = 0.8  # the suggested class's out-of-fold probability that prefills "relabel"
 IMBALANCE = 3.0  # largest class over smallest: worth saying
 
 
@@ -265,7 +266,8 @@ def _write(result: Audit, root: str, probs, labels, paths) -> None:
 
 
 def fix_rows(issues: list[dict[str, Any]]) -> list[list[Any]]:
-    """The prefilled fixes, one row per file: relabel to the suggestion, drop an unreadable or
+    """The prefilled fixes, one row per file: relabel to a sure suggestion (else drop: a wrong
+    relabel adds the noise it means to remove), drop an unreadable or
     blank file, the val/test copy of a training image, the second of a redundant pair and the
     weaker label of a conflict; keep (to be looked at) outliers and other suspicious files."""
     rows: dict[str, list[Any]] = {}
@@ -283,8 +285,10 @@ def fix_rows(issues: list[dict[str, Any]]) -> list[list[Any]]:
 
     for i in issues:
         kind, ps = i["kind"], i["paths"]
-        if kind == "label":
-            add(ps[0], "relabel", i["suggested"], kind, i["given"], i["score"])
+        if kind == "label":  # relabel only where the heads are sure; dropping costs less
+            sure = i["suggested_probability"] >= RELABEL_SURE
+            action = "relabel" if sure else "drop"
+            add(ps[0], action, i["suggested"], kind, i["given"], i["score"])
         elif kind == "unreadable":
             add(ps[0], "drop", None, kind, i["given"], None)
         elif kind == "file":
