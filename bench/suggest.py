@@ -2,11 +2,13 @@
 
 For each set: a pool of unlabelled images (their classes known to this script only), a fixed val
 folder (5 per class) and an unseen test folder. A first model is trained on 2 labelled images per
-class; then, for each budget, the images `graft suggest RUN POOL -n BUDGET` picks (or as many
-random ones, two seeds) are labelled, a model is trained on them plus the first ones (defaults,
+class; then, for each budget, the images `graft suggest RUN POOL -n BUDGET --method M` picks
+(typical: TypiClust; farthest: core-set; uncertain: the smallest top-2 margin), or as many random
+ones (two seeds), are labelled, a model is trained on them plus the first ones (defaults,
 extract) and scored on the unseen folder.
 
     python bench/suggest.py [--work /tmp/graft-suggest] [--sets fm10,digits] [--budgets 50,100]
+                            [--methods typical,farthest,uncertain]
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/graft-suggest"))
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--budgets", default="50,100")
+    ap.add_argument("--methods", default="typical,farthest,uncertain")
     args = ap.parse_args()
     rows = []
     for name in args.sets.split(","):
@@ -77,10 +80,14 @@ def main() -> None:
         run0 = train_on(root, seed, "first", cache)
         acc0 = graft.load(run0).evaluate(src / "test")["accuracy"]
         for budget in map(int, args.budgets.split(",")):
-            picks = graft.suggest(run0, root / "pool", n=budget, out=root / f"suggest-{budget}")
-            chosen = [(Path(r["path"]), pool[Path(r["path"])]) for r in picks]
-            run = train_on(root, seed + chosen, f"suggest-{budget}", cache)
-            acc_s = graft.load(run).evaluate(src / "test")["accuracy"]
+            acc_s = {}
+            for method in args.methods.split(","):
+                picks = graft.suggest(
+                    run0, root / "pool", n=budget, out=root / f"suggest-{budget}", method=method
+                )
+                chosen = [(Path(r["path"]), pool[Path(r["path"])]) for r in picks]
+                run = train_on(root, seed + chosen, f"{method}-{budget}", cache)
+                acc_s[method] = graft.load(run).evaluate(src / "test")["accuracy"]
             randoms = []
             for s in (0, 1):
                 rng = random.Random(s)
@@ -89,17 +96,19 @@ def main() -> None:
                     root, seed + [(p, pool[p]) for p in picked], f"random{s}-{budget}", cache
                 )
                 randoms.append(graft.load(run).evaluate(src / "test")["accuracy"])
-            classes = len({c for _, c in chosen})
+            methods = " | ".join(f"{a:.4f}" for a in acc_s.values())
             rows.append(
-                f"| {name} | {len(pool)} | {acc0:.4f} | {budget} | {acc_s:.4f} | "
-                f"{randoms[0]:.4f} / {randoms[1]:.4f} | {classes} |"
+                f"| {name} | {len(pool)} | {acc0:.4f} | {budget} | {methods} | "
+                f"{randoms[0]:.4f} / {randoms[1]:.4f} |"
             )
             print(rows[-1], file=sys.stderr, flush=True)
+    methods = args.methods.split(",")
     print(
-        "| set | pool | first model (2 per class) | labels added | suggest | random (2 seeds) | "
-        "classes among the picks |"
+        "| set | pool | first model (2 per class) | labels added | "
+        + " | ".join(methods)
+        + " | random (2 seeds) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|" + "---:|" * len(methods) + "---:|")
     print("\n".join(rows))
 
 

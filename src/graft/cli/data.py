@@ -72,13 +72,16 @@ def suggest(
     out: Annotated[Path, typer.Option(help="Folder for suggest.csv and suggest.html.")] = Path(
         "suggestions"
     ),
+    method: Annotated[
+        str, typer.Option(help="typical (TypiClust), farthest (core-set) or uncertain (margin).")
+    ] = "typical",
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
-    """Which unlabelled images to label next: typical images of what no label covers yet."""
+    """Which unlabelled images to label next (default: typical images of what no label covers)."""
     from ..workflows.suggest import SUGGEST_HTML
     from ..workflows.suggest import suggest as run_suggest
 
-    rows = run_suggest(run_dir, unlabeled, n, out, device)
+    rows = run_suggest(run_dir, unlabeled, n, out, device, method=method)
     for r in rows:
         render.out(f"{r['rank']}\t{r['path']}\t{r['model_guess']} {r['probability']:.2f}")
     render.out(f"{out / SUGGEST_HTML}")

@@ -202,3 +202,21 @@ def typical_and_diverse(
             if len(picks) == n:
                 break
     return picks
+
+
+def farthest_first(pool: torch.Tensor, labelled: torch.Tensor, n: int) -> list[int]:
+    """Core-set (Sener and Savarese 2018), k-center greedy: each pick the pool image farthest
+    from every labelled or already picked image."""
+    x = pool.float()
+    n = min(n, len(x))
+    if len(labelled):
+        nearest = (1 - (x @ labelled.float().T)).min(1).values
+    else:
+        nearest = torch.full((len(x),), math.inf)
+    picks: list[int] = []
+    for _ in range(n):
+        i = int(nearest.argmax())
+        picks.append(i)
+        nearest = torch.minimum(nearest, 1 - x @ x[i])
+        nearest[picks] = -math.inf
+    return picks

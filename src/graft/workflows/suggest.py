@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..core.cleaning import typical_and_diverse
+from ..core.cleaning import farthest_first, typical_and_diverse
 from ..core.errors import ConfigError, DatasetError
 from ..core.runtime import atomic_write_text
 from ..data.discovery import expand_inputs
@@ -28,6 +28,7 @@ from ..outputs.pages import page
 log = logging.getLogger(__name__)
 
 SUGGEST_CSV, SUGGEST_HTML = "suggest.csv", "suggest.html"
+METHODS = ("typical", "farthest", "uncertain")
 
 
 def suggest(
@@ -37,6 +38,7 @@ def suggest(
     out: str | Path = "suggestions",
     device: str = "auto",
     seed: int = 0,
+    method: str = "typical",
 ) -> list[dict[str, Any]]:
     """The `n` unlabelled images to label first, best first; writes OUT/suggest.csv and
     OUT/suggest.html.
@@ -46,6 +48,8 @@ def suggest(
     """
     if n < 1:
         raise ConfigError(f"-n must be at least 1, got {n}")
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     clf = Classifier.load(run_dir, device=device)
     labelled = clf.references
     if labelled is None:
@@ -59,7 +63,13 @@ def suggest(
         log.warning("skipped %s: %s", b.path, b.error)
     if not kept:
         raise DatasetError(f"no readable image in {unlabeled}")
-    picks = typical_and_diverse(feats, labelled, n, seed)
+    if method == "typical":
+        picks = typical_and_diverse(feats, labelled, n, seed)
+    elif method == "farthest":
+        picks = farthest_first(feats, labelled, n)
+    else:  # the smallest margin between the model's two most likely classes
+        top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
+        picks = (top2[:, 0] - top2[:, -1]).argsort()[:n].tolist()
     rows = []
     for rank, i in enumerate(picks, 1):
         p, c = probs[i].max(0)
