@@ -8,7 +8,8 @@ two of the crops under another class, the rest under their own). Then:
 - near-duplicates: how many planted pairs the audit lists (any kind);
 - accuracy on unseen images of `graft train` (defaults) on the clean folder, the noisy folder and
   the noisy folder corrected by the audit's own suggestions (fixes.csv as written, --apply);
-- the audit's wall time, cold (empty feature cache) and warm.
+- the audit's wall time, cold (empty feature cache) and warm, as `graft audit` processes;
+"share of the loss recovered" is "-" where the noise cost under half a point.
 
     python bench/audit.py [--work /tmp/graft-audit] [--sets fm10,digits,shapes] [--big N]
 
@@ -136,12 +137,13 @@ def main() -> None:
             kind: unseen_accuracy(folder, data / "test", args.work / f"run-{name}-{kind}", cache)
             for kind, folder in (("clean", data / "train"), ("noisy", noisy), ("fixed", fixed))
         }
-        recovered = (acc["fixed"] - acc["noisy"]) / max(1e-9, acc["clean"] - acc["noisy"])
+        cost = acc["clean"] - acc["noisy"]
+        recovered = f"{(acc['fixed'] - acc['noisy']) / cost:.2f}" if cost > 0.005 else "-"
         rows.append(
             f"| {name} | {doc['images']} | {len(moved)} | {len(flagged)} | "
             f"{hit / max(1, len(flagged)):.3f} | {hit / len(moved):.3f} | "
             f"{found_pairs}/{len(pairs)} | {acc['clean']:.4f} | {acc['noisy']:.4f} | "
-            f"{acc['fixed']:.4f} | {recovered:.2f} | {cold:.1f} | {warm:.1f} |"
+            f"{acc['fixed']:.4f} | {recovered} | {cold:.1f} | {warm:.1f} |"
         )
         print(f"{name}: done", file=sys.stderr, flush=True)
     print(
