@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..core.cleaning import label_issues, near_duplicates, out_of_fold, outlier_scores
@@ -105,8 +106,15 @@ def audit(
     for b in fs.bad:
         issues.append(_issue("unreadable", [b.path], _given(b.path, samples, classes), b.reason))
     issues += _file_issues(fs.samples, classes)
-    probs = out_of_fold(feats, labels, len(classes), seed)
-    for i, k, conf in label_issues(probs, labels):
+    counts = torch.bincount(labels, minlength=len(classes))
+    if len(labels) < 2 or int(counts.min()) < 2:  # no fold can hold an image of every class out
+        log.warning("label issues need two readable images of every class: not looked for")
+        probs = torch.zeros(len(labels), len(classes))
+        found = []
+    else:
+        probs = out_of_fold(feats, labels, len(classes), seed)
+        found = label_issues(probs, labels)
+    for i, k, conf in found:
         issues.append(
             {
                 **_issue("label", [paths[i]], classes[labels[i]]),
@@ -116,7 +124,7 @@ def audit(
                 "suggested_probability": round(float(probs[i, k]), 6),
             }
         )
-    issues += _duplicates(feats, labels, paths, where, classes, probs)
+    issues += _duplicates(feats, labels, paths, where, classes, probs) if len(feats) else []
     distance, fence = outlier_scores(feats)
     for i in distance.argsort(descending=True).tolist():
         if distance[i] <= fence:
@@ -127,7 +135,7 @@ def audit(
     issues += _balance(split.counts())
     result = Audit(out, classes, len(samples), issues, split.counts())
     result.seconds = round(time.perf_counter() - start, 2)
-    _write(result, split.root, probs, labels, paths)
+    _write(result, split.root)
     log.info("audit of %d images: %s (%.1fs)", len(samples), result.by_kind(), result.seconds)
     return result
 
@@ -242,7 +250,7 @@ def _check_out(out: Path, root: Path) -> None:
             )
 
 
-def _write(result: Audit, root: str, probs, labels, paths) -> None:
+def _write(result: Audit, root: str) -> None:
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     rel = lambda p: os.path.relpath(p, root)  # noqa: E731 - paths in fixes.csv: relative to DATA
