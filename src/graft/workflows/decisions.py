@@ -188,7 +188,7 @@ def set_targets(run_dir: str | Path, targets: Sequence[str]) -> ModelMeta:
 
 
 def _chosen_on(meta: ModelMeta) -> str:
-    if (meta.calibration or {}).get("method") == "temperature":
+    if "out_of_fold" in (meta.calibration or {}):  # extract: the out-of-fold scores
         return meta.calibration["fitted_on"]
     n = (meta.val or {}).get("n", 0)
     return (
