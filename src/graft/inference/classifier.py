@@ -177,16 +177,20 @@ class Classifier:
         probs = self.probabilities(as_image_list(images), batch_size)
         return [self._top(p, top_k) for p in probs]
 
-    def redecide(self, preds: Sequence[Prediction]) -> list[Prediction]:
-        """The same predictions decided by this classifier's policy as it is now (all classes'
-        probabilities needed: predictions made with top_k=None)."""
+    def stacked(self, preds: Sequence[Prediction]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The predictions that read, as tensors: probabilities (N, C) in class order (made with
+        top_k=None) and unknown scores (N,), None for a model without them."""
         good = [p for p in preds if p.probs is not None]
         probs = torch.tensor([[p.probs[c] for c in self.classes] for p in good])
-        probs = probs.reshape(-1, len(self.classes))
         unknown = None
         if good and good[0].unknown is not None:
             unknown = torch.tensor([p.unknown for p in good])
-        decisions = iter(self.policy.decide(probs, unknown))
+        return probs.reshape(-1, len(self.classes)), unknown
+
+    def redecide(self, preds: Sequence[Prediction]) -> list[Prediction]:
+        """The same predictions decided by this classifier's policy as it is now (all classes'
+        probabilities needed: predictions made with top_k=None)."""
+        decisions = iter(self.policy.decide(*self.stacked(preds)))
         return [dataclasses.replace(p, decision=next(decisions)) if p.probs else p for p in preds]
 
     def decide(self, images: Sequence[ImageLike], batch_size: int = 32) -> list[str]:
@@ -237,13 +241,10 @@ class Classifier:
         """Calibrated probabilities (N, C) and unknown scores (N,) or None."""
         if not tensors:
             return torch.zeros(0, len(self.classes)), None
-        with self.runtime.autocast():
-            feats = self.model.features(self.runtime.batch(torch.stack(tensors)))
-            logits = self.model.head(feats)
-        probs = (logits.float() / self.temperature).softmax(1).cpu()
+        feats, probs = self._features(tensors, with_probs=True)
         if self.references is None:
             return probs, None
-        return probs, knn_distance(normalise(feats.float().cpu()), self.references, self.unknown_k)
+        return probs, knn_distance(feats, self.references, self.unknown_k)
 
     @torch.inference_mode()
     def _features(self, tensors: list[torch.Tensor], with_probs: bool = False):
@@ -293,14 +294,8 @@ class Classifier:
         cm = confusion_matrix(targets, predicted, len(self.classes))
         report = classification_report(cm, self.classes)
         report["most_confused"] = most_confused(cm, self.classes)
-        probs = torch.tensor([[p.probs[c] for c in self.classes] for _, p in good])
-        probs = probs.reshape(-1, len(self.classes))
+        probs, unknown = self.stacked(preds)
         report["calibration"] = self._calibration(probs, targets)
-        unknown = (
-            None
-            if not good or good[0][1].unknown is None
-            else (torch.tensor([p.unknown for _, p in good]))
-        )
         decisions = self.policy.decide(probs, unknown)
         report["decisions"] = operating_report(decisions, targets, self.classes)
         report["skipped"] = [{"path": p.path, "reason": p.error} for p in preds if p.error]

@@ -67,7 +67,7 @@ def build_report(
     # training passes the predictions it made for model.json: the same numbers, computed once
     preds = val_predictions or clf.predict_files([p for p, _ in val])
     ok = [(s, p) for s, p in zip(val, preds) if p.probs is not None]
-    probs = torch.tensor([[p.probs[c] for c in clf.classes] for _, p in ok])
+    probs = clf.stacked(preds)[0]
     targets = torch.tensor([y for (_, y), _ in ok])
     evaluation = clf.evaluate_samples(val, preds)  # what `graft evaluate` gives on this split
     losses = -torch.log(probs[torch.arange(len(ok)), targets].clamp_min(1e-12))

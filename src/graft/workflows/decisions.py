@@ -69,7 +69,7 @@ def fit_decisions(
         unknown["k"] if unknown else 1,
     )
     val_preds = clf.predict_files([p for p, _ in split.val])
-    held_out, chosen_on = _held_out(cfg, calibrated, split, val_preds, clf.classes)
+    held_out, chosen_on = _held_out(cfg, calibrated, clf, split, val_preds)
     targets = parse_targets(cfg.target, clf.classes)
     thresholds = choose_thresholds(*held_out, clf.classes, targets) if targets else {}
     clf.policy = dataclasses.replace(clf.policy, thresholds=thresholds)
@@ -82,7 +82,7 @@ def fit_decisions(
     if thresholds:
         record["chosen_on"] = chosen_on
     scores = {"held_out_probs": held_out[0], "held_out_labels": held_out[1]}
-    scores.update(_val_scores(split, val_preds, clf.classes))
+    scores.update(_val_scores(clf, split, val_preds))
     return Decisions(record, reference, val_preds, scores)
 
 
@@ -119,15 +119,15 @@ def _unknown(
 def _held_out(
     cfg: TrainConfig,
     calibrated: Calibrated,
+    clf: Classifier,
     split: Split,
     val_preds: Sequence[Prediction],
-    classes: Sequence[str],
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], str]:
     """The scores thresholds are chosen on: out-of-fold, or else the val split's."""
     oof = calibrated.probabilities()
     if oof is not None and "out_of_fold" in calibrated.record:  # else: val, below
         return (oof, calibrated.labels), calibrated.record["fitted_on"]
-    val = _val_scores(split, val_preds, classes)
+    val = _val_scores(clf, split, val_preds)
     if cfg.target and not len(val["val_labels"]):
         raise ConfigError(
             "--target needs held-out scores: this run has no out-of-fold scores and no "
@@ -141,13 +141,13 @@ def _held_out(
 
 
 def _val_scores(
-    split: Split, preds: Sequence[Prediction], classes: Sequence[str]
+    clf: Classifier, split: Split, preds: Sequence[Prediction]
 ) -> dict[str, torch.Tensor]:
-    good = [(y, p) for (_, y), p in zip(split.val, preds) if p.probs is not None]
-    probs = torch.tensor([[p.probs[c] for c in classes] for _, p in good]).reshape(-1, len(classes))
-    out = {"val_probs": probs, "val_labels": torch.tensor([y for y, _ in good], dtype=torch.long)}
-    if good and good[0][1].unknown is not None:
-        out["val_unknown"] = torch.tensor([p.unknown for _, p in good])
+    probs, unknown = clf.stacked(preds)
+    labels = [y for (_, y), p in zip(split.val, preds) if p.probs is not None]
+    out = {"val_probs": probs, "val_labels": torch.tensor(labels, dtype=torch.long)}
+    if unknown is not None:
+        out["val_unknown"] = unknown
     return out
 
 

@@ -406,11 +406,10 @@ def _calibrate_on_val(cfg: TrainConfig, clf, split) -> Calibrated:
     import torch
 
     preds = clf.predict_files([p for p, _ in split.val])
-    good = [(y, p) for (_, y), p in zip(split.val, preds) if p.probs is not None]
-    probs = torch.tensor([[p.probs[c] for c in clf.classes] for _, p in good])
-    labels = torch.tensor([y for y, _ in good], dtype=torch.long)
+    probs, _ = clf.stacked(preds)
+    labels = torch.tensor([y for (_, y), p in zip(split.val, preds) if p.probs is not None])
     calibrated = fit_on(
-        probs.reshape(-1, len(clf.classes)).clamp_min(1e-12).log(),
+        probs.clamp_min(1e-12).log(),
         labels,
         f"the val split's {len(labels)} images (strategy {cfg.strategy} has no out-of-fold "
         "scores): the val split's calibration numbers are optimistic",
