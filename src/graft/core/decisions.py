@@ -165,6 +165,22 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# what a model file (model.json, ONNX metadata) may carry for the unknown score: a distance of
+# 1 - cosine lies in [0, 2]; k far above what default_k gives (50), still bounded
+UNKNOWN_K_READ = (1, 1000)
+UNKNOWN_THRESHOLD_READ = (0.0, 2.0)
+
+
+def valid_unknown_k(k: Any) -> bool:
+    low, high = UNKNOWN_K_READ
+    return isinstance(k, int) and not isinstance(k, bool) and low <= k <= high
+
+
+def valid_unknown_threshold(t: Any) -> bool:
+    low, high = UNKNOWN_THRESHOLD_READ
+    return _number(t) and low <= t <= high
+
+
 # --- the unknown score -------------------------------------------------------------------------
 
 

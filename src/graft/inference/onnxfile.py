@@ -9,7 +9,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..core.decisions import Policy, read_thresholds
+from ..core.decisions import (
+    UNKNOWN_K_READ,
+    UNKNOWN_THRESHOLD_READ,
+    Policy,
+    read_thresholds,
+    valid_unknown_k,
+    valid_unknown_threshold,
+)
 from ..core.errors import CheckpointError, GraftError
 from ..data.discovery import class_names_problem
 from ..data.transforms import PreprocessSpec
@@ -113,8 +120,12 @@ def _decision(path: Path, text: str | None, classes: list[str]) -> tuple[Policy,
     except (ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}: metadata decision is damaged ({exc})") from None
     t, k = d.get("unknown_threshold"), d.get("unknown_k")
-    if t is not None and not (isinstance(t, (int, float)) and 0.0 <= t <= 2.0):
-        raise CheckpointError(f"{path}: metadata unknown_threshold must be from 0 to 2, got {t!r}")
-    if k is not None and not (isinstance(k, int) and 1 <= k <= 1000):
-        raise CheckpointError(f"{path}: metadata unknown_k must be from 1 to 1000, got {k!r}")
+    if t is not None and not valid_unknown_threshold(t):
+        low, high = UNKNOWN_THRESHOLD_READ
+        raise CheckpointError(
+            f"{path}: metadata unknown_threshold must be from {low:g} to {high:g}, got {t!r}"
+        )
+    if k is not None and not valid_unknown_k(k):
+        low, high = UNKNOWN_K_READ
+        raise CheckpointError(f"{path}: metadata unknown_k must be from {low} to {high}, got {k!r}")
     return Policy(tuple(classes), thresholds, t), k or 1

@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from ..core.decisions import Policy, read_thresholds
+from ..core.decisions import (
+    UNKNOWN_K_READ,
+    UNKNOWN_THRESHOLD_READ,
+    Policy,
+    read_thresholds,
+    valid_unknown_k,
+    valid_unknown_threshold,
+)
 from ..core.errors import CheckpointError, GraftError
 from ..core.runfolder import MODEL_META, MODEL_WEIGHTS, REFERENCE
 from ..core.runtime import atomic_path, atomic_write_text
@@ -197,13 +204,16 @@ def _check_decision(d: Any, classes: list[str], where: str) -> None:
         unknown.get(key) if isinstance(unknown, dict) else None
         for key in ("k", "threshold", "references")
     )
-    if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 1000):
+    if not valid_unknown_k(k):
+        low, high = UNKNOWN_K_READ
         raise CheckpointError(
-            f"{where}: decision.unknown.k must be a whole number from 1 to 1000, got {k!r}"
+            f"{where}: decision.unknown.k must be a whole number from {low} to {high}, got {k!r}"
         )
-    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 2.0):
+    if not valid_unknown_threshold(t):
+        low, high = UNKNOWN_THRESHOLD_READ
         raise CheckpointError(
-            f"{where}: decision.unknown.threshold must be a number from 0 to 2, got {t!r}"
+            f"{where}: decision.unknown.threshold must be a number from {low:g} to {high:g}, "
+            f"got {t!r}"
         )
     if not (isinstance(n, int) and not isinstance(n, bool) and k <= n <= MAX_REFERENCES_READ):
         raise CheckpointError(
