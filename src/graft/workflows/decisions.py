@@ -133,11 +133,7 @@ def _held_out(
             "--target needs held-out scores: this run has no out-of-fold scores and no "
             "readable val images; train with --strategy extract or give a val split"
         )
-    why = (
-        f"the val split's {len(val['val_labels'])} images (strategy {cfg.strategy} has no "
-        "out-of-fold scores): the val numbers at this point are optimistic"
-    )
-    return (val["val_probs"], val["val_labels"]), why
+    return (val["val_probs"], val["val_labels"]), _on_val(cfg.strategy, len(val["val_labels"]))
 
 
 def _val_scores(
@@ -190,9 +186,12 @@ def set_targets(run_dir: str | Path, targets: Sequence[str]) -> ModelMeta:
 def _chosen_on(meta: ModelMeta) -> str:
     if "out_of_fold" in (meta.calibration or {}):  # extract: the out-of-fold scores
         return meta.calibration["fitted_on"]
-    n = (meta.val or {}).get("n", 0)
+    return _on_val(meta.strategy, (meta.val or {}).get("n", 0))
+
+
+def _on_val(strategy: str | None, n: int) -> str:
     return (
-        f"the val split's {n} images (strategy {meta.strategy} has no out-of-fold scores): "
+        f"the val split's {n} images (strategy {strategy} has no out-of-fold scores): "
         "the val numbers at this point are optimistic"
     )
 
