@@ -20,12 +20,18 @@ from graft.training.loop import fit
 from ..conftest import make_shapes
 
 
-def test_calibration_leaves_the_trained_head_as_it_was(tmp_path):
-    data = make_shapes(tmp_path / "data", n_train=8, n_val=2)
-    cfg = make_config(data, epochs=5, workers=0, cache_dir=str(tmp_path / "c")).resolve(224)
+def _extract_job(tmp_path, n_train: int, n_val: int, epochs: int):
+    """An extract job on generated shapes, its features cached: (config, backbone, job)."""
+    data = make_shapes(tmp_path / "data", n_train=n_train, n_val=n_val)
+    cfg = make_config(data, epochs=epochs, workers=0, cache_dir=str(tmp_path / "c")).resolve(224)
     split = discover(data)
     bb = create_backbone(cfg.backbone, len(split.classes))
     job = prepare_job(cfg, bb, split, resolve_runtime("cpu", "fp32"), lambda it, *a: it)
+    return cfg, bb, job
+
+
+def test_calibration_leaves_the_trained_head_as_it_was(tmp_path):
+    cfg, bb, job = _extract_job(tmp_path, n_train=8, n_val=2, epochs=5)
     fit(job, epoch_plan(cfg, [], cfg.image_size), cfg)
     trained = copy.deepcopy(bb.model.head.state_dict())
     calibrated = calibrate(cfg, bb, job, kept_epoch=5)
@@ -48,11 +54,7 @@ def test_calibration_leaves_the_trained_head_as_it_was(tmp_path):
 
 
 def test_too_few_images_keep_the_raw_softmax_and_say_so(tmp_path):
-    data = make_shapes(tmp_path / "data", n_train=3, n_val=1)
-    cfg = make_config(data, epochs=2, workers=0, cache_dir=str(tmp_path / "c")).resolve(224)
-    split = discover(data)
-    bb = create_backbone(cfg.backbone, len(split.classes))
-    job = prepare_job(cfg, bb, split, resolve_runtime("cpu", "fp32"), lambda it, *a: it)
+    cfg, bb, job = _extract_job(tmp_path, n_train=3, n_val=1, epochs=2)
     calibrated = calibrate(cfg, bb, job, kept_epoch=2)
     cal = calibrated.record
     assert calibrated.probabilities() is None
