@@ -213,10 +213,9 @@ def knn_distance(
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def pick_references(labels: torch.Tensor, limit: int = MAX_REFERENCES, seed: int = 0) -> list[int]:
-    """Indices of at most `limit` reference images: a seeded random subset (each class keeps
-    about its share)."""
-    n = len(labels)
+def pick_references(n: int, limit: int = MAX_REFERENCES, seed: int = 0) -> list[int]:
+    """Indices of at most `limit` of `n` reference images: a seeded random subset (each class
+    keeps about its share)."""
     if n <= limit:
         return list(range(n))
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,7 @@ class Classifier:
                     errors[j] = exc.reason
             probs, unknown = self._forward(tensors)
             decisions = iter(self.policy.decide(probs, unknown))
-            scored = iter(zip(probs, unknown.tolist() if unknown is not None else _nones()))
+            scored = iter(zip(probs, unknown.tolist() if unknown is not None else repeat(None)))
             for j, p in enumerate(chunk):
                 label = names[i + j] if names is not None else _label(p)
                 if j in errors:
@@ -346,11 +347,6 @@ def _array_to_image(a: np.ndarray | torch.Tensor) -> Image.Image:
     raise ImageError(
         f"<array {shape}>", f"an array of shape {shape} is not an image: pass {ACCEPTED}"
     )
-
-
-def _nones():
-    while True:
-        yield None
 
 
 def _round(u: float | None) -> float | None:

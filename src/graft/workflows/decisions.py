@@ -92,16 +92,15 @@ def _unknown(
     """The training features the unknown score measures against (extract: the cached ones;
     otherwise one pass of the trained network over the training images) and its threshold."""
     if job.train_features is not None:
-        feats, labels = job.train_features[0], job.train_features[2]
+        feats = job.train_features[0]
     else:
         bad = set(job.skipped)
-        train = [(p, y) for p, y in split.train if p not in bad]
+        train = [p for p, _ in split.train if p not in bad]
         log.info("unknown score: features of the %d training images", len(train))
-        feats = clf.features([p for p, _ in train])
-        labels = torch.tensor([y for _, y in train], dtype=torch.long)
+        feats = clf.features(train)
     if len(feats) < MIN_REFERENCES:
         return None, None
-    keep = pick_references(labels, MAX_REFERENCES, cfg.seed)
+    keep = pick_references(len(feats), MAX_REFERENCES, cfg.seed)
     reference = normalise(feats[keep])
     unknown = fit_unknown(reference)
     unknown["fitted_on"] = f"leave-one-out distances of {len(reference)} training images" + (

@@ -22,13 +22,18 @@ from ..core.errors import ConfigError, DatasetError
 from ..core.runtime import atomic_write_text
 from ..data.discovery import expand_inputs
 from ..inference.classifier import Classifier
-from ..outputs.auditpage import thumbnail
+from ..outputs.auditpage import CSS, thumbnail
 from ..outputs.pages import page
 
 log = logging.getLogger(__name__)
 
 SUGGEST_CSV, SUGGEST_HTML = "suggest.csv", "suggest.html"
 METHODS = ("typical", "farthest", "uncertain")
+_WHY = {  # what the page says each method picked
+    "typical": "typical images of regions no training image covers yet (TypiClust)",
+    "farthest": "each the farthest from every training image and earlier pick (core-set)",
+    "uncertain": "those the model is least sure of (the smallest margin of its top two classes)",
+}
 
 
 def suggest(
@@ -81,11 +86,11 @@ def suggest(
                 "probability": round(float(p), 4),
             }
         )
-    _write(Path(out), rows, str(unlabeled), len(kept))
+    _write(Path(out), rows, str(unlabeled), len(kept), method)
     return rows
 
 
-def _write(out: Path, rows: list[dict[str, Any]], source: str, pool: int) -> None:
+def _write(out: Path, rows: list[dict[str, Any]], source: str, pool: int, method: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["rank", "path", "model_guess", "probability"])
@@ -99,19 +104,14 @@ def _write(out: Path, rows: list[dict[str, Any]], source: str, pool: int) -> Non
         for r in rows
     )
     note = (
-        f"<p>The {len(rows)} of {pool} unlabelled images to label first: typical images of "
-        "regions no training image covers yet (TypiClust). suggest.csv holds the same list.</p>"
-    )
-    css = (
-        "<style>.issue{display:flex;gap:.8em;align-items:center;border-bottom:1px solid #eee}"
-        ".thumb{width:112px;height:112px;object-fit:contain;background:#f4f4f4}"
-        ".what{text-align:left}</style>"
+        f"<p>The {len(rows)} of {pool} unlabelled images to label first: {_WHY[method]}. "
+        "suggest.csv holds the same list.</p>"
     )
     atomic_write_text(
         out / SUGGEST_HTML,
         page(
             f"graft suggest: {source}",
             f"{pool} images",
-            [("picks", "Label these first", css + note + cards)],
+            [("picks", "Label these first", CSS + note + cards)],
         ),
     )
