@@ -1,14 +1,15 @@
 """How good is graft on folders it has never seen? Accuracy on unseen images, per mode, as a table.
 
-Each set is a small folder of class folders (100-250 training images, 4-10 classes) made here from
-data this machine has: Fashion-MNIST (Debian's dataset-fashion-mnist) at two sizes, scikit-learn's
-digits, and generated shapes on clutter. graft gets only the training folder (flat: it holds out
-its own validation share) and the saved model is then scored by `graft evaluate` on a separate
-folder of images that took no part in anything. Every run is a whole `graft` process (cold feature
-cache), so the wall time is what a user waits.
+Each set is a small folder of class folders (100-300 training images, 4-10 classes) made here from
+data this machine has: Fashion-MNIST (Debian's dataset-fashion-mnist) at three sizes,
+scikit-learn's digits, scikit-image's photos cut into patches, and generated shapes on clutter
+(two levels). graft gets only the training folder (flat: it holds out its own validation share)
+and the saved model is then scored by `graft evaluate` on a separate folder of images that took
+no part in anything. Every run is a whole `graft` process (cold feature cache), so the wall time
+is what a user waits.
 
-    python bench/quality.py [--work /tmp/graft-quality] [--sets fm10,fm6,digits,shapes]
-                            [--modes default,last,auto] [--budget 5m] [--label after]
+    python bench/quality.py [--work /tmp/graft-quality] [--sets fm10,fm6,digits,shapes,...]
+                            [--modes default,epochs,last,auto] [--budget 5m] [--label after]
                             [--src PATH]  # another checkout's src/, e.g. a git worktree of main
 
 Columns: printed = the accuracy graft prints for its model, with its 95% interval; unseen = the
@@ -91,17 +92,18 @@ def make_digits(root: Path, n_train: int, n_test: int) -> None:
         _write(root / "test" / f"digit{c}", imgs[n_train : n_train + n_test])
 
 
-def _shape(kind: str, rng: random.Random) -> Image.Image:
-    """A shape of random size, place, colour and rotation on a noisy, cluttered background."""
+def _shape(kind: str, rng: random.Random, clutter: int = 1) -> Image.Image:
+    """A shape of random size, place, colour and rotation on a noisy, cluttered background;
+    `clutter` multiplies the stray lines and shrinks the shape."""
     size = 96
     bg = np.array([rng.randrange(256) for _ in range(3)], np.uint8)
     noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 30, (size, size, 3))
     im = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(im)
-    for _ in range(rng.randrange(3, 7)):  # clutter: lines and dots of other colours
+    for _ in range(rng.randrange(3, 7) * clutter):  # clutter: lines of other colours
         pts = [(rng.randrange(size), rng.randrange(size)) for _ in range(2)]
         d.line(pts, fill=tuple(rng.randrange(256) for _ in range(3)), width=rng.randrange(1, 4))
-    r = rng.uniform(14, 30)
+    r = rng.uniform(14, 30) / clutter**0.5
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     fill = tuple(rng.randrange(256) for _ in range(3))
     a0 = rng.uniform(0, 2 * math.pi)
@@ -123,14 +125,40 @@ def _shape(kind: str, rng: random.Random) -> Image.Image:
     return im.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
 
 
-def make_shapes(root: Path, n_train: int, n_test: int, seed: int = 7) -> None:
+def make_shapes(root: Path, n_train: int, n_test: int, seed: int = 7, clutter: int = 1) -> None:
     rng = random.Random(seed)
     for part, n in (("train", n_train), ("test", n_test)):
         for kind in ("circle", "square", "triangle", "star"):
             folder = root / part / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                _shape(kind, rng).save(folder / f"{i:04d}.png")
+                _shape(kind, rng, clutter).save(folder / f"{i:04d}.png")
+
+
+PHOTOS = ("brick", "grass", "gravel", "moon", "coins", "camera", "hubble_deep_field", "retina")
+
+
+def make_photos(root: Path, n_train: int, n_test: int, seed: int = 3) -> None:
+    """scikit-image's sample photos cut into grey patches, one class per photo: training patches
+    from the top 55% of each photo, unseen ones from the rest (no pixel in both). Patches of 40-96
+    pixels at a random place, shown at 64x64 with a random brightness and contrast."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    for name in PHOTOS:
+        a = getattr(skimage.data, name)()
+        grey = Image.fromarray(a).convert("L")
+        w, h = grey.size
+        cut = int(h * 0.55)
+        for part, n, (top, bottom) in (("train", n_train, (0, cut)), ("test", n_test, (cut, h))):
+            out = []
+            for _ in range(n):
+                side = int(rng.integers(40, min(97, bottom - top, w)))
+                x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(top, bottom - side + 1))
+                patch = np.asarray(grey.crop((x, y, x + side, y + side)).resize((64, 64)), float)
+                patch = (patch - patch.mean()) * rng.uniform(0.6, 1.4) + patch.mean()
+                out.append(np.clip(patch + rng.uniform(-30, 30), 0, 255).astype(np.uint8))
+            _write(root / part / name, out)
 
 
 SETS = {  # name -> (maker, what it is)
@@ -150,6 +178,18 @@ SETS = {  # name -> (maker, what it is)
         lambda r: make_shapes(r, 40, 50),
         "shapes on clutter, 4 classes, 40 train / 50 unseen",
     ),
+    "fm30": (
+        lambda r: make_fashion(r, list(range(10)), 30, 50, 5000),
+        "Fashion-MNIST, 10 classes, 30 train / 50 unseen each (other images than fm10's)",
+    ),
+    "photos": (
+        lambda r: make_photos(r, 15, 50),
+        "scikit-image photos cut into grey patches, 8 classes, 15 train / 50 unseen",
+    ),
+    "clutter": (
+        lambda r: make_shapes(r, 30, 50, seed=11, clutter=3),
+        "smaller shapes under 3x the clutter, 4 classes, 30 train / 50 unseen",
+    ),
 }
 
 
@@ -168,8 +208,10 @@ def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, bud
     ]
     if mode == "auto":
         cmd += ["--auto", "--budget", budget]
-    elif mode == "last":  # defaults, but the last epoch kept instead of the best on val
-        cmd += ["--keep", "last"]
+    elif mode == "last":  # the epoch-trained head, the last epoch kept instead of the best
+        cmd += ["--head", "epochs", "--keep", "last"]
+    elif mode == "epochs":  # the head trained for epochs, the best on val: the old default
+        cmd += ["--head", "epochs"]
     start = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
