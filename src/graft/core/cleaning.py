@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from .linear import fit_logistic, fold_of
+
 NEAR_DUPLICATE = 0.97  # cosine similarity of features: a resize, recompression or light crop
 FOLDS = 5
 L2 = 1e-4  # the heads' weight decay: on 420 demo images with 10% of labels moved, 1e-3 found 71% of
@@ -29,21 +31,8 @@ L2 = 1e-4  # the heads' weight decay: on 420 demo images with 10% of labels move
 
 
 def fit_linear(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.nn.Linear:
-    """A softmax regression on features, fitted by L-BFGS to convergence (a convex problem:
-    no epochs, no learning rate to choose)."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(features.shape[1], classes)
-    opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-    x, y = features.float(), labels.long()
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(x), y) + L2 * head.weight.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return head
+    """A softmax regression on features at the audit's fixed L2, fitted to convergence."""
+    return fit_logistic(features, labels, classes, L2)
 
 
 def out_of_fold(
@@ -56,11 +45,7 @@ def out_of_fold(
     probs = torch.full((len(labels), classes), 1.0 / classes)
     if k < 2:
         return probs
-    g = torch.Generator().manual_seed(seed)
-    fold = torch.empty(len(labels), dtype=torch.long)
-    for c in range(classes):  # each class dealt round the folds in a seeded order
-        mine = (labels == c).nonzero().flatten()
-        fold[mine[torch.randperm(len(mine), generator=g)]] = torch.arange(len(mine)) % k
+    fold = fold_of(labels, k, seed)
     for f in range(k):
         te = (fold == f).nonzero().flatten()
         keep = torch.ones(len(labels), dtype=torch.bool)

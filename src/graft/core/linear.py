@@ -1,0 +1,196 @@
+"""A softmax (multinomial logistic) regression on fixed features, solved to convergence by L-BFGS,
+its L2 strength chosen by cross-validation: extract's default head, and the audit's fold heads.
+
+A linear head on frozen features is a convex problem: it has one answer, and no epochs, learning
+rate or schedule to choose. The standard protocol for a linear probe (CLIP, Radford et al. 2021,
+appendix A.3) fits L-BFGS logistic regression and sweeps the L2 strength on held-out data; here
+the sweep is a k-fold cross-validation on the training images (augmented views, when there are
+any, are extra samples in their image's fold: no view scores another view of itself), scored by
+the out-of-fold log-loss, walked from strong to weak regularisation with each fold's head warm-
+started from the previous strength (seconds, not minutes). The features are divided by their mean
+norm first, so one grid serves every backbone; the scale is folded back into the weights, so the
+head is a plain `nn.Linear` on the backbone's features, as an epoch-trained one.
+
+>>> import torch
+>>> x = torch.cat([torch.randn(40, 8) + 3, torch.randn(40, 8) - 3])
+>>> y = torch.tensor([0] * 40 + [1] * 40)
+>>> fitted = fit_logistic_cv(x, y, 2)
+>>> bool((fitted.linear()(x).argmax(1) == y).all())
+True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# strong to weak, half a decade apart: the strengths chosen on bench/quality.py's seven sets
+# (lite0 features scaled to unit mean norm) fell between 1e-5 and 3e-4
+L2_GRID = tuple(10.0 ** (-e / 2) for e in range(0, 15))  # 1 .. 1e-7
+FOLDS = 5
+ITERATIONS = 50  # L-BFGS iterations per strength: warm-started, more changed no accuracy
+NO_CV_L2 = 1e-4  # when a class has a single image there is nothing to cross-validate
+
+
+@dataclass(frozen=True)
+class FittedHead:
+    """The head (weights on the backbone's features as they are), the L2 strength chosen and
+    how: the cross-validation path and the out-of-fold logits of the training images at it."""
+
+    weight: torch.Tensor  # (C, D)
+    bias: torch.Tensor  # (C,)
+    l2: float
+    folds: int  # 0: too few images per class to cross-validate; l2 is NO_CV_L2
+    path: list[dict[str, float]]  # per strength tried: {"l2", "cv_loss", "cv_acc"}
+    oof_logits: torch.Tensor | None  # (images, C): each image scored by the fold head without it
+    seconds: float
+
+    def linear(self) -> torch.nn.Linear:
+        head = torch.nn.Linear(self.weight.shape[1], self.weight.shape[0])
+        with torch.no_grad():
+            head.weight.copy_(self.weight)
+            head.bias.copy_(self.bias)
+        return head
+
+    def record(self) -> dict:
+        """What model.json keeps of it."""
+        how = (
+            f"{self.folds}-fold cross-validation on the training images (out-of-fold log-loss)"
+            if self.folds
+            else f"no cross-validation (a class has one image): the default {NO_CV_L2:g}"
+        )
+        return {
+            "method": "lbfgs",
+            "l2": self.l2,
+            "chosen_by": how,
+            "path": self.path,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: int,
+    l2: float,
+    *,
+    class_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    head: torch.nn.Linear | None = None,
+    max_iter: int = 200,
+) -> torch.nn.Linear:
+    """Minimise mean cross-entropy (class-weighted as nn.CrossEntropyLoss weighs it) plus
+    `l2` x the squared weights (not the bias) by L-BFGS from `head` (warm start) or zeros."""
+    if head is None:
+        head = torch.nn.Linear(x.shape[1], classes)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(
+        head.parameters(),
+        max_iter=max_iter,
+        history_size=10,
+        tolerance_grad=1e-5,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
+    x, y = x.float(), y.long()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(head(x), y, weight=class_weight, label_smoothing=label_smoothing)
+        loss = loss + l2 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return head
+
+
+def fit_logistic_cv(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: int,
+    *,
+    groups: torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    seed: int = 0,
+    grid: tuple[float, ...] = L2_GRID,
+) -> FittedHead:
+    """The head on samples `x` (N, D) labelled `y`, its L2 strength chosen by k-fold
+    cross-validation over images: `groups[i]` is the image sample i is a view of (default: each
+    sample its own image), and a group's first sample is its plain (eval) view, the one scored.
+    """
+    start = time.perf_counter()
+    x, y = x.float(), y.long()
+    groups = torch.arange(len(y)) if groups is None else groups.long()
+    scale = float(x.norm(dim=1).mean().clamp_min(1e-12))  # one grid for every backbone
+    xs = x / scale
+    first = _first_of_each(groups)
+    image_labels = y[first]
+    counts = torch.bincount(image_labels, minlength=classes)
+    k = min(FOLDS, int(counts[counts > 0].min())) if len(first) else 0
+    kw = dict(class_weight=class_weight, label_smoothing=label_smoothing, max_iter=ITERATIONS)
+    path, oof, l2 = [], None, NO_CV_L2
+    if k >= 2:
+        fold_of_image = fold_of(image_labels, k, seed)
+        image_index = torch.empty(int(groups.max()) + 1, dtype=torch.long)
+        image_index[groups[first]] = torch.arange(len(first))
+        fold = fold_of_image[image_index[groups]]
+        heads: list[torch.nn.Linear | None] = [None] * k
+        best = math.inf
+        for strength in grid:  # strong to weak, each fold's head warm-started
+            logits = torch.zeros(len(first), classes)
+            for f in range(k):
+                train = fold != f
+                heads[f] = fit_logistic(xs[train], y[train], classes, strength, head=heads[f], **kw)
+                held = first[fold[first] == f]
+                with torch.no_grad():
+                    logits[fold[first] == f] = heads[f](xs[held])
+            loss = float(F.cross_entropy(logits, image_labels))
+            acc = float((logits.argmax(1) == image_labels).float().mean())
+            path.append({"l2": strength, "cv_loss": round(loss, 6), "cv_acc": round(acc, 6)})
+            if loss < best:
+                best, l2, oof = loss, strength, logits
+    head = None
+    for strength in grid if k >= 2 else (l2,):  # the same path down to the strength chosen
+        head = fit_logistic(xs, y, classes, strength, head=head, **kw)
+        if strength == l2:
+            break
+    with torch.no_grad():
+        weight, bias = head.weight / scale, head.bias.clone()
+    return FittedHead(
+        weight.detach(),
+        bias.detach(),
+        l2,
+        k if k >= 2 else 0,
+        path,
+        oof,
+        time.perf_counter() - start,
+    )
+
+
+def _first_of_each(groups: torch.Tensor) -> torch.Tensor:
+    """Index of each group's first sample, in order of first appearance."""
+    seen: set[int] = set()
+    out = []
+    for i, g in enumerate(groups.tolist()):
+        if g not in seen:
+            seen.add(g)
+            out.append(i)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def fold_of(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Stratified k folds: each item's fold, every class dealt round them in a seeded order."""
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(labels), dtype=torch.long)
+    for c in labels.unique().tolist():
+        mine = (labels == c).nonzero().flatten()
+        fold[mine[torch.randperm(len(mine), generator=g)]] = torch.arange(len(mine)) % k
+    return fold
