@@ -10,7 +10,20 @@ from graft.core.errors import ConfigError
 
 def test_defaults_resolved_per_strategy():
     extract = make_config("d").resolve()
-    assert (extract.strategy, extract.optimizer, extract.schedule) == ("extract", "adamw", "cosine")
+    assert (extract.strategy, extract.head, extract.optimizer, extract.epochs) == (
+        "extract",
+        "fit",
+        None,
+        None,
+    )
+    looped = make_config("d", epochs=5).resolve()  # an epoch setting asks for the epoch loop
+    assert (looped.head, looped.optimizer, looped.schedule, looped.lr) == (
+        "epochs",
+        "adamw",
+        "cosine",
+        3e-3,
+    )
+    assert make_config("d", head="epochs").resolve().epochs == 60
     ft = make_config("d", strategy="finetune").resolve()
     assert (ft.optimizer, ft.momentum, ft.schedule, ft.step_size, ft.gamma) == (
         "sgd",
@@ -130,6 +143,15 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path):
         ),
         ({"backbone_lr_mult": 0.5}, "--backbone-lr-mult is ignored with --strategy extract"),
         ({"memory_gb": 8.0}, "--memory-gb is ignored with --strategy extract"),
+        (
+            {"head": "fit", "epochs": 5},
+            "--epochs is ignored with --head fit (the head is solved to convergence, its L2 "
+            "chosen by cross-validation: no epochs, learning rate or optimizer): drop it or use "
+            "--head epochs",
+        ),
+        ({"head": "fit", "lr": 0.1, "patience": 3}, "--lr, --patience are ignored with --head"),
+        ({"head": "fit", "balance": "sampler"}, "use --balance weights"),
+        ({"head": "fit", "strategy": "finetune"}, "--head is ignored with --strategy finetune"),
     ],
 )
 def test_settings_the_run_would_ignore_are_refused(options, message):

@@ -31,12 +31,14 @@ def test_saved_model_predicts_like_the_trained_one(trained_run, shapes_dir):
 
 def test_run_folder_contents(trained_run):
     names = {p.name for p in trained_run.run_dir.iterdir()}
-    assert {"model.safetensors", "model.json", "config.yaml", "metrics.csv", "split"} <= names
+    assert {"model.safetensors", "model.json", "config.yaml", "split"} <= names
+    assert "metrics.csv" not in names  # a fitted head has no epochs
     meta = json.loads((trained_run.run_dir / "model.json").read_text())
     assert meta["classes"] == ["circle", "square", "triangle"]
     assert meta["backbone"] == "efficientnet_lite0" and meta["strategy"] == "extract"
     assert meta["preprocess"]["mean"] == [0.5, 0.5, 0.5]
     assert meta["best"]["val_acc"] == trained_run.best["val_acc"]
+    assert meta["best"]["head"] == "fit" and meta["best"]["folds"] == 5
     assert {"torch", "timm", "graft"} <= set(meta["versions"])
     # the unknown score's reference features: the training images', L2-normalised, half precision
     assert {"reference.safetensors", "scores.safetensors"} <= names

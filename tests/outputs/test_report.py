@@ -47,14 +47,27 @@ def test_every_file_written_at_its_size(report_run):
             im.load()
             assert list(im.size) == rep["figures"][name], name
     assert (run / "report.html").stat().st_size > 10_000
-    # a best-epoch run says its val number flatters; --auto runs are checked in test_compare.py
+    # a fitted head's val number is unbiased; a best-epoch run says its number flatters
+    # (test_report_of_an_epoch_trained_head); --auto runs are checked in test_compare.py
     how = rep["how_good"]
-    assert how["how"].startswith("optimistic: the epoch kept is the one that scored best")
+    assert how["how"].startswith("unbiased: the val images took no part in any choice (the head")
     assert how["accuracy"] == rep["evaluation"]["accuracy"] and how["comparison"] is None
 
 
-def test_report_json_agrees_with_metrics_and_evaluate(report_run, shapes_dir):
+def test_report_of_a_fitted_head_draws_its_regularisation_path(report_run):
     run, rep = report_run
+    assert rep["history"] == [] and not (run / "metrics.csv").exists()
+    path = rep["run"]["best"]["path"]
+    assert len(path) == 15 and rep["run"]["best"]["l2"] in [r["l2"] for r in path]
+    page = (run / "report.html").read_text()
+    assert "fitted by L-BFGS, L2" in page
+
+
+def test_report_of_an_epoch_trained_head(shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    graft.train(shapes_dir, out=str(run), head="epochs", epochs=4, workers=0, report=False)
+    rep = graft.report(run)
+    assert rep["how_good"]["how"].startswith("optimistic: the epoch kept is the one that scored")
     on_disk = json.loads((run / "report.json").read_text())
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in on_disk["history"]] == [float(r["epoch"]) for r in rows]

@@ -46,8 +46,13 @@ def run_summary(run: Any) -> None:
     """The end of `graft train`: best epoch with its interval, test score, what was skipped."""
     lo, hi = run.val_ci95
     kept = "last" if run.config is not None and run.config.keep == "last" else "best"
+    if run.best.get("head") == "fit":
+        how = f"{run.best['folds']}-fold CV" if run.best["folds"] else "default"
+        kept = f"head fitted (L2 {run.best['l2']:g}, {how})"
+    else:
+        kept = f"{kept} epoch {run.best['epoch']}"
     out(
-        f"{kept} epoch {run.best['epoch']}: val acc {run.val_accuracy:.4f} (95% CI {lo:.3f}-"
+        f"{kept}: val acc {run.val_accuracy:.4f} (95% CI {lo:.3f}-"
         f"{hi:.3f}, n={run.val_images}), val loss {run.best['val_loss']:.4f}  "
         f"({run.trainable_params:,} of {run.total_params:,} parameters trained, "
         f"{run.wall_seconds:.1f}s)"

@@ -21,6 +21,19 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "none")
 BALANCE = ("none", "weights", "sampler")
 KEEP = ("best", "last")
+HEADS = ("fit", "epochs")  # extract's head: core/linear.py, or the epoch loop
+# what trains the head for a number of epochs: given with extract, they ask for --head epochs
+EPOCH_SETTINGS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "step_size",
+    "gamma",
+)
 ENGINES = ("torch", "onnxruntime")  # the frozen extractor's (frozen/runners.py)
 # what a comparison (graft compare, train --auto) sets per candidate: refused when given there
 CHOSEN_PER_CANDIDATE = (
@@ -62,6 +75,15 @@ class TrainConfig:
         "extract",
         "What trains: the head on frozen features, everything, or the last blocks.",
         STRATEGIES,
+    )
+    # fit: a convex problem solved, its L2 chosen by cross-validation on the training images;
+    # epochs: the loop below (docs/QUALITY.md compares them)
+    head: str | None = _setting(
+        None,
+        "extract: the head fitted by L-BFGS with its L2 chosen by cross-validation (fit), or "
+        "trained for --epochs (epochs) [default: fit; epochs when an epoch setting such as "
+        "--epochs or --lr is given].",
+        HEADS,
     )
     unfreeze: tuple[str, ...] = _setting(
         (), "partial: blocks to train, comma-separated (graft backbones NAME --blocks)."
@@ -155,6 +177,8 @@ class TrainConfig:
         _check_choice("balance", self.balance, BALANCE)
         _check_choice("keep", self.keep, KEEP)
         _check_choice("engine", self.engine, ENGINES)
+        if self.head is not None:
+            _check_choice("head", self.head, HEADS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("device", self.device, DEVICES)
         if self.keep == "last" and self.patience:
@@ -239,6 +263,7 @@ class TrainConfig:
                 "trains, so nothing below them can be cached); use it with "
                 "extract or partial"
             )
+        self._refuse_ignored_by_head()
         if self.strategy != "extract":
             if "backbone_lr_mult" in given and not self.warmup_epochs:
                 raise ConfigError(
@@ -259,6 +284,41 @@ class TrainConfig:
                 "holds augmented views: add --cache-views N (e.g. 4)"
             )
 
+    def _refuse_ignored_by_head(self) -> None:
+        if self.head is not None and self.strategy != "extract":
+            raise ConfigError(
+                f"--head is ignored with --strategy {self.strategy} (it says how extract's "
+                "head on frozen features is made): drop it or use --strategy extract"
+            )
+        if self.head != "fit":
+            return
+        given = [name for name in EPOCH_SETTINGS if getattr(self, name) is not None]
+        if self.patience:
+            given.append("patience")
+        if given:
+            flags = ", ".join(f"--{_flag(name)}" for name in given)
+            raise ConfigError(
+                f"{flags} {'is' if len(given) == 1 else 'are'} ignored with --head fit (the "
+                "head is solved to convergence, its L2 chosen by cross-validation: no epochs, "
+                "learning rate or optimizer): drop "
+                f"{'it' if len(given) == 1 else 'them'} or use --head epochs"
+            )
+        if self.balance == "sampler":
+            raise ConfigError(
+                "--balance sampler is ignored with --head fit (the fitted head sees every "
+                "image at once; nothing is sampled): use --balance weights"
+            )
+
+    def resolved_head(self) -> str | None:
+        """extract's head as it runs: the one given, else epochs when an epoch setting (or
+        --patience, or --balance sampler) is given, else fit; None for finetune and partial."""
+        if self.strategy != "extract":
+            return None
+        if self.head is not None:
+            return self.head
+        loop = any(getattr(self, name) is not None for name in EPOCH_SETTINGS)
+        return "epochs" if loop or self.patience or self.balance == "sampler" else "fit"
+
     def resolve(self, input_size: int | None = None) -> TrainConfig:
         """Fill every `None` with the value that really runs, so the saved config reproduces
         the run: the strategy's defaults, the workers, the feature cache folder, the run folder,
@@ -270,8 +330,10 @@ class TrainConfig:
         LR scaled linearly from the tutorial's 1e-3 at batch 4 (bench/train_step.py measured
         batch 4 faster per image on a 2-core CPU: an open question, docs/PERFORMANCE.md).
         """
-        defaults = _strategy_defaults(self.strategy)
+        head = self.resolved_head()
+        defaults = _strategy_defaults(self.strategy) if head != "fit" else {}
         defaults.update(
+            head=head,
             workers=default_workers(),
             cache_dir=str(default_cache_dir()),
             out=str(default_run_dir(self.backbone)),
@@ -279,6 +341,9 @@ class TrainConfig:
         )
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         cfg = dataclasses.replace(self, **updates)
+        if head == "fit":  # nothing of the epoch loop runs
+            unused = (*EPOCH_SETTINGS, "backbone_lr_mult", "memory_gb")
+            return dataclasses.replace(cfg, **dict.fromkeys(unused))
         used = {
             "momentum": cfg.optimizer == "sgd",
             "step_size": cfg.schedule == "step",

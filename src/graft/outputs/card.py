@@ -102,11 +102,7 @@ def _training(meta: ModelMeta, cfg: dict[str, Any]) -> str:
         f"mean {list(spec.mean)}, std {list(spec.std)}",
         f"- strategy: `{meta.strategy}`: trains {what}; "
         f"{meta.trainable_params or 0:,} of {meta.total_params or 0:,} parameters",
-        f"- {cfg.get('epochs')} epochs planned, {cfg.get('keep', 'best')} epoch kept: "
-        f"{best.get('epoch')}" + (f" (stopped: {meta.stopped})" if meta.stopped else ""),
-        f"- optimizer {cfg.get('optimizer')}, lr {cfg.get('lr')}, batch {cfg.get('batch_size')}, "
-        f"schedule {cfg.get('schedule')}, weight decay {cfg.get('weight_decay')}, "
-        f"seed {cfg.get('seed')}",
+        *_training_lines(meta, cfg, best),
         f"- precision {meta.precision}, {meta.wall_seconds} s of training, "
         f"created {meta.created}, graft {(meta.versions or {}).get('graft')}",
     ]
@@ -278,3 +274,24 @@ def _md(text: str) -> str:
     named `<img onerror=...>`), Markdown's own characters escaped (a `|` would break a table),
     and on one line."""
     return html.escape(" ".join(str(text).split()), quote=True).translate(_MARKDOWN)
+
+
+def _training_lines(meta: ModelMeta, cfg: dict[str, Any], best: dict[str, Any]) -> list[str]:
+    """How the weights were made: the fitted head's L2 and how it was chosen, or the epochs."""
+    if best.get("head") == "fit":
+        how = (
+            f"chosen by {best['folds']}-fold cross-validation on the training images"
+            if best.get("folds")
+            else "the default (too few images per class to cross-validate)"
+        )
+        return [
+            f"- head: softmax regression fitted by L-BFGS, L2 {best.get('l2'):g} {how}; the val "
+            f"split chose nothing; seed {cfg.get('seed')}"
+        ]
+    return [
+        f"- {cfg.get('epochs')} epochs planned, {cfg.get('keep', 'best')} epoch kept: "
+        f"{best.get('epoch')}" + (f" (stopped: {meta.stopped})" if meta.stopped else ""),
+        f"- optimizer {cfg.get('optimizer')}, lr {cfg.get('lr')}, batch {cfg.get('batch_size')}, "
+        f"schedule {cfg.get('schedule')}, weight decay {cfg.get('weight_decay')}, "
+        f"seed {cfg.get('seed')}",
+    ]

@@ -38,6 +38,29 @@ def curves(history: list[dict[str, float]]):
     return fig
 
 
+def regularisation(path: list[dict[str, float]]):
+    """A fitted head's curves: out-of-fold loss and accuracy against the L2 strength tried,
+    the one chosen marked (the lowest loss)."""
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    l2 = [r["l2"] for r in path]
+    best = min(path, key=lambda r: r["cv_loss"])["l2"]
+    for key, ax, title in (
+        ("cv_loss", a, "out-of-fold loss"),
+        ("cv_acc", b, "out-of-fold accuracy"),
+    ):
+        ax.plot(l2, [r[key] for r in path], marker=".")
+        ax.axvline(best, color="tab:red", alpha=0.5, label=f"chosen: L2 {best:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("L2 strength")
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def accuracy_vs_time(rows: list[dict[str, Any]]):
     """graft compare: each scored candidate's fold accuracy (with its 95% interval) against its
     wall time, one colour per strategy."""

@@ -88,7 +88,9 @@ def build_report(
 
     matplotlib.use("Agg")
     figures: dict[str, Any] = {}
-    _save(run_dir, CURVES, draw.curves(history), figures)
+    path = (meta.best or {}).get("path")
+    curves = draw.regularisation(path) if path and not history else draw.curves(history)
+    _save(run_dir, CURVES, curves, figures)
     _save(run_dir, CONFUSION, draw.confusion(evaluation, clf.classes), figures)
     _save(run_dir, SAMPLES, draw.samples(clf, train), figures)
     shown = [(ok[i][0][0], int(targets[i]), probs[i]) for i in draw.spread(range(len(ok)), 16)]
@@ -128,7 +130,14 @@ def _how_good(meta: ModelMeta, ev: dict[str, Any], run_dir: Path) -> dict[str, A
     """How the val number was obtained, and so how far to trust it; the comparison if one ran."""
     cfg = meta.config or {}
     keep = cfg.get("keep", "best")
-    if keep == "last":
+    if cfg.get("head") == "fit":
+        how = (
+            "unbiased: the val images took no part in any choice (the head fitted, its L2 "
+            "chosen by cross-validation on the training images"
+            + (", the model too" if meta.selection else "")
+            + ")"
+        )
+    elif keep == "last":
         how = (
             "unbiased: the val images took no part in any choice (a fixed number of epochs, "
             "the last one kept"
@@ -236,11 +245,7 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
         ],
         ["precision", run["precision"]],
         ["wall time (s)", run["wall_seconds"]],
-        [
-            "epoch kept",
-            f"{best.get('epoch')} ({run.get('keep') or 'best'}"
-            + (" on val accuracy)" if run.get("keep", "best") == "best" else ", fixed epochs)"),
-        ],
+        _kept_row(run, best),
         ["val accuracy, 95% CI", f"{ev['accuracy']:.4f} ({lo:.3f}-{hi:.3f}, n={ev['n']})"],
     ]
     if ev.get("calibration"):
@@ -337,3 +342,15 @@ def calibration_line(c: dict[str, Any]) -> str:
         f"{raw['nll']:.3f}), confidence {cal['confidence']:.2f} (raw {raw['confidence']:.2f}) "
         f"at accuracy {cal['accuracy']:.2f}; temperature {c['temperature']:.3g}"
     )
+
+
+def _kept_row(run: dict[str, Any], best: dict[str, Any]) -> list[str]:
+    if best.get("head") == "fit":
+        how = f"{best['folds']}-fold cross-validation" if best.get("folds") else "default"
+        return ["head", f"fitted by L-BFGS, L2 {best.get('l2'):g} ({how} on train)"]
+    keep = run.get("keep") or "best"
+    return [
+        "epoch kept",
+        f"{best.get('epoch')} ({keep}"
+        + (" on val accuracy)" if keep == "best" else ", fixed epochs)"),
+    ]

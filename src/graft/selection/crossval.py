@@ -28,6 +28,7 @@ from ..frozen.features import extract_features
 from ..frozen.runners import resolve_engine
 from ..models.backbones import Backbone, create_backbone
 from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
+from ..training.head import fit_on_features
 from ..training.jobs import check_bad, feature_job, prepare_job, why_trunk_live
 from ..training.loop import fit
 
@@ -196,6 +197,7 @@ class Trials:
             "unfreeze_last": c.unfreeze_last,
             "cache_views": c.cache_views,
             "settings": {
+                "head": cfg.head,
                 "epochs": cfg.epochs,
                 "optimizer": cfg.optimizer,
                 "lr": cfg.lr,
@@ -289,6 +291,14 @@ class Trials:
             held = {kept[self.pool[i]] for i in fold if self.pool[i] in kept}
             tr = torch.tensor([i for i in range(len(fs.samples)) if i not in held])
             te = torch.tensor(sorted(held))
+            if cfg.head == "fit":
+                head = fit_on_features(
+                    cfg, fs.features[tr], fs.aug[tr], fs.labels[tr], len(self.split.classes)
+                ).linear()
+                with torch.no_grad():
+                    correct += int((head(fs.features[te]).argmax(1) == fs.labels[te]).sum())
+                n += len(te)
+                continue
             backbone.model.head.load_state_dict(init)
             job = feature_job(
                 cfg,

@@ -30,6 +30,7 @@ import torch
 
 from ..core.calibration import MIN_SCORES, fit_temperature, scores
 from ..core.config import TrainConfig
+from ..core.linear import FittedHead
 from ..data.splits import stratified_folds
 from ..models.backbones import Backbone
 from ..models.freezing import epoch_plan
@@ -128,6 +129,26 @@ def calibrate(cfg: TrainConfig, backbone: Backbone, job: Job, kept_epoch: int) -
         "out_of_fold": {"raw": raw, "calibrated": after},
     }
     return Calibrated(record, oof, labels.clone())
+
+
+def calibrate_fitted(fitted: FittedHead, labels: torch.Tensor) -> Calibrated:
+    """extract with a fitted head (core/linear.py): the temperature fitted on the out-of-fold
+    logits its cross-validation made anyway, at the L2 strength it chose (that one choice was
+    made on the same scores: a hair optimistic, as any validation score of a tuned model)."""
+    if fitted.oof_logits is None:
+        return _none(
+            "no cross-validation (a class has a single training image): probabilities are "
+            "the raw softmax"
+        )
+    calibrated = fit_on(
+        fitted.oof_logits,
+        labels,
+        f"{fitted.folds}-fold out-of-fold scores of the {len(labels)} training images, from "
+        f"the cross-validation that chose the head's L2 ({fitted.l2:g})",
+    )
+    if "held_out" in calibrated.record:
+        calibrated.record["out_of_fold"] = calibrated.record.pop("held_out")
+    return calibrated
 
 
 def fit_on(logits: torch.Tensor, labels: torch.Tensor, fitted_on: str) -> Calibrated:

@@ -146,7 +146,7 @@ def feature_job(
     )
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*val), batch_size=1024)
     cpu = Runtime(torch.device("cpu"), None)  # a Linear on a few MB of features: the CPU is fastest
-    criterion = _criterion(cfg, y, len(classes))
+    criterion = make_criterion(cfg, y, len(classes))
     return Job(
         backbone=backbone,
         model=backbone.model.head,
@@ -218,7 +218,7 @@ def _prepare_cached(
     )
     val_loader = torch.utils.data.DataLoader(ActivationDataset(va), batch_size=cfg.batch_size)
     model = runtime.prepare(TopNet(backbone.model, cut.top))
-    criterion = _criterion(cfg, labels, len(split.classes)).to(runtime.device)
+    criterion = make_criterion(cfg, labels, len(split.classes)).to(runtime.device)
     trunk = TrunkDecision(
         cached=True, reason=f"{views} views per image, blocks from {blocks[0]} on train"
     )
@@ -310,7 +310,7 @@ def _prepare_images(
     def set_size(size: int) -> None:
         train_ds.transform = build_transforms(backbone.spec.with_size(size), True, cfg.rotation)
 
-    criterion = _criterion(cfg, labels, len(split.classes)).to(runtime.device)
+    criterion = make_criterion(cfg, labels, len(split.classes)).to(runtime.device)
     if d.enabled and d.is_main:
         glob = d.world * cfg.batch_size
         log.info(
@@ -349,7 +349,7 @@ def check_bad(cfg: TrainConfig, bad: list[BadFile]) -> list[str]:
     return [b.path for b in bad]
 
 
-def _criterion(cfg: TrainConfig, labels: torch.Tensor, num_classes: int) -> nn.Module:
+def make_criterion(cfg: TrainConfig, labels: torch.Tensor, num_classes: int) -> nn.Module:
     weight = None
     if cfg.balance == "weights":
         counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)

@@ -39,7 +39,8 @@ from ..outputs.card import write_card
 from ..outputs.pages import write_comparison
 from ..selection.compare import DEFAULT_FOLDS, Candidate, Comparison, compare
 from ..training import checkpoint
-from ..training.calibrate import Calibrated, calibrate, fit_on
+from ..training.calibrate import Calibrated, calibrate, calibrate_fitted, fit_on
+from ..training.head import fit_head
 from ..training.jobs import prepare_job
 from ..training.loop import fit
 from .decisions import fit_decisions, save_scores
@@ -177,8 +178,9 @@ def _train(
     with writer(cfg.out, resuming=last is not None, overwrite=overwrite) as run_dir:
         job = prepare_job(cfg, backbone, split, runtime, progress, d)  # bad files stop us here
         if not d.is_main:  # the same training, nothing written: rank 0 saves the model
-            with sigterm_as_interrupt():
-                fit(job, epoch_plan(cfg, blocks, backbone.spec.input_size), cfg, resume=last)
+            if cfg.head != "fit":  # a fitted head needs no other rank
+                with sigterm_as_interrupt():
+                    fit(job, epoch_plan(cfg, blocks, backbone.spec.input_size), cfg, resume=last)
             return Run(
                 run_dir=run_dir,
                 classes=split.classes,
@@ -195,22 +197,28 @@ def _train(
             write_split(split, run_dir / SPLIT)
             if comparison is not None:
                 write_comparison(run_dir, comparison.to_dict())
-        plan = epoch_plan(cfg, blocks, backbone.spec.input_size)
-        with sigterm_as_interrupt():
-            state = fit(
-                job,
-                plan,
-                cfg,
-                run_dir=run_dir,
-                resume=last,
-                progress=progress,
-                on_epoch=on_epoch,
-                world=d.world,
-            )
+        fitted = None
+        if cfg.head == "fit":
+            state, fitted = fit_head(job, cfg)
+        else:
+            with sigterm_as_interrupt():
+                state = fit(
+                    job,
+                    epoch_plan(cfg, blocks, backbone.spec.input_size),
+                    cfg,
+                    run_dir=run_dir,
+                    resume=last,
+                    progress=progress,
+                    on_epoch=on_epoch,
+                    world=d.world,
+                )
         if state.best_state is None:
             raise GraftError("training stopped before the first epoch finished; nothing saved")
         job.model.load_state_dict(state.best_state)
-        calibrated = calibrate(cfg, backbone, job, state.best["epoch"])
+        if fitted is not None:
+            calibrated = calibrate_fitted(fitted, job.train_features[2])
+        else:
+            calibrated = calibrate(cfg, backbone, job, state.best["epoch"])
         clf = _classifier(backbone, split.classes, cfg.device, calibrated.temperature)
         if job.train_features is None:  # finetune, partial: no out-of-fold scores
             calibrated = _calibrate_on_val(cfg, clf, split)
@@ -321,6 +329,9 @@ def _given(data, config_file, options: dict[str, Any]) -> tuple[str | None, dict
 
 
 def _val_protocol(cfg: TrainConfig, comparison: Comparison | None) -> str:
+    if cfg.head == "fit":
+        chosen = "backbone chosen by cross-validation on train, " if comparison else ""
+        return f"unbiased: {chosen}head fitted with its L2 chosen by cross-validation on train"
     if cfg.keep == "best":
         return "best epoch chosen on val: optimistic"
     if comparison is not None:
@@ -338,8 +349,15 @@ def _selection(comparison: Comparison, cfg: TrainConfig) -> dict[str, Any]:
         "protocol": comparison.protocol,
         "budget_s": comparison.budget_s,
         "compare_seconds": comparison.wall_s,
-        "retrained": f"on all {comparison.pool} training images, {cfg.epochs} epochs, the "
-        "last kept; scored once on the val split, which no choice used",
+        "retrained": (
+            f"on all {comparison.pool} training images, "
+            + (
+                "the head fitted with its L2 chosen by cross-validation"
+                if cfg.head == "fit"
+                else f"{cfg.epochs} epochs, the last kept"
+            )
+            + "; scored once on the val split, which no choice used"
+        ),
         "candidates": [
             {k: r[k] for k in ("candidate", "accuracy", "status", "seconds")} for r in comparison
         ],

@@ -1,0 +1,72 @@
+"""extract's default head, fitted rather than trained: a softmax regression solved on the job's
+cached training features (core/linear.py), its L2 strength chosen by cross-validation on the
+training images. The val split only scores the result, as the epoch loop's `keep="last"` does;
+the out-of-fold scores of the cross-validation are the ones calibration fits its temperature on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+from torch import nn
+
+from ..core.config import TrainConfig
+from ..core.errors import GraftError
+from ..core.linear import FittedHead, fit_logistic_cv
+from .jobs import Job, make_criterion
+from .loop import FitState, evaluate, per_class_recall
+
+log = logging.getLogger(__name__)
+
+
+def fit_on_features(
+    cfg: TrainConfig, feats: torch.Tensor, aug: torch.Tensor, labels: torch.Tensor, classes: int
+) -> FittedHead:
+    """The head on eval features (N, D) and augmented views (N, V, D) of N labelled images, the
+    views extra samples in their image's fold; class weights and label smoothing as the config
+    says (as the epoch loop's loss has them). `compare` scores its folds with the same call."""
+    n, views = aug.shape[0], aug.shape[1]
+    image = torch.arange(n)
+    return fit_logistic_cv(
+        torch.cat([feats, aug.flatten(0, 1)]),
+        torch.cat([labels, labels.repeat_interleave(views)]),
+        classes,
+        groups=torch.cat([image, image.repeat_interleave(views)]),
+        class_weight=make_criterion(cfg, labels, classes).weight,
+        label_smoothing=cfg.label_smoothing,
+        seed=cfg.seed,
+    )
+
+
+def fit_head(job: Job, cfg: TrainConfig) -> tuple[FitState, FittedHead]:
+    """Fit the job's head (an `nn.Linear` on features) and score it on val: the state the epoch
+    loop would return (`best` is the head's row, `history` is empty) and the fit itself."""
+    if job.train_features is None or not isinstance(job.model, nn.Linear):
+        raise GraftError("--head fit needs extract's cached features and a linear head")
+    start = time.perf_counter()
+    feats, aug, labels, _ = job.train_features
+    fitted = fit_on_features(cfg, feats, aug, labels, len(job.classes))
+    job.model.load_state_dict(fitted.linear().state_dict())
+    ev = evaluate(job.model, job.val_loader, job.criterion, job.runtime)
+    row = {
+        "head": "fit",
+        "l2": fitted.l2,
+        "folds": fitted.folds,
+        "val_loss": ev.loss,
+        "val_acc": ev.acc,
+        "seconds": round(time.perf_counter() - start, 3),
+        "val_recall": per_class_recall(ev, job.classes),
+        "path": fitted.path,
+    }
+    log.info(
+        "head fitted: L2 %g chosen by %s, %.2fs; val acc %.4f",
+        fitted.l2,
+        f"{fitted.folds}-fold cross-validation" if fitted.folds else "default (no CV)",
+        fitted.seconds,
+        ev.acc,
+    )
+    state = FitState(best=row, best_state=copy.deepcopy(job.model.state_dict()), keep="last")
+    return state, fitted
