@@ -1,0 +1,129 @@
+"""Which accuracy levers pay on folders graft never saw, measured on cached features (seconds per
+set once the features exist): the fitted head on one backbone's features, the mirror image's
+features averaged in at test time (flip TTA), mirrors as extra training samples, and several
+backbones' features concatenated. Each set is one of bench/quality.py's; graft's own split of its
+training folder is used (the val share left out, as `graft train` leaves it) and the head is
+scored on the set's unseen `test/` images.
+
+    python bench/levers.py [--work /tmp/graft-levers] [--sets fm10,fm6,digits,shapes,fm30,...]
+                           [--backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2]
+
+Features are computed with the embedded backbones at graft's default precision and cached under
+WORK/cache; the mirrored copies of the images are written under WORK/flip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from graft.core.linear import fit_logistic_cv
+from graft.core.runtime import resolve_runtime
+from graft.data.discovery import discover
+from graft.frozen.features import extract_features
+from graft.models.backbones import create_backbone
+
+sys.path.insert(0, str(Path(__file__).parent))
+import quality  # noqa: E402
+
+
+def _mirror(src: Path, dst: Path) -> None:
+    for f in src.rglob("*.png"):
+        out = dst / f.relative_to(src)
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(f).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out)
+
+
+def features(work: Path, name: str, backbone: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{"train"|"test": {"x", "xf" (mirrored), "y"}} for one set and backbone."""
+    data, flip = work / "data" / name, work / "flip" / name
+    if not data.exists():
+        quality.SETS[name][0](data)
+    _mirror(data, flip)
+    split = discover(data / "train", 0.2, 0)  # graft train's own split: val left out
+    test = discover(data / "test", 0.2, 0)
+    rt = resolve_runtime("cpu", "auto")
+    bb = create_backbone(backbone, len(split.classes))
+    out = {}
+    for part, samples in (("train", split.train), ("test", sorted(test.train + test.val))):
+        fs = extract_features(bb, samples, rt, cache_dir=work / "cache")
+        mirrored = [(p.replace(str(data), str(flip)), y) for p, y in fs.samples]
+        ff = extract_features(bb, mirrored, rt, cache_dir=work / "cache")
+        out[part] = {"x": fs.features, "xf": ff.features, "y": fs.labels}
+    return out
+
+
+def _acc(head, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((head(x).argmax(1) == y).float().mean())
+
+
+def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
+    """Unseen accuracy of each lever on one set; `sets` maps backbone -> features."""
+    d = sets[first]
+    tr, te = d["train"], d["test"]
+    classes = int(tr["y"].max()) + 1
+    row = {}
+    head = fit_logistic_cv(tr["x"], tr["y"], classes).linear()
+    row["fit"] = _acc(head, te["x"], te["y"])
+    row["fit+tta"] = _acc(head, (te["x"] + te["xf"]) / 2, te["y"])
+    n = len(tr["y"])
+    both = fit_logistic_cv(
+        torch.cat([tr["x"], tr["xf"]]),
+        torch.cat([tr["y"], tr["y"]]),
+        classes,
+        groups=torch.cat([torch.arange(n), torch.arange(n)]),
+    ).linear()
+    row["fit+mirrors"] = _acc(both, te["x"], te["y"])
+    row["fit+mirrors+tta"] = _acc(both, (te["x"] + te["xf"]) / 2, te["y"])
+    names = list(sets)
+    for combo in (names[-1:], [names[0], names[-1]], names):
+        if len(combo) == 1 and combo[0] == first:
+            continue
+        x = torch.cat([sets[b]["train"]["x"] for b in combo], 1)
+        t = torch.cat([sets[b]["test"]["x"] for b in combo], 1)
+        tf = torch.cat([sets[b]["test"]["xf"] for b in combo], 1)
+        head = fit_logistic_cv(x, tr["y"], classes).linear()
+        key = "+".join(b.replace("efficientnet_", "") for b in combo)
+        row[key] = _acc(head, t, te["y"])
+        row[f"{key}+tta"] = _acc(head, (t + tf) / 2, te["y"])
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/graft-levers"))
+    ap.add_argument("--sets", default=",".join(quality.SETS))
+    ap.add_argument(
+        "--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
+    )
+    args = ap.parse_args()
+    backbones = args.backbones.split(",")
+    rows = []
+    for name in args.sets.split(","):
+        feats = {b: features(args.work, name, b) for b in backbones}
+        rows.append({"set": name, **levers(feats, backbones[0])})
+        if len(rows) == 1:
+            print(" ".join(f"{k:>14}" for k in rows[0]))
+        print(
+            " ".join(
+                f"{v:>14.3f}" if isinstance(v, float) else f"{v:>14}" for v in rows[-1].values()
+            ),
+            flush=True,
+        )
+    keys = [k for k in rows[0] if k != "set"]
+    print(
+        " ".join(
+            ["mean".rjust(14), *(f"{statistics.mean(r[k] for r in rows):14.4f}" for k in keys)]
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
