@@ -152,6 +152,10 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path):
         ({"head": "fit", "lr": 0.1, "patience": 3}, "--lr, --patience are ignored with --head"),
         ({"head": "fit", "balance": "sampler"}, "use --balance weights"),
         ({"head": "fit", "strategy": "finetune"}, "--head is ignored with --strategy finetune"),
+        (
+            {"backbone": "efficientnet_lite0+efficientnet_lite2", "strategy": "finetune"},
+            "concatenates the features of frozen networks: it trains with --strategy extract",
+        ),
     ],
 )
 def test_settings_the_run_would_ignore_are_refused(options, message):

@@ -201,3 +201,22 @@ def test_the_readmes_plain_python_example_gives_graft_s_probabilities(exported, 
     unknown = torch.rand(200, generator=g) * 2 * policy.unknown_threshold
     mine = [scope["decide"](p.numpy(), float(u)) for p, u in zip(probs, unknown)]
     assert mine == policy.decide(probs, unknown) and {"review", "unknown"} <= set(mine)
+
+
+def test_concatenated_backbones_train_predict_and_export_as_one_graph(shapes_dir, tmp_path):
+    run = graft.train(
+        shapes_dir,
+        backbone="efficientnet_lite0+efficientnet_lite1",
+        out=str(tmp_path / "run"),
+        workers=0,
+        report=False,
+    )
+    assert run.val_accuracy >= 0.8 and run.best["head"] == "fit"
+    assert json.loads((run.run_dir / "model.json").read_text())["backbone"] == (
+        "efficientnet_lite0+efficientnet_lite1"
+    )
+    onnx_path = export(run.run_dir).path
+    image = str(shapes_dir / "val" / "circle" / "000.png")
+    eager = graft.load(run.run_dir).predict([image])[0]
+    exported = graft.load(onnx_path).predict([image])[0]
+    assert max(abs(eager[c] - exported[c]) for c in eager) < 1e-4

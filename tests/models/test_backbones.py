@@ -120,3 +120,26 @@ def test_a_weights_file_that_is_no_weights_says_so(tmp_path):
         r"read \(\w+",
     ):
         load_state_dict_file(text)
+
+
+def test_concatenated_backbones_are_one_network_with_every_feature():
+    bb = create_backbone("efficientnet_lite0+efficientnet_lite2", 3, pretrained=False)
+    assert bb.spec.input_size == 260  # the largest member's preprocessing
+    assert bb.model.num_features == 2 * 1280 and bb.blocks[0] == "trunks.0.conv_stem"
+    with torch.no_grad():
+        assert bb.model(torch.randn(2, 3, 260, 260)).shape == (2, 3)
+        assert bb.model.features(torch.randn(1, 3, 224, 224)).shape == (1, 2560)
+
+
+@pytest.mark.parametrize(
+    "name, kw, message",
+    [
+        ("efficientnet_lite0+efficientnet_lite0", {}, "name two or more different backbones"),
+        ("efficientnet_lite0+", {}, "name two or more different backbones"),
+        ("efficientnet_lite0+resnet18", {}, "normalise images differently"),
+        ("efficientnet_lite0+efficientnet_lite1", {"weights": "w.pt"}, "--weights is one state"),
+    ],
+)
+def test_concatenations_that_cannot_be_are_refused(name, kw, message):
+    with pytest.raises(BackboneError, match=message):
+        create_backbone(name, 3, pretrained=False, **kw)

@@ -285,3 +285,12 @@ def test_an_interrupted_comparison_keeps_the_rows_scored(small, tmp_path):
         text=True,
     )
     assert r.returncode == 2 and "--backbones has an empty item" in r.stderr, r.stderr
+
+
+def test_the_default_grid_puts_the_offline_backbones_side_by_side():
+    from graft.models.backbones import list_backbones
+
+    offline = [b.name for b in list_backbones() if b.offline]
+    joined = [(c.backbone, c.strategy) for c in default_grid() if "+" in c.backbone]
+    assert joined == ([("+".join(offline), "extract")] if len(offline) > 1 else [])
+    assert not [c for c in default_grid(LITE0) if "+" in c.backbone]  # named: as named

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .constants import MAX_IMAGE_SIZE, MAX_PIXELS, MEMORY_GB
+from .constants import BACKBONE_SEPARATOR, MAX_IMAGE_SIZE, MAX_PIXELS, MEMORY_GB
 from .decisions import parse_targets
 from .errors import ConfigError, did_you_mean
 from .runfolder import default_run_dir
@@ -190,6 +190,11 @@ class TrainConfig:
             _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule is not None:
             _check_choice("schedule", self.schedule, SCHEDULES)
+        if BACKBONE_SEPARATOR in self.backbone and self.strategy != "extract":
+            raise ConfigError(
+                f"backbone {self.backbone!r} concatenates the features of frozen networks: it "
+                f"trains with --strategy extract only, not {self.strategy}"
+            )
         if self.strategy == "partial" and not (self.unfreeze or self.unfreeze_last):
             raise ConfigError(
                 "strategy 'partial' needs the blocks to train: --unfreeze layer3,layer4 or "

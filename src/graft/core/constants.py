@@ -25,3 +25,5 @@ FOLD_PARITY = 1e-3
 # an exported classifier's probabilities against PyTorch's (absolute): they agree to ~1e-7 on
 # lite0; 1e-3 is far below what changes a decision and far above rounding
 EXPORT_PROBABILITY_PARITY = 1e-3
+# joins backbones whose frozen features are concatenated: efficientnet_lite0+efficientnet_lite2
+BACKBONE_SEPARATOR = "+"

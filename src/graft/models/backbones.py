@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.errors import BackboneError, did_you_mean
 from ..data.transforms import PreprocessSpec
+from .concat import SEPARATOR, Concatenated, parts
 from .weights import (
     EMBEDDED,
     download_torchvision,
@@ -118,6 +119,8 @@ def create_backbone(
     >>> bb.spec.input_size, bb.blocks[:3]
     (224, ['conv_stem', 'bn1', 'blocks.0'])
     """
+    if SEPARATOR in name:
+        return _concatenated(name, num_classes, pretrained, weights)
     if name in EMBEDDED:
         model, spec = _embedded(name, pretrained, weights)
     elif name in TORCHVISION:
@@ -134,6 +137,39 @@ def create_backbone(
 
 
 # ---------------------------------------------------------------- sources
+
+
+def _concatenated(name: str, num_classes: int | None, pretrained: bool, weights) -> Backbone:
+    """'a+b': the trunks of a and b side by side (models/concat.py) under one new head; the
+    preprocessing is the largest input's, and the members must normalise alike."""
+    names = parts(name)
+    if len(names) < 2 or len(set(names)) != len(names) or not all(names):
+        raise BackboneError(
+            f"backbone {name!r}: name two or more different backbones joined by "
+            f"{SEPARATOR!r}, e.g. efficientnet_lite0{SEPARATOR}efficientnet_lite2"
+        )
+    if weights is not None:
+        raise BackboneError(
+            f"--weights is one state dict and {name!r} is {len(names)} networks: "
+            "concatenate backbones whose weights graft can find by itself"
+        )
+    members = [create_backbone(n, 1, pretrained) for n in names]
+    first = members[0].spec
+    for m in members[1:]:
+        if (m.spec.mean, m.spec.std) != (first.mean, first.std):
+            raise BackboneError(
+                f"{names[0]} and {m.name} normalise images differently (mean/std "
+                f"{list(first.mean)}/{list(first.std)} against {list(m.spec.mean)}/"
+                f"{list(m.spec.std)}): concatenate backbones that share it"
+            )
+    features = Concatenated(
+        [m.model.features for m in members], [m.spec.input_size for m in members]
+    )
+    width = sum(m.model.num_features for m in members)
+    head = nn.Identity() if num_classes is None else nn.Linear(width, num_classes)
+    spec = max((m.spec for m in members), key=lambda s: s.input_size)
+    blocks = [f"trunks.{i}.{b}" for i, m in enumerate(members) for b in m.blocks]
+    return Backbone(name, GraftNet(features, head, width), spec, blocks)
 
 
 def _embedded(name: str, pretrained: bool, weights) -> tuple[nn.Module, PreprocessSpec]:

