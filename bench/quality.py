@@ -9,7 +9,8 @@ no part in anything. Every run is a whole `graft` process (cold feature cache), 
 is what a user waits.
 
     python bench/quality.py [--work /tmp/graft-quality] [--sets fm10,fm6,digits,shapes,...]
-                            [--modes default,epochs,last,auto] [--budget 5m] [--label after]
+                            [--modes default,epochs,last,partial,partial-lpft,auto]
+                            [--budget 5m] [--label after]
                             [--src PATH]  # another checkout's src/, e.g. a git worktree of main
 
 Columns: printed = the accuracy graft prints for its model, with its 95% interval; unseen = the
@@ -212,6 +213,10 @@ def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, bud
         cmd += ["--head", "epochs", "--keep", "last"]
     elif mode == "epochs":  # the head trained for epochs, the best on val: the old default
         cmd += ["--head", "epochs"]
+    elif mode == "partial":  # the last 4 blocks and a random head, trained together
+        cmd += ["--strategy", "partial", "--unfreeze-last", "4"]
+    elif mode == "partial-lpft":  # the same, from the head fitted on frozen features
+        cmd += ["--strategy", "partial", "--unfreeze-last", "4", "--head", "fit"]
     start = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start

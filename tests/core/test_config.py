@@ -24,6 +24,8 @@ def test_defaults_resolved_per_strategy():
         3e-3,
     )
     assert make_config("d", head="epochs").resolve().epochs == 60
+    lpft = make_config("d", strategy="finetune", head="fit").resolve()  # starts from a fitted head
+    assert (lpft.head, lpft.epochs, lpft.optimizer) == ("fit", 10, "sgd")
     ft = make_config("d", strategy="finetune").resolve()
     assert (ft.optimizer, ft.momentum, ft.schedule, ft.step_size, ft.gamma) == (
         "sgd",
@@ -151,7 +153,10 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path):
         ),
         ({"head": "fit", "lr": 0.1, "patience": 3}, "--lr, --patience are ignored with --head"),
         ({"head": "fit", "balance": "sampler"}, "use --balance weights"),
-        ({"head": "fit", "strategy": "finetune"}, "--head is ignored with --strategy finetune"),
+        (
+            {"head": "epochs", "strategy": "finetune"},
+            "--head epochs is what --strategy finetune does anyway",
+        ),
         (
             {"backbone": "efficientnet_lite0+efficientnet_lite2", "strategy": "finetune"},
             "concatenates the features of frozen networks: it trains with --strategy extract",

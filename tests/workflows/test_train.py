@@ -87,3 +87,22 @@ def test_one_model_one_accuracy(shapes_dir, tmp_path, strategy):
         held = meta["calibration"]["held_out"]  # the fit minimises this NLL, from T = 1
         assert held["calibrated"]["nll"] <= held["raw"]["nll"] + 1e-6
         assert meta["calibration"]["temperature"] == evaluated["calibration"]["temperature"]
+
+
+def test_partial_can_start_from_the_fitted_head(shapes_dir, tmp_path):
+    """LP-FT: at a learning rate too small to move anything, what the model knows is the head
+    fitted on the frozen features; a random head at the same rate knows nothing."""
+    kw = dict(
+        strategy="partial",
+        unfreeze_last=1,
+        epochs=1,
+        lr=1e-9,
+        workers=0,
+        report=False,
+        image_size=96,
+        batch_size=8,
+    )
+    fitted = graft.train(shapes_dir, head="fit", out=str(tmp_path / "lpft"), **kw)
+    random_head = graft.train(shapes_dir, out=str(tmp_path / "random"), **kw)
+    assert fitted.val_accuracy >= 0.8 > random_head.val_accuracy + 0.2
+    assert yaml.safe_load((tmp_path / "lpft" / CONFIG).read_text())["head"] == "fit"

@@ -82,7 +82,8 @@ class TrainConfig:
         None,
         "extract: the head fitted by L-BFGS with its L2 chosen by cross-validation (fit), or "
         "trained for --epochs (epochs) [default: fit; epochs when an epoch setting such as "
-        "--epochs or --lr is given].",
+        "--epochs or --lr is given]. finetune/partial: fit starts them from that fitted head "
+        "(LP-FT) [default: a random head].",
         HEADS,
     )
     unfreeze: tuple[str, ...] = _setting(
@@ -290,12 +291,13 @@ class TrainConfig:
             )
 
     def _refuse_ignored_by_head(self) -> None:
-        if self.head is not None and self.strategy != "extract":
+        if self.head == "epochs" and self.strategy != "extract":
             raise ConfigError(
-                f"--head is ignored with --strategy {self.strategy} (it says how extract's "
-                "head on frozen features is made): drop it or use --strategy extract"
+                f"--head epochs is what --strategy {self.strategy} does anyway (the head "
+                "trains with the blocks): drop it, or use --head fit to start from a head "
+                "fitted on the frozen features"
             )
-        if self.head != "fit":
+        if self.head != "fit" or self.strategy != "extract":
             return
         given = [name for name in EPOCH_SETTINGS if getattr(self, name) is not None]
         if self.patience:
@@ -314,11 +316,17 @@ class TrainConfig:
                 "image at once; nothing is sampled): use --balance weights"
             )
 
+    @property
+    def no_loop(self) -> bool:
+        """extract with a fitted head: solved in one go, no epoch runs (resolved configs)."""
+        return self.head == "fit" and self.strategy == "extract"
+
     def resolved_head(self) -> str | None:
         """extract's head as it runs: the one given, else epochs when an epoch setting (or
-        --patience, or --balance sampler) is given, else fit; None for finetune and partial."""
+        --patience, or --balance sampler) is given, else fit. finetune and partial: "fit" when
+        their head starts fitted on the frozen features (LP-FT), else None (a random head)."""
         if self.strategy != "extract":
-            return None
+            return self.head
         if self.head is not None:
             return self.head
         loop = any(getattr(self, name) is not None for name in EPOCH_SETTINGS)
@@ -336,7 +344,8 @@ class TrainConfig:
         batch 4 faster per image on a 2-core CPU: an open question, docs/PERFORMANCE.md).
         """
         head = self.resolved_head()
-        defaults = _strategy_defaults(self.strategy) if head != "fit" else {}
+        fitted = head == "fit" and self.strategy == "extract"  # no epoch loop at all
+        defaults = {} if fitted else _strategy_defaults(self.strategy)
         defaults.update(
             head=head,
             workers=default_workers(),
@@ -346,7 +355,7 @@ class TrainConfig:
         )
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         cfg = dataclasses.replace(self, **updates)
-        if head == "fit":  # nothing of the epoch loop runs
+        if fitted:
             unused = (*EPOCH_SETTINGS, "backbone_lr_mult", "memory_gb")
             return dataclasses.replace(cfg, **dict.fromkeys(unused))
         used = {

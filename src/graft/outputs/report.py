@@ -130,7 +130,7 @@ def _how_good(meta: ModelMeta, ev: dict[str, Any], run_dir: Path) -> dict[str, A
     """How the val number was obtained, and so how far to trust it; the comparison if one ran."""
     cfg = meta.config or {}
     keep = cfg.get("keep", "best")
-    if cfg.get("head") == "fit":
+    if (meta.best or {}).get("head") == "fit":
         how = (
             "unbiased: the val images took no part in any choice (the head fitted, its L2 "
             "chosen by cross-validation on the training images"

@@ -291,7 +291,7 @@ class Trials:
             held = {kept[self.pool[i]] for i in fold if self.pool[i] in kept}
             tr = torch.tensor([i for i in range(len(fs.samples)) if i not in held])
             te = torch.tensor(sorted(held))
-            if cfg.head == "fit":
+            if cfg.no_loop:
                 head = fit_on_features(
                     cfg, fs.features[tr], fs.aug[tr], fs.labels[tr], len(self.split.classes)
                 ).linear()

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..core.cleaning import label_issues
 from ..core.config import TrainConfig, dump_yaml, load_yaml, make_config
 from ..core.decisions import parse_targets
@@ -177,8 +179,10 @@ def _train(
     writer = claim if d.is_main else _no_claim  # rank 0 alone writes the run folder
     with writer(cfg.out, resuming=last is not None, overwrite=overwrite) as run_dir:
         job = prepare_job(cfg, backbone, split, runtime, progress, d)  # bad files stop us here
+        if cfg.head == "fit" and cfg.strategy != "extract" and last is None:
+            _start_from_fitted_head(cfg, backbone, split, progress)
         if not d.is_main:  # the same training, nothing written: rank 0 saves the model
-            if cfg.head != "fit":  # a fitted head needs no other rank
+            if not cfg.no_loop:  # a fitted extract head needs no other rank
                 with sigterm_as_interrupt():
                     fit(job, epoch_plan(cfg, blocks, backbone.spec.input_size), cfg, resume=last)
             return Run(
@@ -198,7 +202,7 @@ def _train(
             if comparison is not None:
                 write_comparison(run_dir, comparison.to_dict())
         fitted = None
-        if cfg.head == "fit":
+        if cfg.no_loop:
             state, fitted = fit_head(job, cfg)
         else:
             with sigterm_as_interrupt():
@@ -329,7 +333,7 @@ def _given(data, config_file, options: dict[str, Any]) -> tuple[str | None, dict
 
 
 def _val_protocol(cfg: TrainConfig, comparison: Comparison | None) -> str:
-    if cfg.head == "fit":
+    if cfg.no_loop:
         chosen = "backbone chosen by cross-validation on train, " if comparison else ""
         return f"unbiased: {chosen}head fitted with its L2 chosen by cross-validation on train"
     if cfg.keep == "best":
@@ -353,7 +357,7 @@ def _selection(comparison: Comparison, cfg: TrainConfig) -> dict[str, Any]:
             f"on all {comparison.pool} training images, "
             + (
                 "the head fitted with its L2 chosen by cross-validation"
-                if cfg.head == "fit"
+                if cfg.no_loop
                 else f"{cfg.epochs} epochs, the last kept"
             )
             + "; scored once on the val split, which no choice used"
@@ -400,6 +404,34 @@ def _classifier(backbone: Backbone, classes: list[str], device: str, temperature
     from ..inference.classifier import Classifier
 
     return Classifier(backbone, classes, resolve_runtime(device, "fp32"), temperature=temperature)
+
+
+def _start_from_fitted_head(cfg: TrainConfig, backbone: Backbone, split, progress) -> None:
+    """finetune/partial with --head fit (LP-FT, Kumar et al. 2022; fastai's fine_tune): the head
+    fitted on the frozen network's features of the training images first, so the blocks that
+    then train are not pulled about by a random head's gradients."""
+    from ..frozen.features import extract_features
+    from ..training.head import fit_on_features
+
+    fs = extract_features(
+        backbone,
+        split.train,
+        resolve_runtime(cfg.device, cfg.precision),
+        cfg.cache_dir,
+        workers=cfg.workers,
+        progress=progress,
+        max_pixels=cfg.max_pixels,
+    )
+    fitted = fit_on_features(cfg, fs.features, fs.aug, fs.labels, len(split.classes))
+    head = backbone.model.head
+    with torch.no_grad():
+        head.weight.copy_(fitted.weight.to(head.weight))
+        head.bias.copy_(fitted.bias.to(head.bias))
+    log.info(
+        "the head starts fitted on the frozen features (L2 %g, %s), then trains with the blocks",
+        fitted.l2,
+        f"{fitted.folds}-fold cross-validation" if fitted.folds else "default",
+    )
 
 
 def _mention_label_issues(calibrated: Calibrated, root: str) -> None:
