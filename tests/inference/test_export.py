@@ -220,3 +220,5 @@ def test_concatenated_backbones_train_predict_and_export_as_one_graph(shapes_dir
     eager = graft.load(run.run_dir).predict([image])[0]
     exported = graft.load(onnx_path).predict([image])[0]
     assert max(abs(eager[c] - exported[c]) for c in eager) < 1e-4
+    # the calibration travels in the file, and the loaded model says which it applies
+    assert graft.load(onnx_path).meta.temperature == graft.load(run.run_dir).temperature != 1.0

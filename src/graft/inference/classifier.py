@@ -389,6 +389,8 @@ class OnnxClassifier(Classifier):
             backbone=props.get("backbone") or "",
             classes=props["classes"],
             preprocess=props["preprocess"],
+            # what the graph divides its logits by: meta.temperature reads it as for a run
+            calibration={"method": "temperature", "temperature": props["temperature"]},
         )
         self.session = session(self.path)
         self.classes = list(self.meta.classes)
