@@ -34,6 +34,7 @@ from ..core.runtime import (
 )
 from ..data.discovery import discover
 from ..data.splits import load_split, report_duplicates, write_split
+from ..frozen.features import extract_features
 from ..models.backbones import Backbone, create_backbone
 from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
 from ..models.modelfile import ModelMeta, save_model
@@ -42,7 +43,7 @@ from ..outputs.pages import write_comparison
 from ..selection.compare import DEFAULT_FOLDS, Candidate, Comparison, compare
 from ..training import checkpoint
 from ..training.calibrate import Calibrated, calibrate, calibrate_fitted, fit_on
-from ..training.head import fit_head
+from ..training.head import fit_head, fit_on_features
 from ..training.jobs import prepare_job
 from ..training.loop import fit
 from .decisions import fit_decisions, save_scores
@@ -410,9 +411,6 @@ def _start_from_fitted_head(cfg: TrainConfig, backbone: Backbone, split, progres
     """finetune/partial with --head fit (LP-FT, Kumar et al. 2022; fastai's fine_tune): the head
     fitted on the frozen network's features of the training images first, so the blocks that
     then train are not pulled about by a random head's gradients."""
-    from ..frozen.features import extract_features
-    from ..training.head import fit_on_features
-
     fs = extract_features(
         backbone,
         split.train,
