@@ -214,3 +214,17 @@ def test_model_card_holds_the_real_numbers(trained_run):
     assert "| class | target | threshold | precision | recall | review | caught |" in body
     assert re.search(r"^\| circle \| arg-max \| - \| \d\.\d{3} \(", body, re.M)
     assert not re.search(r"TODO|TBD|XXX|lorem|\{\{", card)
+
+
+def test_a_tampered_fitted_head_record_still_gives_a_report_and_card(report_run, tmp_path):
+    """model.json from elsewhere: the head's L2 as text and a broken path are shown, not fatal."""
+    run = tmp_path / "run"
+    shutil.copytree(report_run[0], run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["best"]["l2"] = "<b>lots</b>"
+    meta["best"]["path"] = [{"l2": "x"}]
+    (run / "model.json").write_text(json.dumps(meta))
+    rep = graft.report(run, explain_images=0)
+    assert rep["run"]["best"]["l2"] == "<b>lots</b>"
+    assert "&lt;b&gt;lots" in (run / "report.html").read_text()
+    assert "L2 '<b>lots</b>'" in (run / "README.md").read_text()

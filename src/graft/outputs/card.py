@@ -280,13 +280,13 @@ def _training_lines(meta: ModelMeta, cfg: dict[str, Any], best: dict[str, Any]) 
     """How the weights were made: the fitted head's L2 and how it was chosen, or the epochs."""
     if best.get("head") == "fit":
         how = (
-            f"chosen by {best['folds']}-fold cross-validation on the training images"
+            f"chosen by {best.get('folds')}-fold cross-validation on the training images"
             if best.get("folds")
             else "the default (too few images per class to cross-validate)"
         )
         return [
-            f"- head: softmax regression fitted by L-BFGS, L2 {best.get('l2'):g} {how}; the val "
-            f"split chose nothing; seed {cfg.get('seed')}"
+            f"- head: softmax regression fitted by L-BFGS, L2 {number(best.get('l2'))} {how}; "
+            f"the val split chose nothing; seed {cfg.get('seed')}"
         ]
     return [
         f"- {cfg.get('epochs')} epochs planned, {cfg.get('keep', 'best')} epoch kept: "
@@ -295,3 +295,11 @@ def _training_lines(meta: ModelMeta, cfg: dict[str, Any], best: dict[str, Any]) 
         f"schedule {cfg.get('schedule')}, weight decay {cfg.get('weight_decay')}, "
         f"seed {cfg.get('seed')}",
     ]
+
+
+def number(value: Any) -> str:
+    """A number from model.json as text (`%g`), or what is there as it is: a file from
+    elsewhere may hold anything, and showing it must not fail."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}"
+    return repr(value)

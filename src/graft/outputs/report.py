@@ -36,7 +36,7 @@ from ..data.splits import load_split
 from ..inference.classifier import Classifier
 from ..models.modelfile import ModelMeta
 from . import figures as draw
-from .card import OPERATING_HEADER, operating_rows, share_text, unknown_text, write_card
+from .card import OPERATING_HEADER, number, operating_rows, share_text, unknown_text, write_card
 from .pages import DPI, comparison_section, page, png_tag, table
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def build_report(
 
     matplotlib.use("Agg")
     figures: dict[str, Any] = {}
-    path = (meta.best or {}).get("path")
+    path = _cv_path(meta.best)
     curves = draw.regularisation(path) if path and not history else draw.curves(history)
     _save(run_dir, CURVES, curves, figures)
     _save(run_dir, CONFUSION, draw.confusion(evaluation, clf.classes), figures)
@@ -346,11 +346,25 @@ def calibration_line(c: dict[str, Any]) -> str:
 
 def _kept_row(run: dict[str, Any], best: dict[str, Any]) -> list[str]:
     if best.get("head") == "fit":
-        how = f"{best['folds']}-fold cross-validation" if best.get("folds") else "default"
-        return ["head", f"fitted by L-BFGS, L2 {best.get('l2'):g} ({how} on train)"]
+        how = f"{best.get('folds')}-fold cross-validation" if best.get("folds") else "default"
+        return ["head", f"fitted by L-BFGS, L2 {number(best.get('l2'))} ({how} on train)"]
     keep = run.get("keep") or "best"
     return [
         "epoch kept",
         f"{best.get('epoch')} ({keep}"
         + (" on val accuracy)" if keep == "best" else ", fixed epochs)"),
     ]
+
+
+def _cv_path(best: dict[str, Any] | None) -> list[dict[str, float]] | None:
+    """A fitted head's cross-validation path from model.json, if it is one (a file from
+    elsewhere may hold anything there: then no path is drawn)."""
+    path = (best or {}).get("path") if isinstance(best, dict) else None
+    keys = ("l2", "cv_loss", "cv_acc")
+    ok = isinstance(path, list) and all(
+        isinstance(r, dict)
+        and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in keys)
+        and r["l2"] > 0
+        for r in path
+    )
+    return path if ok and path else None
