@@ -297,7 +297,7 @@ class TrainConfig:
                 "trains with the blocks): drop it, or use --head fit to start from a head "
                 "fitted on the frozen features"
             )
-        if self.head != "fit" or self.strategy != "extract":
+        if not self.no_loop:
             return
         given = [name for name in EPOCH_SETTINGS if getattr(self, name) is not None]
         if self.patience:

@@ -147,11 +147,10 @@ def fit_logistic_cv(
         for strength in grid:  # strong to weak, each fold's head warm-started
             logits = torch.zeros(len(first), classes)
             for f in range(k):
-                train = fold != f
+                train, held = fold != f, fold_of_image == f  # samples; images (eval views)
                 heads[f] = fit_logistic(xs[train], y[train], classes, strength, head=heads[f], **kw)
-                held = first[fold[first] == f]
                 with torch.no_grad():
-                    logits[fold[first] == f] = heads[f](xs[held])
+                    logits[held] = heads[f](xs[first[held]])
             loss = float(F.cross_entropy(logits, image_labels))
             acc = float((logits.argmax(1) == image_labels).float().mean())
             path.append({"l2": strength, "cv_loss": round(loss, 6), "cv_acc": round(acc, 6)})

@@ -140,20 +140,21 @@ def calibrate_fitted(fitted: FittedHead, labels: torch.Tensor) -> Calibrated:
             "no cross-validation (a class has a single training image): probabilities are "
             "the raw softmax"
         )
-    calibrated = fit_on(
+    return fit_on(
         fitted.oof_logits,
         labels,
         f"{fitted.folds}-fold out-of-fold scores of the {len(labels)} training images, from "
         f"the cross-validation that chose the head's L2 ({fitted.l2:g})",
+        scores_key="out_of_fold",
     )
-    if "held_out" in calibrated.record:
-        calibrated.record["out_of_fold"] = calibrated.record.pop("held_out")
-    return calibrated
 
 
-def fit_on(logits: torch.Tensor, labels: torch.Tensor, fitted_on: str) -> Calibrated:
+def fit_on(
+    logits: torch.Tensor, labels: torch.Tensor, fitted_on: str, scores_key: str = "held_out"
+) -> Calibrated:
     """The temperature fitted on held-out `logits` (log-probabilities do as well: the softmax
-    does not see a constant per row), or the raw softmax when there are too few of them."""
+    does not see a constant per row), or the raw softmax when there are too few of them. The
+    record keeps the scores before and after under `scores_key`."""
     if len(labels) < MIN_SCORES:
         return _none(
             f"too few held-out scores to fit a calibration ({len(labels)}, fewer than "
@@ -166,7 +167,7 @@ def fit_on(logits: torch.Tensor, labels: torch.Tensor, fitted_on: str) -> Calibr
         "method": "temperature",
         "temperature": round(t, 6),
         "fitted_on": fitted_on,
-        "held_out": {"raw": raw, "calibrated": after},
+        scores_key: {"raw": raw, "calibrated": after},
     }
     return Calibrated(record, logits.float(), labels.clone())
 
