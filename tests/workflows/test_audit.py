@@ -194,3 +194,27 @@ def test_audit_page_in_a_real_browser(planted, chrome):
     )
     shown = sum(len(i["paths"]) for i in result.issues if i["kind"] not in ("balance",))
     assert len(widths) >= min(shown, 10) and sum(w > 0 for w in widths) >= len(widths) - 1
+
+
+def test_a_folder_labelled_by_a_table_is_audited_and_fixed_through_its_table(planted, tmp_path):
+    """The planted folder as a table (every image with its folder's class and split) finds the
+    same label issues; --apply writes the copy with the images where they were and a corrected
+    metadata.csv that trains as it is."""
+    root, out, result, before = planted
+    rows = ["file_name,label,split"] + [
+        f"{p.relative_to(root).as_posix()},{p.parent.name},{p.parts[len(root.parts)]}"
+        for p in sorted(root.rglob("*.png"))
+    ]
+    table = tmp_path / "metadata.csv"
+    table.write_text("\n".join(rows) + "\n")
+    again = audit(root, tmp_path / "audit", labels=table)
+    assert sorted(map(str, _found(again, "label"))) == sorted(map(str, _found(result, "label")))
+    new = tmp_path / "fixed"
+    counts = apply_fixes(root, out / "fixes.csv", new, labels=table)
+    assert counts == apply_fixes(root, out / "fixes.csv", tmp_path / "folders")
+    fixed = (new / "metadata.csv").read_text().splitlines()
+    assert fixed[0] == "file_name,label,split" and len(fixed) == 1 + counts["written"]
+    assert "train/circle/wrong0.png,triangle,train" in fixed
+    assert (new / "train" / "circle" / "wrong0.png").is_file()  # the image stays where it was
+    assert not any(r.startswith("val/circle/leak.png") for r in fixed)
+    assert _snapshot(root) == before

@@ -106,3 +106,34 @@ def test_partial_can_start_from_the_fitted_head(shapes_dir, tmp_path):
     random_head = graft.train(shapes_dir, out=str(tmp_path / "random"), **kw)
     assert fitted.val_accuracy >= 0.8 > random_head.val_accuracy + 0.2
     assert yaml.safe_load((tmp_path / "lpft" / CONFIG).read_text())["head"] == "fit"
+
+
+def test_a_folder_labelled_by_a_table_trains_as_its_class_folders(tmp_path):
+    """Kaggle's layout (one flat folder, train.csv with ids without extension) gives the split,
+    the model and the accuracy that the same images in class folders give."""
+    import shutil
+
+    from tests.conftest import SHAPES, make_shapes
+
+    folders = make_shapes(tmp_path / "folders", n_train=8, n_val=4, flat=True)
+    flat = tmp_path / "kaggle" / "train"
+    flat.mkdir(parents=True)
+    lines = ["id,label"]
+    for c in SHAPES:
+        for f in sorted((folders / c).iterdir()):
+            shutil.copy(f, flat / f"{c}_{f.name}")
+            lines.append(f"{c}_{f.stem},{c}")
+    table = tmp_path / "kaggle" / "train.csv"
+    table.write_text("\n".join(lines) + "\n")
+    common = dict(workers=0, seed=0, report=False)
+    a = graft.train(folders, out=str(tmp_path / "a"), **common)
+    b = graft.train(flat, out=str(tmp_path / "b"), labels=str(table), **common)
+    for name in ("train", "val"):  # the same images, by class and file name
+        rows_a = (tmp_path / "a" / "split" / f"{name}.txt").read_text().splitlines()
+        rows_b = (tmp_path / "b" / "split" / f"{name}.txt").read_text().splitlines()
+        assert sorted(r.replace("/", "_") for r in rows_a) == sorted(rows_b)
+    assert a.best["val_acc"] == b.best["val_acc"] and a.best["l2"] == b.best["l2"]
+    meta = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert meta["labels"]["path_column"] == "id" and len(meta["labels"]["sha256"]) == 64
+    report = graft.load(tmp_path / "b").evaluate(flat, labels=table)
+    assert report["n"] == 36 and report["accuracy"] >= 0.9

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from . import render
+from . import options, render
 
 
 def audit(
@@ -33,6 +33,9 @@ def audit(
         Path | None, typer.Option(help="Feature cache (default: training's).")
     ] = None,
     device: Annotated[str, typer.Option()] = "auto",
+    labels: options.Labels = None,
+    path_column: options.PathColumn = None,
+    label_column: options.LabelColumn = None,
 ) -> None:
     """Find wrong labels, near-duplicates, outliers, bad files and imbalance before training
     (the data folder is only read); with --apply, build the corrected copy."""
@@ -42,7 +45,7 @@ def audit(
     if apply is not None:
         if out is None:
             raise typer.BadParameter("--apply needs --out: the new folder for the corrected copy")
-        counts = apply_fixes(data_dir, apply, out)
+        counts = apply_fixes(data_dir, apply, out, labels, path_column, label_column)
         render.out(
             f"{out}: {counts.get('written', 0)} images ({counts.get('relabelled', 0)} relabelled), "
             f"{counts.get('dropped', 0)} dropped; {data_dir} unchanged"
@@ -55,6 +58,9 @@ def audit(
         cache_dir=cache_dir,
         device=device,
         progress=render.progress,
+        labels=labels,
+        path_column=path_column,
+        label_column=label_column,
     )
     kinds = result.by_kind()
     render.out(

@@ -14,7 +14,7 @@ import typer
 from ..core.constants import ONNX_OPSET
 from ..core.errors import GraftError
 from . import data as cli_data
-from . import render
+from . import options, render
 from . import train as cli_train
 
 app = typer.Typer(
@@ -71,11 +71,16 @@ def evaluate(
     ],
     as_json: Annotated[bool, typer.Option("--json")] = False,
     device: Annotated[str, typer.Option()] = "auto",
+    labels: options.Labels = None,
+    path_column: options.PathColumn = None,
+    label_column: options.LabelColumn = None,
 ) -> None:
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled images."""
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled images
+    (with --labels: the table's test rows, else its val rows, else all)."""
     from ..inference.classifier import load_classifier
 
-    report = load_classifier(run_dir, device=device).evaluate(data_dir)
+    model = load_classifier(run_dir, device=device)
+    report = model.evaluate(data_dir, labels, path_column, label_column)
     if as_json:
         render.as_json(report)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, Field, fields
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -18,6 +19,17 @@ import typer
 from ..core.config import TrainConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _field_help(name: str) -> str:
+    return next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)
+
+
+# the labels-table options of the commands that read a data folder without a training config
+# (evaluate, audit), with train's help text
+Labels = Annotated[Path | None, typer.Option(help=_field_help("labels"))]
+PathColumn = Annotated[str | None, typer.Option(help=_field_help("path_column"))]
+LabelColumn = Annotated[str | None, typer.Option(help=_field_help("label_column"))]
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str, "tuple": list[str]}
 

@@ -62,6 +62,18 @@ class TrainConfig:
     data_dir: str = dataclasses.field(
         metadata={"help": "Folder of class folders, or with train/ and val/.", "choices": ()}
     )
+    # a table beside the images: Hugging Face's metadata.csv, Kaggle's train.csv (data/table.py)
+    labels: str | None = _setting(
+        None,
+        "A CSV naming each image's class (and optionally its split): paths relative to the "
+        "data folder; the folder's class folders are then not used.",
+    )
+    path_column: str | None = _setting(
+        None, "--labels: the file column [default: file_name, filename, file, path, image, id...]."
+    )
+    label_column: str | None = _setting(
+        None, "--labels: the class column [default: label, class, category or target]."
+    )
     # embedded weights: works offline on any machine
     backbone: str = _setting(
         "efficientnet_lite0", "Backbone name (graft backbones) or timm:<name>."
@@ -230,6 +242,9 @@ class TrainConfig:
                 "the network's input is its pretrained size (224-260) or near it"
             )
         parse_targets(self.target)  # the syntax now; the class names once the data is read
+        if self.labels is None and (self.path_column or self.label_column):
+            flag = "--path-column" if self.path_column else "--label-column"
+            raise ConfigError(f"{flag} names a column of a labels table: add --labels FILE.csv")
         self._refuse_ignored()
 
     def _refuse_ignored(self) -> None:
@@ -372,6 +387,16 @@ class TrainConfig:
             for k, use in used.items()
         }
         return dataclasses.replace(cfg, **values)
+
+    def discover_options(self) -> dict[str, Any]:
+        """How `data.discovery.discover` finds this run's images and classes."""
+        return dict(
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+            labels=self.labels,
+            path_column=self.path_column,
+            label_column=self.label_column,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

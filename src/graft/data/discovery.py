@@ -2,8 +2,9 @@
 
 Layouts: `DATA/train/<class>/`, `DATA/val/<class>/` (optional `DATA/test/<class>/`), or a flat
 `DATA/<class>/` split here, stratified and seeded. Images in subfolders of a class belong to it.
-Folders holding graft runs are never classes. Decoding the images is `images.py`'s job; splits
-(and recording them) are `splits.py`'s.
+Folders holding graft runs are never classes. Or any folder of images with a labels table
+(`labels=FILE.csv`, read by `table.py`), split as a flat folder unless the table has a split
+column. Decoding the images is `images.py`'s job; splits (and recording them) are `splits.py`'s.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from ..core.constants import MAX_PIXELS
 from ..core.errors import DatasetError
 from .images import BadFile, verify_files
 from .splits import DatasetSplit, Sample, stratified_split
+from .table import Table, read_table
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +98,29 @@ def _scan_split(folder: Path, root: Path) -> dict[str, list[str]]:
     return {c: find_images(folder / c, root) for c in _class_folders(folder)}
 
 
-def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
-    """Find the classes and the train/val(/test) samples of a data folder.
+def discover(
+    data_dir: str | Path,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    labels: str | Path | None = None,
+    path_column: str | None = None,
+    label_column: str | None = None,
+) -> DatasetSplit:
+    """Find the classes and the train/val(/test) samples of a data folder, from its class
+    folders or, given `labels`, from that table (`table.py` says how it is read).
 
     >>> split = discover("data/demo")  # doctest: +SKIP
     >>> split.classes
     ['bag', 'sneaker', ...]
+    >>> discover("data/kaggle/train", labels="data/kaggle/train.csv").layout  # doctest: +SKIP
+    'flat'
     """
     root = Path(data_dir)
     if not root.is_dir():
         raise DatasetError(f"data folder {root} does not exist or is not a folder")
+    if labels is not None:
+        table = read_table(labels, root, image_index(root), path_column, label_column)
+        return _table_split(root, table, val_fraction, seed)
     if (root / "train").is_dir():
         train = _scan_split(root / "train", root)
         _check_classes(train, root / "train")
@@ -136,6 +152,56 @@ def discover(data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> 
     classes = sorted(flat)
     train, val = stratified_split(_samples(flat, classes), val_fraction, seed)
     return DatasetSplit(str(root.resolve()), classes, train, val, [], layout="flat")
+
+
+def image_index(root: Path) -> dict[str, str]:
+    """{path relative to `root`, `/`-separated: absolute path} of every image under it."""
+    return {Path(p).relative_to(root).as_posix(): os.path.abspath(p) for p in find_images(root)}
+
+
+def _table_split(root: Path, table: Table, val_fraction: float, seed: int) -> DatasetSplit:
+    """The split a table gives: its split column's, or a flat folder's (stratified, seeded).
+    The checks a folder of class folders gets, worded for the table."""
+    problem = next(filter(None, (_class_name_problem(r.label) for r in table.rows)), None)
+    if problem:
+        line = next(r.line for r in table.rows if _class_name_problem(r.label))
+        raise DatasetError(f"{table.file} line {line}: {problem} in the table")
+    classes = sorted({r.label for r in table.rows})
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{table.file}: only one class ({classes[0]}); a classifier needs at least two"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    by_split: dict[str, list[Sample]] = {}
+    for r in table.rows:
+        by_split.setdefault(r.split or "", []).append((r.path, index[r.label]))
+    out = DatasetSplit(str(root.resolve()), classes, [], [], [], labels=table.record())
+    if table.split_column is None:
+        counts = Counter(r.label for r in table.rows)
+        too_few = sorted(c for c in classes if counts[c] < 2)
+        if too_few:
+            raise DatasetError(
+                f"{table.file}: class(es) with a single image: {', '.join(too_few)}; without a "
+                "split column the images are split into train and val, which needs at least 2 "
+                "per class: add images, or a split column"
+            )
+        out.train, out.val = stratified_split(by_split[""], val_fraction, seed)
+        out.layout = "flat"
+        return out
+    for name in ("train", "val", "test"):
+        samples = sorted(by_split.get(name, []), key=lambda s: (s[1], s[0]))
+        present = {y for _, y in samples}
+        lacking = [c for i, c in enumerate(classes) if i not in present]
+        if lacking and (samples or name == "train"):
+            raise DatasetError(
+                f"{table.file}: the {name} rows have no image of class(es) "
+                f"{', '.join(lacking)}: give each class {name} rows, or drop the split column"
+            )
+        setattr(out, name, samples)
+    if not out.val:
+        log.info("%s has no val rows: holding out %.0f%% of train", table.file, val_fraction * 100)
+        out.train, out.val = stratified_split(out.train, val_fraction, seed)
+    return out
 
 
 def _samples(by_class: dict[str, list[str]], classes: list[str]) -> list[Sample]:
@@ -220,18 +286,28 @@ def verify(
     """Check a data folder: its layout (raises `DatasetError`) and every image: (split,
     unusable files, large files that load downscaled)."""
     split = discover(data_dir)
-    paths = [p for samples in split.splits().values() for p, _ in samples]
+    paths = [p for p, _ in split.samples()]
     return split, *verify_files(paths, workers, max_pixels)
 
 
 # ---------------------------------------------------------------- inputs of a trained model
 
 
-def labelled_samples(data_dir: str | Path, classes: list[str]) -> list[Sample]:
-    """(path, label) for every image of a labelled folder, using the model's class indices."""
+def labelled_samples(
+    data_dir: str | Path,
+    classes: list[str],
+    labels: str | Path | None = None,
+    path_column: str | None = None,
+    label_column: str | None = None,
+) -> list[Sample]:
+    """(path, label) for every image of a labelled folder, using the model's class indices: the
+    class folders of DATA/test, else DATA/val, else DATA; with a labels table, its test rows,
+    else its val rows, else every row."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DatasetError(f"{root} does not exist or is not a folder")
+    if labels is not None:
+        return _table_samples(root, classes, labels, path_column, label_column)
     for sub in ("test", "val"):
         if (root / sub).is_dir():
             root = root / sub
@@ -249,6 +325,23 @@ def labelled_samples(data_dir: str | Path, classes: list[str]) -> list[Sample]:
     if not samples:
         raise DatasetError(f"{root}: no images found in its class folders")
     return samples
+
+
+def _table_samples(root: Path, classes: list[str], labels, path_column, label_column):
+    table = read_table(labels, root, image_index(root), path_column, label_column)
+    rows = table.rows
+    for name in ("test", "val"):
+        if any(r.split == name for r in rows):
+            rows = [r for r in rows if r.split == name]
+            break
+    unknown = sorted({r.label for r in rows} - set(classes))
+    if unknown:
+        line = next(r.line for r in rows if r.label == unknown[0])
+        raise DatasetError(
+            f"{table.file}: class(es) the model does not know: {', '.join(unknown)} (first at "
+            f"line {line}); the model's classes are {', '.join(classes)}"
+        )
+    return [(r.path, classes.index(r.label)) for r in rows]
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:

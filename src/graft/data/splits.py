@@ -33,13 +33,18 @@ class DatasetSplit:
     train: list[Sample]
     val: list[Sample]
     test: list[Sample] = field(default_factory=list)
-    layout: str = "split"  # "split" (train/val folders) or "flat" (split here)
+    layout: str = "split"  # "split" (train/val folders, or a table's split column) or "flat"
+    labels: dict | None = None  # the labels table the classes came from (Table.record())
 
     def splits(self) -> dict[str, list[Sample]]:
         out = {"train": self.train, "val": self.val}
         if self.test:
             out["test"] = self.test
         return out
+
+    def samples(self) -> list[Sample]:
+        """Every sample of every split."""
+        return [s for samples in self.splits().values() for s in samples]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{split: {class: images}}"""
@@ -144,11 +149,14 @@ def report_duplicates(split: DatasetSplit, dedupe: bool = False) -> DatasetSplit
 
 def write_split(split: DatasetSplit, folder: str | Path) -> None:
     """`folder/{train,val,test}.txt`: one `class<TAB>path relative to the data folder` per line,
-    and `folder/source.json` (data folder, layout, classes): enough to rebuild the split."""
+    and `folder/source.json` (data folder, layout, classes, the labels table and its sha256 if
+    the classes came from one): enough to rebuild the split."""
     for name, samples in split.splits().items():
         lines = [f"{split.classes[y]}\t{os.path.relpath(p, split.root)}\n" for p, y in samples]
         atomic_write_text(Path(folder) / f"{name}.txt", "".join(lines))
     source = {"root": split.root, "layout": split.layout, "classes": split.classes}
+    if split.labels is not None:
+        source["labels"] = split.labels
     atomic_write_text(Path(folder) / "source.json", json.dumps(source, indent=2) + "\n")
 
 
@@ -162,7 +170,8 @@ def load_split(folder: str | Path, root: str | Path | None = None) -> DatasetSpl
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"{folder}/source.json is missing or damaged: {exc}") from exc
     base = Path(root) if root is not None else Path(source["root"])
-    out = DatasetSplit(str(base), classes, [], [], [], source.get("layout", "split"))
+    labels = source.get("labels") if isinstance(source.get("labels"), dict) else None
+    out = DatasetSplit(str(base), classes, [], [], [], source.get("layout", "split"), labels)
     for name in SPLITS:
         path = folder / f"{name}.txt"
         if not path.is_file():

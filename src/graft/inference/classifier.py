@@ -271,10 +271,18 @@ class Classifier:
         x, maps = explain(self, image, "gradcam", 1)
         return overlay_png(x, maps[0].heatmap, self.spec)
 
-    def evaluate(self, data_dir: str | Path) -> dict[str, Any]:
+    def evaluate(
+        self,
+        data_dir: str | Path,
+        labels: str | Path | None = None,
+        path_column: str | None = None,
+        label_column: str | None = None,
+    ) -> dict[str, Any]:
         """Accuracy, per-class report and confusion matrix on a folder of class folders
-        (or on its test/ or val/ split when it has one)."""
-        return self.evaluate_samples(labelled_samples(data_dir, self.classes))
+        (or on its test/ or val/ split when it has one), or on the images a labels table names
+        (its test rows, else its val rows, else all)."""
+        samples = labelled_samples(data_dir, self.classes, labels, path_column, label_column)
+        return self.evaluate_samples(samples)
 
     def evaluate_samples(
         self, samples: Sequence[Sample], preds: Sequence[Prediction] | None = None

@@ -83,6 +83,7 @@ class ModelMeta:
     wall_seconds: float | None = None
     data_dir: str | None = None
     layout: str | None = None
+    labels: dict[str, Any] | None = None  # the labels table the classes came from, if any
     class_counts: dict[str, Any] | None = None
     skipped_files: list[str] = field(default_factory=list)
     config: dict[str, Any] | None = None  # the resolved TrainConfig
@@ -177,7 +178,7 @@ class ModelMeta:
         return cls(**values)
 
 
-_SOMETIMES = ("trunk", "selection", "features_computed_per_rank", "decision")
+_SOMETIMES = ("trunk", "selection", "features_computed_per_rank", "decision", "labels")
 MAX_REFERENCES_READ = 1_000_000  # reference features a model file may carry (10,000 are written)
 # a temperature a model file may carry: far outside what a fit gives (core/calibration.T_RANGE),
 # still finite and positive, so a tampered one cannot divide by zero or flip the ranking

@@ -83,9 +83,14 @@ def _classes(meta: ModelMeta, classes: list[str]) -> str:
     ]
     skipped = meta.skipped_files or []
     note = f"\n{len(skipped)} unreadable file(s) were left out.\n" if skipped else ""
+    table = meta.labels or {}
+    source = f"{meta.layout} layout"  # then the table, if the classes came from one
+    if isinstance(table.get("file"), str):  # model.json is untrusted: shown only as text
+        digest = _md(str(table.get("sha256")))
+        source += f"; classes from the table {_md(table['file'])}, sha256 {digest}"
     return (
-        f"## Classes and data\n\nFrom {_md(str(meta.data_dir))} ({meta.layout} "
-        f"layout), images per split:\n\n" + "\n".join(rows) + "\n" + note
+        f"## Classes and data\n\nFrom {_md(str(meta.data_dir))} ({source}), images per "
+        "split:\n\n" + "\n".join(rows) + "\n" + note
     )
 
 

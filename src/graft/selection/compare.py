@@ -177,7 +177,7 @@ def compare(
         )
     grid = default_grid(backbones, strategies)
     base = candidate_configs(data_dir, grid, options)[0]
-    split = discover(base.data_dir, base.val_fraction, base.seed)
+    split = discover(base.data_dir, **base.discover_options())
     pool = split.train  # the val split is never read here
     _check_folds(split, folds)
     plan = Trials(base, split, pool, stratified_folds(pool, folds, base.seed), progress)

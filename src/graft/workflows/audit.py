@@ -13,7 +13,9 @@ Fixing is a separate, explicit step: `apply_fixes` (`graft audit DATA --apply fi
 NEW`) builds a corrected copy of the folder (hard links where the file system allows, copies
 otherwise) that can be trained on and compared with the original; chosen over excluding files at
 training time because a relabelled image must move to another class folder, and because the
-copy can be diffed, kept and trained by any tool, graft or not.
+copy can be diffed, kept and trained by any tool, graft or not. A folder labelled by a table
+(`labels=`) gets the same copy with the images where they were and a corrected table,
+OUT/metadata.csv (Hugging Face's `file_name`, `label`, and `split` if the table had one).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from ..core.cleaning import label_issues, near_duplicates, out_of_fold, outlier_
 from ..core.decisions import normalise
 from ..core.errors import ConfigError, DatasetError, GraftError
 from ..core.runtime import Progress, atomic_write_text, no_progress, resolve_runtime
-from ..data.discovery import discover
+from ..data.discovery import discover, image_index
 from ..data.images import load_image
+from ..data.table import read_table
 from ..frozen.features import extract_features
 from ..models.backbones import create_backbone
 from ..outputs.auditpage import audit_page
@@ -47,6 +50,7 @@ from ..outputs.auditpage import audit_page
 log = logging.getLogger(__name__)
 
 AUDIT_JSON, AUDIT_HTML, FIXES_CSV = "audit.json", "audit.html", "fixes.csv"
+TABLE_CSV = "metadata.csv"  # the corrected table of a folder labelled by one
 FIX_FIELDS = ["path", "action", "to", "kind", "given", "score"]
 ACTIONS = ("relabel", "drop", "keep")
 TINY_SHARE = 4  # a shorter side under a quarter of the folder's usual one: a thumbnail slipped in
@@ -77,6 +81,9 @@ def audit(
     device: str = "auto",
     seed: int = 0,
     progress: Progress = no_progress,
+    labels: str | Path | None = None,
+    path_column: str | None = None,
+    label_column: str | None = None,
 ) -> Audit:
     """Find a folder's label issues, near-duplicates, outliers, bad files and imbalance; write
     OUT/audit.json, audit.html and fixes.csv. Nothing in `data_dir` is written.
@@ -86,7 +93,9 @@ def audit(
     """
     start = time.perf_counter()
     out = Path(out)
-    split = discover(data_dir, seed=seed)
+    split = discover(
+        data_dir, seed=seed, labels=labels, path_column=path_column, label_column=label_column
+    )
     _check_out(out, Path(split.root))
     # every image once, with the split it is in ("" for a flat folder: one pool)
     tagged = [
@@ -327,39 +336,67 @@ def fix_rows(issues: list[dict[str, Any]]) -> list[list[Any]]:
     return list(rows.values())
 
 
-def apply_fixes(data_dir: str | Path, fixes: str | Path, out: str | Path) -> dict[str, int]:
+def apply_fixes(
+    data_dir: str | Path,
+    fixes: str | Path,
+    out: str | Path,
+    labels: str | Path | None = None,
+    path_column: str | None = None,
+    label_column: str | None = None,
+) -> dict[str, int]:
     """A corrected copy of `data_dir` in `out`: every image linked (or copied) to the same place,
-    relabelled ones into their new class folder, dropped ones left out. Every line of `fixes`
-    is checked before anything is written; nothing in `data_dir` changes."""
-    split = discover(data_dir)
-    root, out = Path(split.root), Path(out)
+    relabelled ones into their new class folder (or, for a folder labelled by a table, with
+    their new class in OUT/metadata.csv), dropped ones left out. Every line of `fixes` is checked
+    before anything is written; nothing in `data_dir` changes."""
+    root, out = Path(data_dir).resolve(), Path(out)
     o = out.resolve()
-    if o == root.resolve() or root.resolve() in o.parents:
+    if o == root or root in o.parents:
         raise ConfigError(
             f"--out {out} is inside the data folder {data_dir}: put the copy elsewhere"
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not an empty folder: name a new folder")
-    known = {os.path.normpath(p): split.classes[y] for s in split.splits().values() for p, y in s}
-    plan = _read_fixes(Path(fixes), root, known, split.classes)
-    counts = Counter()
-    for path in sorted(known):
+    if labels is not None:
+        table = read_table(labels, root, image_index(root), path_column, label_column)
+        rows = {os.path.normpath(r.path): (r.label, r.split) for r in table.rows}
+    else:
+        split = discover(data_dir)
+        rows = {os.path.normpath(p): (split.classes[y], None) for p, y in split.samples()}
+    classes = sorted({c for c, _ in rows.values()})
+    plan = _read_fixes(Path(fixes), root, {p: c for p, (c, _) in rows.items()}, classes)
+    counts: Counter = Counter()
+    table_rows = []
+    for path in sorted(rows):
         action, to = plan.get(path, ("keep", None))
         if action == "drop":
             counts["dropped"] += 1
             continue
         parts = list(Path(path).relative_to(root).parts)
+        label, split_name = rows[path]
         if action == "relabel":
-            parts[-2] = to
             counts["relabelled"] += 1
-        target = _free(out.joinpath(*parts))
+            label = to
+            if labels is None:
+                parts[-2] = to
+        target = _free(out.joinpath(*parts)) if labels is None else out.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(path, target)
         except OSError:
             shutil.copy2(path, target)
         counts["written"] += 1
+        table_rows.append([Path(*parts).as_posix(), label, split_name])
+    if labels is not None:
+        _write_table(out / TABLE_CSV, table_rows, with_split=table.split_column is not None)
     return dict(counts)
+
+
+def _write_table(path: Path, rows: list[list], with_split: bool) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file_name", "label", "split"] if with_split else ["file_name", "label"])
+    writer.writerows(r if with_split else r[:2] for r in rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _read_fixes(path: Path, root: Path, known: dict[str, str], classes: list[str]) -> dict:

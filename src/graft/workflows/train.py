@@ -157,7 +157,7 @@ def _train(
     split = (
         load_split(Path(resume) / SPLIT, data)
         if resume
-        else report_duplicates(discover(cfg.data_dir, cfg.val_fraction, cfg.seed), cfg.dedupe)
+        else report_duplicates(discover(cfg.data_dir, **cfg.discover_options()), cfg.dedupe)
     )
     parse_targets(cfg.target, split.classes)  # a class that is not there: before any training
     backbone = create_backbone(cfg.backbone, len(split.classes), cfg.pretrained, cfg.weights)
@@ -254,6 +254,7 @@ def _train(
             wall_seconds=round(wall, 2),
             data_dir=split.root,
             layout=split.layout,
+            labels=split.labels,
             class_counts=split.counts(),
             skipped_files=job.skipped,
             config=cfg.to_dict(),
