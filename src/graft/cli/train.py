@@ -84,7 +84,7 @@ def train(
         raise typer.Exit(130)
 
 
-@settings_options(exclude=(*CHOSEN_PER_CANDIDATE, "out", "report", "target"))
+@settings_options(exclude=(*CHOSEN_PER_CANDIDATE, "out", "report", "target", "log", "tracking_uri"))
 def compare(
     data_dir: Annotated[Path, typer.Argument(help="Folder of class folders, or train/ and val/.")],
     budget: Annotated[str, typer.Option(help="Time for the whole grid, e.g. 300s, 5m, 1h.")] = "5m",

@@ -34,6 +34,7 @@ EPOCH_SETTINGS = (
     "step_size",
     "gamma",
 )
+TRACKERS = ("mlflow", "tensorboard")  # outputs/tracking.py
 ENGINES = ("torch", "onnxruntime")  # the frozen extractor's (frozen/runners.py)
 # what a comparison (graft compare, train --auto) sets per candidate: refused when given there
 CHOSEN_PER_CANDIDATE = (
@@ -184,6 +185,16 @@ class TrainConfig:
     )
     out: str | None = _setting(None, "Run folder (default: runs/<time>-<backbone>).")
     report: bool = _setting(True, "Write report.html at the end of training.")
+    # nothing by default: a tracker is the user's choice (and an optional install)
+    log: tuple[str, ...] = _setting(
+        (),
+        "Log the run to experiment trackers as it trains (repeatable, or a,b); a tracker that "
+        "fails costs a warning, never the run.",
+        TRACKERS,
+    )
+    tracking_uri: str | None = _setting(
+        None, "--log mlflow: the tracking URI [default: $MLFLOW_TRACKING_URI, else MLflow's]."
+    )
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -242,6 +253,12 @@ class TrainConfig:
                 "the network's input is its pretrained size (224-260) or near it"
             )
         parse_targets(self.target)  # the syntax now; the class names once the data is read
+        for name in self.log:
+            _check_choice("tracker", name, TRACKERS)
+        if len(set(self.log)) != len(self.log):
+            raise ConfigError(f"--log names a tracker twice: {', '.join(self.log)}")
+        if self.tracking_uri and "mlflow" not in self.log:
+            raise ConfigError("--tracking-uri is MLflow's: add --log mlflow, or drop it")
         if self.labels is None and (self.path_column or self.label_column):
             flag = "--path-column" if self.path_column else "--label-column"
             raise ConfigError(f"{flag} names a column of a labels table: add --labels FILE.csv")
@@ -401,6 +418,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["unfreeze"], d["target"] = list(self.unfreeze), list(self.target)
+        d["log"] = list(self.log)
         return d
 
 
@@ -491,7 +509,7 @@ def make_config(
             raise ConfigError(f"unknown config key {key!r}{where}{did_you_mean(key, known)}")
     if "data_dir" not in values:
         raise ConfigError("no data folder given: pass DATA_DIR or set data_dir in the config file")
-    for name in ("unfreeze", "target"):  # a list (YAML, repeated option) or comma-separated
+    for name in ("unfreeze", "target", "log"):  # a list (YAML, repeated option) or comma-separated
         value = values.get(name)
         if isinstance(value, str):
             value = [value]

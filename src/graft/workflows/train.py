@@ -40,6 +40,7 @@ from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trai
 from ..models.modelfile import ModelMeta, save_model
 from ..outputs.card import write_card
 from ..outputs.pages import write_comparison
+from ..outputs.tracking import Tracking, check_trackers
 from ..selection.compare import DEFAULT_FOLDS, Candidate, Comparison, compare
 from ..training import checkpoint
 from ..training.calibrate import Calibrated, calibrate, calibrate_fitted, fit_on
@@ -177,6 +178,7 @@ def _train(
     )
 
     check_out_of_data(cfg.out, split.root)
+    check_trackers(cfg.log)  # a tracker's package missing: refused before any work
     writer = claim if d.is_main else _no_claim  # rank 0 alone writes the run folder
     with writer(cfg.out, resuming=last is not None, overwrite=overwrite) as run_dir:
         job = prepare_job(cfg, backbone, split, runtime, progress, d)  # bad files stop us here
@@ -202,74 +204,80 @@ def _train(
             write_split(split, run_dir / SPLIT)
             if comparison is not None:
                 write_comparison(run_dir, comparison.to_dict())
-        fitted = None
-        if cfg.no_loop:
-            state, fitted = fit_head(job, cfg)
-        else:
-            with sigterm_as_interrupt():
-                state = fit(
-                    job,
-                    epoch_plan(cfg, blocks, backbone.spec.input_size),
-                    cfg,
-                    run_dir=run_dir,
-                    resume=last,
-                    progress=progress,
-                    on_epoch=on_epoch,
-                    world=d.world,
-                )
-        if state.best_state is None:
-            raise GraftError("training stopped before the first epoch finished; nothing saved")
-        job.model.load_state_dict(state.best_state)
-        if fitted is not None:
-            calibrated = calibrate_fitted(fitted, job.train_features[2])
-        else:
-            calibrated = calibrate(cfg, backbone, job, state.best["epoch"])
-        clf = _classifier(backbone, split.classes, cfg.device, calibrated.temperature)
-        if job.train_features is None:  # finetune, partial: no out-of-fold scores
-            calibrated = _calibrate_on_val(cfg, clf, split)
-        else:
-            _mention_label_issues(calibrated, split.root)
-        decisions = fit_decisions(cfg, clf, job, split, calibrated)
-        val_preds = decisions.val_preds
-        val = _scores(clf.evaluate_samples(split.val, val_preds))
-        val["protocol"] = _val_protocol(cfg, comparison)
-        test = _scores(clf.evaluate_samples(split.test)) if split.test else None
-        log.info("val accuracy of the saved model: %.4f on %d images", val["accuracy"], val["n"])
-        wall = time.perf_counter() - start
-        meta = ModelMeta(
-            backbone=backbone.name,
-            classes=split.classes,
-            preprocess=backbone.spec,
-            strategy=cfg.strategy,
-            trainable_blocks=blocks,
-            trainable_params=trainable,
-            total_params=total,
-            best=state.best,
-            calibration=calibrated.record,
-            decision=decisions.record,
-            stopped=state.stopped,
-            val=val,
-            test=test,
-            precision=runtime.precision,
-            wall_seconds=round(wall, 2),
-            data_dir=split.root,
-            layout=split.layout,
-            labels=split.labels,
-            class_counts=split.counts(),
-            skipped_files=job.skipped,
-            config=cfg.to_dict(),
-            world_size=d.world,
-            trunk=str(job.trunk) if job.trunk is not None else None,
-            selection=_selection(comparison, cfg) if comparison is not None else None,
-            features_computed_per_rank=job.stats.get("features_computed_per_rank"),
-        )
-        save_model(run_dir, backbone, meta, decisions.reference)
-        save_scores(run_dir, decisions.scores)
-        write_card(run_dir)
-        if cfg.report:
-            _report(run_dir, val_preds)
-        if state.stopped != "interrupted":  # a finished run needs no resume point
-            checkpoint.discard_last(run_dir)
+        trackers = cfg.log if d.is_main else ()
+        with Tracking(trackers, run_dir, cfg.to_dict(), cfg.tracking_uri) as tracking:
+            fitted = None
+            if cfg.no_loop:
+                state, fitted = fit_head(job, cfg)
+                tracking.fitted_path(state.best.get("path"))
+            else:
+                with sigterm_as_interrupt():
+                    state = fit(
+                        job,
+                        epoch_plan(cfg, blocks, backbone.spec.input_size),
+                        cfg,
+                        run_dir=run_dir,
+                        resume=last,
+                        progress=progress,
+                        on_epoch=tracking.also(on_epoch),
+                        world=d.world,
+                    )
+            if state.best_state is None:
+                raise GraftError("training stopped before the first epoch finished; nothing saved")
+            job.model.load_state_dict(state.best_state)
+            if fitted is not None:
+                calibrated = calibrate_fitted(fitted, job.train_features[2])
+            else:
+                calibrated = calibrate(cfg, backbone, job, state.best["epoch"])
+            clf = _classifier(backbone, split.classes, cfg.device, calibrated.temperature)
+            if job.train_features is None:  # finetune, partial: no out-of-fold scores
+                calibrated = _calibrate_on_val(cfg, clf, split)
+            else:
+                _mention_label_issues(calibrated, split.root)
+            decisions = fit_decisions(cfg, clf, job, split, calibrated)
+            val_preds = decisions.val_preds
+            val = _scores(clf.evaluate_samples(split.val, val_preds))
+            val["protocol"] = _val_protocol(cfg, comparison)
+            test = _scores(clf.evaluate_samples(split.test)) if split.test else None
+            log.info(
+                "val accuracy of the saved model: %.4f on %d images", val["accuracy"], val["n"]
+            )
+            wall = time.perf_counter() - start
+            meta = ModelMeta(
+                backbone=backbone.name,
+                classes=split.classes,
+                preprocess=backbone.spec,
+                strategy=cfg.strategy,
+                trainable_blocks=blocks,
+                trainable_params=trainable,
+                total_params=total,
+                best=state.best,
+                calibration=calibrated.record,
+                decision=decisions.record,
+                stopped=state.stopped,
+                val=val,
+                test=test,
+                precision=runtime.precision,
+                wall_seconds=round(wall, 2),
+                data_dir=split.root,
+                layout=split.layout,
+                labels=split.labels,
+                class_counts=split.counts(),
+                skipped_files=job.skipped,
+                config=cfg.to_dict(),
+                world_size=d.world,
+                trunk=str(job.trunk) if job.trunk is not None else None,
+                selection=_selection(comparison, cfg) if comparison is not None else None,
+                features_computed_per_rank=job.stats.get("features_computed_per_rank"),
+            )
+            save_model(run_dir, backbone, meta, decisions.reference)
+            save_scores(run_dir, decisions.scores)
+            write_card(run_dir)
+            if cfg.report:
+                _report(run_dir, val_preds)
+            tracking.finish(meta.to_dict(), state.stopped, comparison and comparison.to_dict())
+            if state.stopped != "interrupted":  # a finished run needs no resume point
+                checkpoint.discard_last(run_dir)
     return Run(
         run_dir=run_dir,
         classes=split.classes,
