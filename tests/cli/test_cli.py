@@ -263,8 +263,9 @@ def test_train_and_compare_options_are_the_config_schema():
     assert train["memory_gb"].help == TrainConfig.__dataclass_fields__["memory_gb"].metadata["help"]
     assert train["memory_gb"].opts == ["--memory-gb"] and train["skip_bad"].secondary_opts
     compare = {p.name for p in cli.commands["compare"].params}
-    # its own --out; no report or operating point: it trains nothing to keep
-    assert compare & names == names - set(CHOSEN_PER_CANDIDATE) - {"report", "target"}
+    # its own --out; no report, operating point or tracker: it trains nothing to keep
+    kept = {"report", "target", "log", "tracking_uri"}
+    assert compare & names == names - set(CHOSEN_PER_CANDIDATE) - kept
 
 
 @pytest.mark.parametrize(
