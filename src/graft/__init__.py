@@ -25,6 +25,7 @@ from .outputs.report import build_report as report
 from .selection.compare import Comparison, compare
 from .workflows.audit import apply_fixes, audit
 from .workflows.decisions import set_targets
+from .workflows.predict import predict_to_file
 from .workflows.suggest import suggest
 from .workflows.train import Run, train
 
@@ -61,6 +62,7 @@ __all__ = [
     "load",
     "load_image",
     "make_config",
+    "predict_to_file",
     "report",
     "set_targets",
     "suggest",

@@ -46,6 +46,15 @@ def predict(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[str, typer.Option()] = "auto",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the rows to FILE.csv or FILE.jsonl as they come (long jobs), not stdout."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="--out exists: skip the files it holds, append.")
+    ] = False,
 ) -> None:
     """Class probabilities for images; unreadable files are reported, not fatal."""
     from ..data.discovery import expand_inputs
@@ -53,11 +62,29 @@ def predict(
 
     if as_json and as_csv:
         raise typer.BadParameter("--json and --csv each choose the output: give one of them")
+    if out is not None and (as_json or as_csv):
+        raise typer.BadParameter(
+            "--out's suffix chooses its format (.csv, .jsonl): drop --json/--csv"
+        )
+    if resume and out is None:
+        raise typer.BadParameter("--resume goes on with an --out file: name it")
     clf = load_classifier(run_dir, device=device)
-    results = clf.predict_files(expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
-    render.predictions(results, "json" if as_json else "csv" if as_csv else "text")
-    if any(r.error for r in results):
-        typer.echo(f"{sum(bool(r.error) for r in results)} file(s) could not be read", err=True)
+    if out is not None:
+        from ..workflows.predict import predict_to_file
+
+        paths = expand_inputs(inputs)
+        done = predict_to_file(
+            clf, paths, out, resume, top_k=top_k, batch_size=batch_size, progress=render.progress
+        )
+        skipped = f", {done.skipped} already in it" if done.skipped else ""
+        typer.echo(f"{out}: {done.predicted} file(s) predicted{skipped}", err=True)
+        errors = done.errors
+    else:
+        results = clf.predict_files(expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
+        render.predictions(results, "json" if as_json else "csv" if as_csv else "text")
+        errors = sum(bool(r.error) for r in results)
+    if errors:
+        typer.echo(f"{errors} file(s) could not be read", err=True)
         raise typer.Exit(1)
 
 

@@ -94,27 +94,15 @@ def comparison(c: dict[str, Any]) -> None:
 def predictions(results: Sequence[Any], fmt: str) -> None:
     """One row per file: `text` (tab-separated: the decision and the probabilities), `json`, or
     `csv` (path,rank,class,probability,error,decision,unknown_score: one row per class shown)."""
+    from ..workflows.predict import CSV_HEADER, as_record, csv_lines
+
     if fmt == "json":
-        as_json(
-            [
-                {
-                    "path": r.path,
-                    "decision": r.decision,
-                    "probabilities": r.probs,
-                    "unknown_score": r.unknown,
-                    "error": r.error,
-                }
-                for r in results
-            ]
-        )
+        as_json([as_record(r) for r in results])
     elif fmt == "csv":
-        out("path,rank,class,probability,error,decision,unknown_score")
+        out(CSV_HEADER)
         for r in results:
-            if r.error:
-                out(f"{_csv(r.path)},,,,{_csv(r.error)},,")
-            unknown = "" if r.unknown is None else f"{r.unknown:.6f}"
-            for rank, (c, p) in enumerate((r.probs or {}).items(), 1):
-                out(f"{_csv(r.path)},{rank},{_csv(c)},{p:.6f},,{_csv(r.decision or '')},{unknown}")
+            for line in csv_lines(r):
+                out(line)
     else:
         for r in results:
             out(f"{_one_field(r.path)}\t{decision_text(r)}")
@@ -140,10 +128,6 @@ def _one_field(text: str) -> str:
     if all(ch.isprintable() or ch == " " for ch in text):
         return text
     return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
-
-
-def _csv(value: str) -> str:
-    return '"' + value.replace('"', '""') + '"' if any(ch in value for ch in ',"\n\r') else value
 
 
 def evaluation(report: dict[str, Any]) -> None:

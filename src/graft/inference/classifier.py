@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..core.constants import MAX_PIXELS
 from ..core.decisions import Policy, knn_distance, normalise, operating_report
 from ..core.errors import CheckpointError, ConfigError, DatasetError, GraftError, ImageError
 from ..core.metrics import classification_report, confusion_matrix, most_confused
-from ..core.runtime import Runtime, resolve_runtime
+from ..core.runtime import Runtime, default_workers, resolve_runtime
 from ..data.discovery import labelled_samples
 from ..data.images import load_image, prepare_image
 from ..data.splits import Sample
@@ -213,29 +214,64 @@ class Classifier:
     ) -> list[Prediction]:
         """Like `predict`, but a file that cannot be read gets its error instead of stopping.
         `names` label the results (for bytes or PIL images); paths label themselves."""
+        return [
+            p for batch in self.iter_predictions(paths, top_k, batch_size, names) for p in batch
+        ]
+
+    def iter_predictions(
+        self,
+        paths: Sequence[ImageLike],
+        top_k: int | None = None,
+        batch_size: int = 32,
+        names: Sequence[str] | None = None,
+        workers: int | None = None,
+    ) -> Iterator[list[Prediction]]:
+        """`predict_files` as a stream: one list of predictions per batch, in input order. The
+        next batch decodes in `workers` threads (default: the cores) while this one runs through
+        the network, so memory holds two batches whatever the number of files.
+
+        >>> for batch in clf.iter_predictions(paths, top_k=3):  # doctest: +SKIP
+        ...     write(batch)
+        """
         _check_top_k(top_k)
         paths = as_image_list(paths)
-        results: list[Prediction] = []
-        for i in range(0, len(paths), batch_size):
-            chunk, tensors, errors = paths[i : i + batch_size], [], {}
-            for j, p in enumerate(chunk):
-                try:
-                    tensors.append(self.preprocess(p))
-                except ImageError as exc:
-                    errors[j] = exc.reason
-            probs, unknown = self._forward(tensors)
-            decisions = iter(self.policy.decide(probs, unknown))
-            scored = iter(zip(probs, unknown.tolist() if unknown is not None else repeat(None)))
-            for j, p in enumerate(chunk):
-                label = names[i + j] if names is not None else _label(p)
-                if j in errors:
-                    results.append(Prediction(label, None, errors[j]))
-                    continue
-                row, u = next(scored)
-                results.append(
-                    Prediction(label, self._top(row, top_k), None, next(decisions), _round(u))
-                )
-        return results
+        starts = range(0, len(paths), batch_size)
+        threads = max(1, workers or default_workers() + 1)
+        # one thread hands out the next batch, `threads` decode it: a batch waiting on its
+        # images never holds a decoding thread
+        with ThreadPoolExecutor(threads) as pool, ThreadPoolExecutor(1) as ahead_of:
+
+            def decode(i: int):
+                return i, list(pool.map(self._try_preprocess, paths[i : i + batch_size]))
+
+            ahead = None
+            for n, i in enumerate(starts):
+                current = ahead.result() if ahead is not None else decode(i)
+                if n + 1 < len(starts):  # the next batch decodes while this one computes
+                    ahead = ahead_of.submit(decode, starts[n + 1])
+                yield self._score_batch(paths, names, *current, top_k)
+
+    def _try_preprocess(self, image: ImageLike) -> torch.Tensor | str:
+        """The network's input for `image`, or the reason it cannot be read."""
+        try:
+            return self.preprocess(image)
+        except ImageError as exc:
+            return exc.reason
+
+    def _score_batch(self, paths, names, i: int, decoded: list, top_k: int | None):
+        tensors = [t for t in decoded if isinstance(t, torch.Tensor)]
+        probs, unknown = self._forward(tensors)
+        decisions = iter(self.policy.decide(probs, unknown))
+        scored = iter(zip(probs, unknown.tolist() if unknown is not None else repeat(None)))
+        out = []
+        for j, t in enumerate(decoded):
+            label = names[i + j] if names is not None else _label(paths[i + j])
+            if not isinstance(t, torch.Tensor):
+                out.append(Prediction(label, None, t))
+                continue
+            row, u = next(scored)
+            out.append(Prediction(label, self._top(row, top_k), None, next(decisions), _round(u)))
+        return out
 
     @torch.inference_mode()
     def _forward(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
