@@ -55,10 +55,17 @@ def predict(
     resume: Annotated[
         bool, typer.Option("--resume", help="--out exists: skip the files it holds, append.")
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="auto: ONNX Runtime on a CPU once the images pay for the one-time export "
+            "(cached), else PyTorch; or torch, onnxruntime."
+        ),
+    ] = "auto",
 ) -> None:
     """Class probabilities for images; unreadable files are reported, not fatal."""
     from ..data.discovery import expand_inputs
-    from ..inference.classifier import load_classifier
+    from ..inference.engines import AUTO_MIN_IMAGES, load_for
 
     if as_json and as_csv:
         raise typer.BadParameter("--json and --csv each choose the output: give one of them")
@@ -68,11 +75,12 @@ def predict(
         )
     if resume and out is None:
         raise typer.BadParameter("--resume goes on with an --out file: name it")
-    clf = load_classifier(run_dir, device=device)
+    paths = expand_inputs(inputs)
+    clf, why = load_for(run_dir, len(paths), engine, device)
+    (log.info if len(paths) >= AUTO_MIN_IMAGES else log.debug)("engine %s", why)
     if out is not None:
         from ..workflows.predict import predict_to_file
 
-        paths = expand_inputs(inputs)
         done = predict_to_file(
             clf, paths, out, resume, top_k=top_k, batch_size=batch_size, progress=render.progress
         )
@@ -80,7 +88,7 @@ def predict(
         typer.echo(f"{out}: {done.predicted} file(s) predicted{skipped}", err=True)
         errors = done.errors
     else:
-        results = clf.predict_files(expand_inputs(inputs), top_k=top_k, batch_size=batch_size)
+        results = clf.predict_files(paths, top_k=top_k, batch_size=batch_size)
         render.predictions(results, "json" if as_json else "csv" if as_csv else "text")
         errors = sum(bool(r.error) for r in results)
     if errors:
