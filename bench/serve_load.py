@@ -4,6 +4,7 @@ the server's resident memory before and after. Bounded: each level runs --second
 
     python bench/serve_load.py RUN                 # 1, 4, 16 clients, 20 s each
     python bench/serve_load.py RUN --seconds 60 --clients 16   # the 60-second soak
+    python bench/serve_load.py RUN --engine torch  # PyTorch rather than the ONNX export
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--image", help="image to send (default: the run's first val image)")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--engine", help="graft serve --engine (auto, torch, onnxruntime)")
     args = ap.parse_args()
     if args.image:
         image = Path(args.image).read_bytes()
@@ -105,6 +107,7 @@ def main() -> None:
             "127.0.0.1",
             "--port",
             str(port),
+            *(["--engine", args.engine] if args.engine else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -46,7 +46,9 @@ def test_predict_over_http(trained_run, shapes_dir):
     assert square["filename"] == "square.png" and square["error"] is None
     assert list(square["probabilities"])[0] == "square" and len(square["probabilities"]) == 2
     expected = trained_run.load().predict([shapes_dir / "val" / "square" / "000.png"], top_k=2)
-    assert square["probabilities"] == pytest.approx(expected[0])
+    # served by ONNX Runtime on the run's export (engine auto on a CPU): PyTorch's numbers to
+    # the export's parity
+    assert square["probabilities"] == pytest.approx(expected[0], abs=1e-4)
     assert notes == {
         "filename": "notes.jpg",
         "decision": None,
@@ -59,7 +61,8 @@ def test_predict_over_http(trained_run, shapes_dir):
     # every prediction carries its decision and unknown score, as the Python API gives them
     (want,) = trained_run.load().predict_files([shapes_dir / "val" / "square" / "000.png"])
     assert square["decision"] == want.decision == "square"
-    assert square["unknown_score"] == pytest.approx(want.unknown) and 0 <= want.unknown < 2
+    assert square["unknown_score"] == pytest.approx(want.unknown, abs=1e-4)
+    assert 0 <= want.unknown < 2
     assert huge["probabilities"] is None and huge["error"] == "larger than 50,000 bytes"
 
 
@@ -125,14 +128,14 @@ def test_health_answers_while_a_prediction_runs(trained_run, shapes_dir, monkeyp
 
     from graft.inference.classifier import Classifier
 
-    slow, real = threading.Event(), Classifier.predict_files
+    slow, real = threading.Event(), Classifier.forward
 
-    def predict_slowly(self, *a, **k):
+    def forward_slowly(self, *a, **k):  # the network's pass, in either engine
         slow.set()
         time.sleep(3)
         return real(self, *a, **k)
 
-    monkeypatch.setattr(Classifier, "predict_files", predict_slowly)
+    monkeypatch.setattr(Classifier, "forward", forward_slowly)
     good = (shapes_dir / "val" / "square" / "000.png").read_bytes()
     with live_server(trained_run.run_dir) as base:
         done = {}

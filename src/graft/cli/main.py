@@ -191,11 +191,15 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     device: Annotated[str, typer.Option()] = "auto",
+    engine: Annotated[
+        str,
+        typer.Option(help="auto: ONNX Runtime on a CPU (the run's cached export), else PyTorch."),
+    ] = "auto",
 ) -> None:
     """Serve the classifier over HTTP: POST /predict with image files, GET /health, /classes."""
     from ..serve.app import serve as run_server
 
-    run_server(run_dir, host, port, device)
+    run_server(run_dir, host, port, device, engine)
 
 
 @app.command()

@@ -258,20 +258,42 @@ class Classifier:
         except ImageError as exc:
             return exc.reason
 
-    def _score_batch(self, paths, names, i: int, decoded: list, top_k: int | None):
-        tensors = [t for t in decoded if isinstance(t, torch.Tensor)]
-        probs, unknown = self._forward(tensors)
+    def decode(self, images: Sequence[ImageLike]) -> list[torch.Tensor | str]:
+        """Each image as the network's input, or the reason it cannot be read (no network run:
+        callers decode in their own threads and batch the forwards, as `graft serve` does)."""
+        return [self._try_preprocess(im) for im in images]
+
+    def forward(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Calibrated probabilities (N, C) and unknown scores (N,) or None of decoded images."""
+        return self._forward(tensors)
+
+    def results(
+        self,
+        labels: Sequence[str],
+        decoded: Sequence[torch.Tensor | str],
+        probs: torch.Tensor,
+        unknown: torch.Tensor | None,
+        top_k: int | None = None,
+    ) -> list[Prediction]:
+        """Predictions from `forward`'s outputs over the decoded images of `decoded` (in order),
+        the unreadable ones with their reason."""
         decisions = iter(self.policy.decide(probs, unknown))
         scored = iter(zip(probs, unknown.tolist() if unknown is not None else repeat(None)))
         out = []
-        for j, t in enumerate(decoded):
-            label = names[i + j] if names is not None else _label(paths[i + j])
+        for label, t in zip(labels, decoded):
             if not isinstance(t, torch.Tensor):
                 out.append(Prediction(label, None, t))
                 continue
             row, u = next(scored)
             out.append(Prediction(label, self._top(row, top_k), None, next(decisions), _round(u)))
         return out
+
+    def _score_batch(self, paths, names, i: int, decoded: list, top_k: int | None):
+        probs, unknown = self._forward([t for t in decoded if isinstance(t, torch.Tensor)])
+        labels = [
+            names[i + j] if names is not None else _label(paths[i + j]) for j in range(len(decoded))
+        ]
+        return self.results(labels, decoded, probs, unknown, top_k)
 
     @torch.inference_mode()
     def _forward(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

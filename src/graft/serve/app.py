@@ -8,18 +8,23 @@ a PNG of the Grad-CAM overlay for its top class (needs `graft[explain]`); POST /
 filename, sha256 of the upload, predicted, corrected): "this is wrong, it is X", appended to
 RUN/feedback.csv so production mistakes come back as labels. Needs `graft[serve]`.
 
-The network runs in a worker thread, one request at a time (a lock: two requests computing at
-once on the same cores would only slow each other down), never on the event loop, so /health
-and new connections are answered while a large request is being predicted.
+Each request decodes its uploads in a worker thread, in parallel with the others; the network
+runs in one thread of its own, never on the event loop, on the requests that arrived together as
+one batch (batching.py), so /health and new connections are answered under load. The engine is
+chosen as `graft predict`'s (inference/engines.py): on a CPU with ONNX Runtime, the run's cached
+export (a server predicts for hours: the one-time export always pays); PyTorch otherwise, and
+for /explain, which needs the network's gradients.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run
 # time, and UploadFile is imported inside create_app (fastapi is an optional extra).
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
 import importlib.util
 import io
+import logging
 import re
 import threading
 from pathlib import Path
@@ -28,7 +33,11 @@ from typing import Any
 from ..core.errors import GraftError
 from ..core.runfolder import FEEDBACK
 from ..inference.classifier import Classifier
-from ..models.modelfile import ModelMeta
+from ..inference.engines import AUTO_MIN_IMAGES, load_for
+from ..models.modelfile import ModelMeta, read_meta
+from .batching import Batcher
+
+log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 25 << 20  # per file; larger uploads are refused, not decoded
 MAX_FILES = 64  # per request: a 999-file request would hold the model for everyone else
@@ -39,6 +48,7 @@ def create_app(
     device: str = "auto",
     max_bytes: int = MAX_UPLOAD_BYTES,
     max_files: int = MAX_FILES,
+    engine: str = "auto",
 ):
     """The ASGI app; the model is loaded once, here.
 
@@ -54,20 +64,42 @@ def create_app(
 
     from .page import PAGE
 
-    clf = Classifier.load(run_dir, device=device)
+    fast, why = load_for(run_dir, AUTO_MIN_IMAGES, engine, device)  # a server: the export pays
+    log.info("serving with %s", why)
+    meta = read_meta(run_dir)
     model_lock, feedback_lock = threading.Lock(), threading.Lock()
+    torch_model: list[Classifier] = [fast] if type(fast) is Classifier else []
+
+    def pytorch() -> Classifier:
+        """The PyTorch model (for /explain's gradients), loaded on first use."""
+        if not torch_model:
+            torch_model.append(Classifier.load(run_dir, device=device))
+        return torch_model[0]
+
+    def forward(tensors):
+        with model_lock:  # /explain may be using the same PyTorch model
+            return fast.forward(tensors)
+
+    batcher = Batcher(forward)
 
     def run_model(blobs: list[bytes], top_k: int, names: list[str]):
-        with model_lock:
-            return clf.predict_files(blobs, top_k=top_k, names=names)
+        decoded = fast.decode(blobs)  # this request's thread: in parallel with the others
+        probs, unknown = batcher.run([t for t in decoded if not isinstance(t, str)])
+        return fast.results(names, decoded, probs, unknown, top_k)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        batcher.close()
 
     # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, and the server must work
     # offline; /openapi.json stays for clients that generate code from it
     app = FastAPI(
         title="graft",
-        description=f"{clf.meta.backbone} classifier from {run_dir}",
+        description=f"{meta.backbone} classifier from {run_dir}",
         docs_url=None,
         redoc_url=None,
+        lifespan=lifespan,
     )
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
@@ -76,7 +108,7 @@ def create_app(
 
     @app.get("/card")
     def card() -> dict[str, Any]:
-        return model_facts(clf.meta)
+        return model_facts(meta)
 
     @app.post("/explain")
     async def explain(file: UploadFile = File(...)) -> Response:
@@ -85,8 +117,9 @@ def create_app(
             raise HTTPException(413, f"larger than {max_bytes:,} bytes")
 
         def draw() -> bytes:
+            model = pytorch()
             with model_lock:
-                return clf.explanation_png(data)
+                return model.explanation_png(data)
 
         try:
             png = await run_in_threadpool(draw)
@@ -97,7 +130,7 @@ def create_app(
     @app.post("/feedback")
     def feedback(item: dict[str, Any]) -> dict[str, Any]:
         """One correction: which upload (its name and sha256), what the model said, what it is."""
-        row = _feedback_row(item, clf.classes)
+        row = _feedback_row(item, meta.classes)
         if isinstance(row, str):
             raise HTTPException(422, row)
         path = Path(run_dir) / FEEDBACK
@@ -113,11 +146,11 @@ def create_app(
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # uptime checkers often send HEAD
     def health() -> dict[str, Any]:
-        return {"status": "ok", "backbone": clf.meta.backbone, "classes": len(clf.classes)}
+        return {"status": "ok", "backbone": meta.backbone, "classes": len(meta.classes)}
 
     @app.get("/classes")
     def classes() -> list[str]:
-        return clf.classes
+        return meta.classes
 
     @app.post("/predict")
     async def predict(files: list[UploadFile] = File(...), top_k: int = Form(5)) -> list[dict]:
@@ -187,11 +220,15 @@ def model_facts(meta: ModelMeta) -> dict[str, Any]:
 
 
 def serve(
-    run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto"
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    engine: str = "auto",
 ) -> None:
     """Run the app with uvicorn until interrupted."""
     if importlib.util.find_spec("uvicorn") is None:
         raise GraftError("serving needs uvicorn: pip install 'graft[serve]'")
     import uvicorn
 
-    uvicorn.run(create_app(run_dir, device), host=host, port=port)
+    uvicorn.run(create_app(run_dir, device, engine=engine), host=host, port=port)
