@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import io
 import logging
+import os
 import re
 import threading
 from pathlib import Path
@@ -82,8 +83,13 @@ def create_app(
 
     batcher = Batcher(forward)
 
+    # as many decodes at once as there are cores: more threads would only queue for the GIL,
+    # and the event loop answering /health with them
+    decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
+
     def run_model(blobs: list[bytes], top_k: int, names: list[str]):
-        decoded = fast.decode(blobs)  # this request's thread: in parallel with the others
+        with decoding:  # this request's thread: in parallel with the others
+            decoded = fast.decode(blobs)
         probs, unknown = batcher.run([t for t in decoded if not isinstance(t, str)])
         return fast.results(names, decoded, probs, unknown, top_k)
 
@@ -144,8 +150,10 @@ def create_app(
                 fh.write(buf.getvalue())
         return {"saved": True, "corrected": row[-1]}
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # uptime checkers often send HEAD
-    def health() -> dict[str, Any]:
+    # uptime checkers often send HEAD; on the event loop itself, not in the worker threads the
+    # requests decode in, so it answers at once under load
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health() -> dict[str, Any]:
         return {"status": "ok", "backbone": meta.backbone, "classes": len(meta.classes)}
 
     @app.get("/classes")
