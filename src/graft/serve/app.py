@@ -21,6 +21,7 @@ for /explain, which needs the network's gradients.
 import contextlib
 import csv
 import datetime as _dt
+import gc
 import hashlib
 import importlib.util
 import io
@@ -82,6 +83,7 @@ def create_app(
             return fast.forward(tensors)
 
     batcher = Batcher(forward)
+    gc.freeze()  # the model's objects are permanent: full collections under load skip them
 
     # as many decodes at once as there are cores: more threads would only queue for the GIL,
     # and the event loop answering /health with them
