@@ -155,3 +155,15 @@ def test_a_split_without_every_class_in_train_is_refused(flat, tmp_path):
     lines += [f"square/{i:03d}.png,square,val" for i in range(3)]
     with pytest.raises(DatasetError, match=r"the train rows have no image of class\(es\) square"):
         discover(flat, labels=_write(tmp_path / "t.csv", lines))
+
+
+def test_a_dotted_id_finds_its_image(flat, tmp_path):
+    images = tmp_path / "dotted"
+    images.mkdir()
+    lines = ["id,label"]
+    for c in SHAPES:
+        for i in range(3):
+            shutil.copy(flat / c / f"{i:03d}.png", images / f"{c}.{i:03d}.png")
+            lines.append(f"{c}.{i:03d},{c}")
+    split = discover(images, labels=_write(tmp_path / "t.csv", lines))
+    assert len(split.train) + len(split.val) == 9

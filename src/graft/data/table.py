@@ -9,7 +9,8 @@ stated once (README "Labels from a table"):
   `--label-column`, else the first of LABEL_COLUMNS; an optional `split` column (train, val or
   validation, test); names are matched ignoring case and surrounding spaces;
 - a path is relative to the data folder (`/` or `\\` separated); one without an image extension
-  names the single image of that name with any extension (`abc` finds `abc.jpg`);
+  names the single image of that name with any extension (`abc` finds `abc.jpg`, `img.001`
+  finds `img.001.png`);
 - a row repeated with the same class counts once; the same file with two classes is refused;
   images in the folder that no row names are not used (logged).
 Every refusal is one line naming the table, the line and the fix. Matching the rows to the images
@@ -156,6 +157,7 @@ def _column(
 
 def _rows(file, reader, width, root: Path, images, p: int, lab: int, s: int | None) -> list[Row]:
     stems: dict[str, list[str]] = {}
+    extensions = {PurePosixPath(rel).suffix.lower() for rel in images}
     for rel in images:
         stems.setdefault(str(PurePosixPath(rel).with_suffix("")), []).append(rel)
     seen: dict[str, Row] = {}
@@ -179,7 +181,9 @@ def _rows(file, reader, width, root: Path, images, p: int, lab: int, s: int | No
             )
         rel = _relative(file, line, value, root)
         if rel not in images:
-            match = stems.get(rel, []) if not PurePosixPath(rel).suffix else []
+            # an id without its extension (Kaggle), or a dotted id ("img.001" for img.001.jpg)
+            has_ext = PurePosixPath(rel).suffix.lower() in extensions
+            match = stems.get(rel, []) if not has_ext else []
             if len(match) > 1:
                 raise DatasetError(
                     f"{file} line {line}: {value!r} matches {len(match)} images "

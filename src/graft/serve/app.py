@@ -72,10 +72,13 @@ def create_app(
     model_lock, feedback_lock = threading.Lock(), threading.Lock()
     torch_model: list[Classifier] = [fast] if type(fast) is Classifier else []
 
+    loading = threading.Lock()
+
     def pytorch() -> Classifier:
-        """The PyTorch model (for /explain's gradients), loaded on first use."""
-        if not torch_model:
-            torch_model.append(Classifier.load(run_dir, device=device))
+        """The PyTorch model (for /explain's gradients), loaded on first use, once."""
+        with loading:
+            if not torch_model:
+                torch_model.append(Classifier.load(run_dir, device=device))
         return torch_model[0]
 
     def forward(tensors):
