@@ -78,9 +78,59 @@ def test_a_damaged_export_is_redone_and_a_failing_one_falls_back(
 def test_settings_onnxruntime_cannot_honour_are_refused():
     from graft.frozen.runners import resolve_engine
 
-    with pytest.raises(ConfigError, match="unknown engine 'ort'.*choose one of torch, onnx"):
+    with pytest.raises(ConfigError, match="unknown engine 'ort'.*choose one of auto, torch, onnx"):
         make_config("d", engine="ort")
     with pytest.raises(ConfigError, match="computes in fp32, not bf16: drop --precision"):
         resolve_engine("onnxruntime", resolve_runtime("cpu", "bf16"), "bf16")
     assert resolve_engine("onnxruntime", RT) == "onnxruntime"
     assert resolve_engine("torch", RT) == "torch"
+
+
+def test_auto_takes_the_engine_that_finishes_sooner_and_keeps_a_warm_cache(
+    setup, tmp_path, monkeypatch
+):
+    import graft.frozen.features as features
+    from graft.frozen.features import choose_engine
+
+    bb, samples = setup
+    n = len(samples)
+    engine, why = choose_engine("auto", bb, samples, RT, cache_dir=tmp_path)
+    assert engine == "torch"  # 9 images do not pay for a 4.8 s export
+    assert (
+        why == f"{n} images to extract: about 5 s with ONNX Runtime (its one-time export "
+        "included), 0 s with PyTorch"
+    )
+    monkeypatch.setattr(features, "EXPORT_SECONDS", 0.0)  # as if the export cost nothing
+    assert choose_engine("auto", bb, samples, RT, cache_dir=tmp_path)[0] == "onnxruntime"
+    extract_features(bb, samples, RT, cache_dir=tmp_path, engine="torch")  # torch's cache warm
+    assert choose_engine("auto", bb, samples, RT, cache_dir=tmp_path) == (
+        "torch",
+        f"every feature is in its cache already ({n} images)",
+    )
+    gpu_like = dataclasses.replace(RT, device=torch.device("meta"))
+    assert choose_engine("auto", bb, samples, gpu_like, cache_dir=tmp_path)[0] == "torch"
+    assert (
+        choose_engine("auto", bb, samples, RT, cache_dir=tmp_path / "n", distributed=True)[1]
+        == "torchrun: every process extracts with the same engine"
+    )
+    assert choose_engine("onnxruntime", bb, samples, RT, cache_dir=tmp_path) == (
+        "onnxruntime",
+        "asked for",
+    )
+
+
+def test_a_run_records_the_engine_that_ran_and_why(trained_run):
+    import json
+    import re
+
+    import yaml
+
+    meta = json.loads((trained_run.run_dir / "model.json").read_text())
+    assert meta["engine"]["engine"] == "torch"  # 72 small images do not pay for the export
+    # the session's feature cache may hold them already, from an earlier test
+    assert re.fullmatch(
+        r"\d+ images to extract: about \d+ s with ONNX Runtime \(its one-time export included\), "
+        r"\d+ s with PyTorch|every feature is in its cache already \(72 images\)",
+        meta["engine"]["reason"],
+    )
+    assert yaml.safe_load((trained_run.run_dir / "config.yaml").read_text())["engine"] == "torch"

@@ -35,7 +35,7 @@ EPOCH_SETTINGS = (
     "gamma",
 )
 TRACKERS = ("mlflow", "tensorboard")  # outputs/tracking.py
-ENGINES = ("torch", "onnxruntime")  # the frozen extractor's (frozen/runners.py)
+ENGINES = ("auto", "torch", "onnxruntime")  # the frozen extractor's (frozen/features.py)
 # what a comparison (graft compare, train --auto) sets per candidate: refused when given there
 CHOSEN_PER_CANDIDATE = (
     "backbone",
@@ -149,9 +149,12 @@ class TrainConfig:
     precision: str = _setting(
         "auto", "auto: bf16/fp16 where the hardware is fast at it.", PRECISIONS
     )
-    # onnxruntime: faster on a CPU, opt-in (frozen/runners.py)
+    # auto: whichever finishes the extraction sooner (frozen/features.choose_engine)
     engine: str = _setting(
-        "torch", "extract: what runs the frozen extractor (onnxruntime: CPU, faster).", ENGINES
+        "auto",
+        "extract: what runs the frozen extractor (auto: ONNX Runtime on a CPU when the images to "
+        "extract pay for its one-time export, else PyTorch; the choice and why in model.json).",
+        ENGINES,
     )
     cache_dir: str | None = _setting(
         None, "Feature cache folder [default: ~/.cache/graft or $GRAFT_CACHE_DIR]."
@@ -288,7 +291,7 @@ class TrainConfig:
                     f"--{_flag(name)} is ignored with --schedule {schedule} (it "
                     "shapes the step schedule): drop it or use --schedule step"
                 )
-        if self.engine != "torch" and self.strategy != "extract":
+        if self.engine == "onnxruntime" and self.strategy != "extract":
             raise ConfigError(
                 f"--engine {self.engine} is ignored with --strategy "
                 f"{self.strategy} (the engine runs extract's frozen extractor; "
@@ -386,6 +389,8 @@ class TrainConfig:
             image_size=input_size,
         )
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.strategy != "extract" and self.engine == "auto":
+            updates["engine"] = "torch"  # what runs: the blocks that train are PyTorch's
         cfg = dataclasses.replace(self, **updates)
         if fitted:
             unused = (*EPOCH_SETTINGS, "backbone_lr_mult", "memory_gb")

@@ -102,6 +102,11 @@ class OutputStore:
             return None
         return ev, aug[:views]
 
+    def has(self, digest: str) -> bool:
+        """Whether an entry for `digest` is on disk (not read: a cheap count for choosing an
+        engine; `get` still checks it)."""
+        return self.enabled and self._path(digest).is_file()
+
     def put(self, digest: str, eval_feat: torch.Tensor | None, aug: torch.Tensor) -> None:
         from safetensors.torch import save_file
 

@@ -89,6 +89,7 @@ class ModelMeta:
     config: dict[str, Any] | None = None  # the resolved TrainConfig
     world_size: int = 1
     trunk: str | None = None  # partial: cached activations or live, and why
+    engine: dict[str, Any] | None = None  # extract: {"engine", "reason"} of the extractor
     selection: dict[str, Any] | None = None  # --auto: the choice and every candidate's score
     features_computed_per_rank: list[int] | None = None
     created: str = ""
@@ -178,7 +179,7 @@ class ModelMeta:
         return cls(**values)
 
 
-_SOMETIMES = ("trunk", "selection", "features_computed_per_rank", "decision", "labels")
+_SOMETIMES = ("trunk", "selection", "features_computed_per_rank", "decision", "labels", "engine")
 MAX_REFERENCES_READ = 1_000_000  # reference features a model file may carry (10,000 are written)
 # a temperature a model file may carry: far outside what a fit gives (core/calibration.T_RANGE),
 # still finite and positive, so a tampered one cannot divide by zero or flip the ranking

@@ -24,8 +24,7 @@ from ..core.errors import ConfigError, DatasetError, GraftError
 from ..core.metrics import wilson_interval
 from ..core.runtime import Progress, resolve_runtime, seed_everything
 from ..data.splits import DatasetSplit, Sample
-from ..frozen.features import extract_features
-from ..frozen.runners import resolve_engine
+from ..frozen.features import choose_engine, extract_features
 from ..models.backbones import Backbone, create_backbone
 from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
 from ..training.head import fit_on_features
@@ -277,7 +276,16 @@ class Trials:
                 progress=self.progress,
                 rotation=cfg.rotation,
                 max_pixels=cfg.max_pixels,
-                engine=resolve_engine(cfg.engine, rt, cfg.precision),
+                engine=choose_engine(
+                    cfg.engine,
+                    backbone,
+                    self.pool,
+                    rt,
+                    cfg.precision,
+                    cfg.cache_dir,
+                    cfg.cache_views,
+                    cfg.rotation,
+                )[0],
             )
             check_bad(cfg, fs.bad)
             self._features[key] = fs

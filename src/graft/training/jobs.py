@@ -30,9 +30,8 @@ from ..frozen.activations import (
     activation_bytes,
     cached_activations,
 )
-from ..frozen.features import extract_features
+from ..frozen.features import choose_engine, extract_features
 from ..frozen.networks import TopNet, cut_backbone
-from ..frozen.runners import resolve_engine
 from ..frozen.store import OutputStore
 from ..models.backbones import Backbone
 from ..models.freezing import trainable_blocks
@@ -59,6 +58,7 @@ class Job:
     dist: Dist = Dist()  # under torchrun: DDP, sharded train and val (finetune/partial)
     sampler: Any = None  # told the epoch (set_epoch): a DistributedSampler, or cached views
     trunk: TrunkDecision | None = None  # partial: cached activations or the trunk live, and why
+    engine: tuple[str, str] | None = None  # extract: the extractor's engine and why
     # extract: the training images' (eval features, augmented views, labels, samples), from which
     # calibrate.py scores every image out of fold
     train_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list] | None = None
@@ -97,13 +97,26 @@ def _prepare_features(
     torchrun each rank computes a disjoint share into the shared cache first; then every rank
     reads them all and trains the same head (a node whose cache is not shared computes what it
     misses itself)."""
+    engine, why = choose_engine(
+        cfg.engine,
+        backbone,
+        [*split.train, *split.val],
+        runtime,
+        cfg.precision,
+        cfg.cache_dir,
+        cfg.cache_views,
+        cfg.rotation,
+        distributed=d.enabled,
+    )
+    if cfg.engine == "auto":
+        log.info("extracting with %s: %s", engine, why)
     kw = dict(
         runtime=runtime,
         cache_dir=cfg.cache_dir,
         workers=cfg.workers,
         progress=progress,
         max_pixels=cfg.max_pixels,
-        engine=resolve_engine(cfg.engine, runtime, cfg.precision),
+        engine=engine,
     )
     stats: dict[str, Any] = {}
     if d.enabled:
@@ -121,6 +134,7 @@ def _prepare_features(
     )
     job.skipped, job.stats = skipped, stats
     job.train_features = (tr.features, tr.aug, tr.labels, tr.samples)
+    job.engine = (engine, why)
     return job
 
 

@@ -182,6 +182,8 @@ def _train(
     writer = claim if d.is_main else _no_claim  # rank 0 alone writes the run folder
     with writer(cfg.out, resuming=last is not None, overwrite=overwrite) as run_dir:
         job = prepare_job(cfg, backbone, split, runtime, progress, d)  # bad files stop us here
+        if job.engine is not None:  # the saved config says which engine ran (auto resolved)
+            cfg = dataclasses.replace(cfg, engine=job.engine[0])
         if cfg.head == "fit" and cfg.strategy != "extract" and last is None:
             _start_from_fitted_head(cfg, backbone, split, progress)
         if not d.is_main:  # the same training, nothing written: rank 0 saves the model
@@ -267,6 +269,7 @@ def _train(
                 config=cfg.to_dict(),
                 world_size=d.world,
                 trunk=str(job.trunk) if job.trunk is not None else None,
+                engine=dict(zip(("engine", "reason"), job.engine)) if job.engine else None,
                 selection=_selection(comparison, cfg) if comparison is not None else None,
                 features_computed_per_rank=job.stats.get("features_computed_per_rank"),
             )
