@@ -27,10 +27,11 @@ from .views import cached_views
 
 log = logging.getLogger(__name__)
 
-# what `--engine auto` weighs (demo, lite0, 2 cores, end to end: bench/speed.py, runners.py):
-# images/s of each engine and the one-time export of the network for ONNX Runtime
-EXTRACT_RATE = {"torch": 58.4, "onnxruntime": 108.1}
-EXPORT_SECONDS = 4.8
+# what `--engine auto` weighs: images/s of each engine, cold, and ONNX Runtime's one-time export
+# (3,000 Fashion-MNIST PNGs, lite0, 2 cores: `python bench/extract_engines.py`); so ONNX Runtime
+# pays from about 3,800 uncached images
+EXTRACT_RATE = {"torch": 94.4, "onnxruntime": 100.9}
+EXPORT_SECONDS = 2.6
 
 
 def choose_engine(
@@ -51,7 +52,7 @@ def choose_engine(
     fp32, or when onnxruntime is not installed. A warm cache keeps the engine that filled it.
 
     >>> choose_engine("auto", backbone, split.train, runtime)[0]  # doctest: +SKIP
-    'onnxruntime'  # 5000 images to extract: about 51 s with ONNX Runtime, 86 s with PyTorch
+    'onnxruntime'  # 10000 images to extract: about 102 s with ONNX Runtime, 106 s with PyTorch
     """
     if engine != "auto":
         return resolve_engine(engine, runtime, precision), "asked for"

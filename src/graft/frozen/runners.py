@@ -1,12 +1,14 @@
 """The engine a frozen extractor runs in: PyTorch (eager, BatchNorm folded) or ONNX Runtime.
 
-On a CPU, ONNX Runtime runs the frozen lite0 in fp32 faster than PyTorch runs it in bf16 (demo,
-end to end: 108.1 against 58.4 images/s, `python bench/speed.py`). `--engine auto` (the default)
-takes it when the images to extract pay for its one-time export (features.choose_engine); the
-network is exported once per weights and preprocessing (4.8 s, kept beside the features), and
-its fp32 features are cached under another key than PyTorch's bf16 ones. Each export is checked
-against eager PyTorch fp32 on a probe batch (1e-4 relative), and any failure (an operator the
-exporter cannot handle, a mismatch) falls back to PyTorch with one warning.
+On a CPU, ONNX Runtime runs the frozen lite0 in fp32 a little faster than PyTorch runs it in
+bf16 now that BatchNorm is folded (3,000 small PNGs, cold, 2 cores: 100.9 against 94.4 images/s;
+`python bench/extract_engines.py`; 108.1 against 58.4 on the demo before the folding).
+`--engine auto` (the default) takes it when the images to extract pay for its one-time export
+(features.choose_engine: from about 3,800 uncached images here); the network is exported once
+per weights and preprocessing (2.6-5.3 s, kept beside the features), and its fp32 features are
+cached under another key than PyTorch's bf16 ones. Each export is checked against eager PyTorch
+fp32 on a probe batch (1e-4 relative), and any failure (an operator the exporter cannot handle,
+a mismatch) falls back to PyTorch with one warning.
 """
 
 from __future__ import annotations
