@@ -16,6 +16,7 @@ package's own writer through `torch.utils.tensorboard`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -117,7 +118,10 @@ class Tracking:
         """`method` of every tracker still working; one that fails logs nothing more but is still
         ended (its run closed with the status)."""
         for tracker in self.trackers:
-            if tracker in self.broken and method != "end":
+            if tracker in self.broken:
+                if method == "end":  # closed quietly: its failure was said once already
+                    with contextlib.suppress(Exception):
+                        tracker.end(*args)
                 continue
             if _call(tracker.name, method, getattr(tracker, method), *args) is _FAILED:
                 self.broken.append(tracker)
