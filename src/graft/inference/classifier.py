@@ -175,7 +175,7 @@ class Classifier:
         self, images: Sequence[ImageLike], top_k: int | None = None, batch_size: int = 32
     ) -> list[dict[str, float]]:
         """For each image, {class: probability}, highest first (all classes, or the top k)."""
-        _check_top_k(top_k)
+        check_top_k(top_k)
         probs = self.probabilities(as_image_list(images), batch_size)
         return [self._top(p, top_k) for p in probs]
 
@@ -233,7 +233,7 @@ class Classifier:
         >>> for batch in clf.iter_predictions(paths, top_k=3):  # doctest: +SKIP
         ...     write(batch)
         """
-        _check_top_k(top_k)
+        check_top_k(top_k)
         paths = as_image_list(paths)
         starts = range(0, len(paths), batch_size)
         threads = max(1, workers or default_workers() + 1)
@@ -419,7 +419,7 @@ def _round(u: float | None) -> float | None:
     return None if u is None else round(u, 6)
 
 
-def _check_top_k(top_k: int | None) -> None:
+def check_top_k(top_k: int | None) -> None:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(
             f"top_k must be a whole number of 1 or more (or None for all classes), got {top_k!r}"

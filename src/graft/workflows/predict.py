@@ -22,6 +22,7 @@ from typing import Any
 
 from ..core.errors import ConfigError, GraftError
 from ..core.runtime import Progress, no_progress
+from ..inference.classifier import check_top_k
 
 CSV_HEADER = "path,rank,class,probability,error,decision,unknown_score"
 FORMATS = (".csv", ".jsonl")
@@ -79,6 +80,7 @@ def predict_to_file(
     0
     """
     out = Path(out)
+    check_top_k(top_k)  # before FILE is made
     fmt = out.suffix.lower()
     if fmt not in FORMATS:
         raise ConfigError(f"--out {out}: name a .csv or a .jsonl file (its suffix is the format)")
