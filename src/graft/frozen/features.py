@@ -44,12 +44,15 @@ def choose_engine(
     views: int = 0,
     rotation: float = 0.0,
     distributed: bool = False,
+    digests: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """The engine that extracts `samples`' features, and why. `auto`: the one that finishes
     sooner given what each engine's cache already holds (their keys differ: PyTorch's features
     on a CPU are bf16, ONNX Runtime's fp32), ONNX Runtime paying its one-time export unless it is
     cached; PyTorch on a GPU, under torchrun (every rank must agree), in a precision other than
     fp32, or when onnxruntime is not installed. A warm cache keeps the engine that filled it.
+    The files' digests it computes are kept in `digests` ({path: sha256}) for the extraction to
+    reuse (`extract_features(..., digests=)`), so no file is hashed twice.
 
     >>> choose_engine("auto", backbone, split.train, runtime)[0]  # doctest: +SKIP
     'onnxruntime'  # 10000 images to extract: about 102 s with ONNX Runtime, 106 s with PyTorch
@@ -65,17 +68,17 @@ def choose_engine(
     if not onnxruntime_available():
         return "torch", "onnxruntime is not installed (pip install 'graft[export]')"
     root = Path(cache_dir or default_cache_dir())
-    digests = []
+    digests = {} if digests is None else digests
     for path, _ in samples:
         try:
-            digests.append(file_digest(path))
+            digests[path] = digests.get(path) or file_digest(path)
         except OSError:
             continue  # reported as a bad file by the extraction itself
     seconds, notes = {}, {}
     for name in ("torch", "onnxruntime"):
         key = output_key(backbone, engine_runtime(name, runtime), rotation if views else 0.0)
         store = OutputStore(root, key)
-        missing = sum(not store.has(d) for d in digests)
+        missing = sum(not store.has(digests[p]) for p, _ in samples if p in digests)
         seconds[name] = missing * (1 + views) / EXTRACT_RATE[name]
         notes[name] = missing
         if name == "onnxruntime" and missing:
@@ -116,13 +119,17 @@ def extract_features(
     rotation: float = 0.0,
     max_pixels: int = MAX_PIXELS,
     engine: str = "auto",
+    digests: dict[str, str] | None = None,
 ) -> FeatureSet:
     """Pooled features of every sample, from the cache where possible, computed once otherwise
     by a BatchNorm-folded copy of the network in `engine` (torch, onnxruntime: runners.py; auto:
-    `choose_engine`).
+    `choose_engine`). `digests`: {path: sha256} computed already (by `choose_engine`).
     `views` augmented views per sample (random crop, flip, `rotation`) are cached beside them."""
+    digests = {} if digests is None else digests
     if engine == "auto":  # a library caller; graft train chooses once for train and val
-        engine, why = choose_engine(engine, backbone, samples, runtime, "auto", cache_dir, views)
+        engine, why = choose_engine(
+            engine, backbone, samples, runtime, "auto", cache_dir, views, digests=digests
+        )
         log.info("extracting with %s: %s", engine, why)
     runtime = engine_runtime(engine, runtime)
     key = output_key(backbone, runtime, rotation if views else 0.0)
@@ -150,6 +157,7 @@ def extract_features(
         progress=progress,
         rotation=rotation,
         max_pixels=max_pixels,
+        known=digests,
     )
     keep, kept, labels = found.kept(samples)
     dim = backbone.model.num_features

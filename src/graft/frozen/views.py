@@ -110,14 +110,16 @@ def cached_views(
     max_pixels: int = MAX_PIXELS,
     label: str = "features",
     views_side: int | None = None,
+    known: dict[str, str] | None = None,
 ) -> Lookup:
     """`make_net()`'s output for the eval view and `views` augmented views of every sample: read
     from `cache` where it holds them, computed in batches otherwise (the network is built only
-    then) and stored. With `keep=False` nothing is held in memory: the cache is the store."""
+    then) and stored. With `keep=False` nothing is held in memory: the cache is the store.
+    `known`: {path: sha256} already computed in this call's run (not hashed again)."""
     digests, entries, bad = {}, {}, {}
     for i, (path, _) in enumerate(samples):
         try:
-            digests[i] = file_digest(path)
+            digests[i] = (known or {}).get(path) or file_digest(path)
         except OSError as exc:
             bad[i] = exc.strerror or str(exc)
             continue

@@ -17,14 +17,13 @@ import logging
 from pathlib import Path
 
 from ..core.constants import ONNX_OPSET
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError
 from ..core.runtime import default_cache_dir, resolve_runtime
-from ..frozen.runners import onnxruntime_available
+from ..frozen.runners import onnxruntime_available, resolve_engine
 from .classifier import Classifier, OnnxClassifier
 
 log = logging.getLogger(__name__)
 
-PREDICT_ENGINES = ("auto", "torch", "onnxruntime")
 # the export (~10 s) pays once ONNX Runtime's gain per image adds up to it: 10 / (1/41.7 -
 # 1/141.9) = 590 images (bench/predict.py, lite0, 2 cores)
 AUTO_MIN_IMAGES = 600
@@ -45,22 +44,15 @@ def load_for(
     >>> why
     'onnxruntime: a CPU, and 5000 images pay for the one-time export'
     """
-    if engine not in PREDICT_ENGINES:
-        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(PREDICT_ENGINES)}")
-    if Path(path).suffix.lower() == ".onnx":
+    exported = Path(path).suffix.lower() == ".onnx"  # runs in ONNX Runtime on the CPU
+    runtime = resolve_runtime("cpu" if exported else device, "fp32")
+    if engine != "auto":  # an unknown engine, or onnxruntime off the CPU or not installed
+        resolve_engine(engine, runtime)
+    if exported:
         return OnnxClassifier(path), "onnxruntime: an exported file"
     if engine == "torch" or not (Path(path) / "model.json").is_file():
         return Classifier.load(path, device=device), "torch: asked for"  # or its error
-    on_cpu = resolve_runtime(device, "fp32").device.type == "cpu"
-    if engine == "onnxruntime" and not on_cpu:
-        raise ConfigError(
-            "--engine onnxruntime runs on the CPU: use --device cpu, or --engine torch"
-        )
-    if engine == "onnxruntime" and not onnxruntime_available():
-        raise ConfigError(
-            "--engine onnxruntime needs onnx, onnxruntime and onnxscript: pip install "
-            "'graft[export]', or use --engine torch"
-        )
+    on_cpu = runtime.device.type == "cpu"
     target = _export_path(Path(path), cache_dir)
     why = "asked for" if engine == "onnxruntime" else ""
     if not why:

@@ -266,6 +266,18 @@ class Trials:
         key = (c.backbone, cfg.cache_views)
         if key not in self._features:
             rt = resolve_runtime(cfg.device, cfg.precision)
+            digests: dict[str, str] = {}  # hashed once: to choose the engine, then to look up
+            engine, _ = choose_engine(
+                cfg.engine,
+                backbone,
+                self.pool,
+                rt,
+                cfg.precision,
+                cfg.cache_dir,
+                cfg.cache_views,
+                cfg.rotation,
+                digests=digests,
+            )
             fs = extract_features(
                 backbone,
                 self.pool,
@@ -276,16 +288,8 @@ class Trials:
                 progress=self.progress,
                 rotation=cfg.rotation,
                 max_pixels=cfg.max_pixels,
-                engine=choose_engine(
-                    cfg.engine,
-                    backbone,
-                    self.pool,
-                    rt,
-                    cfg.precision,
-                    cfg.cache_dir,
-                    cfg.cache_views,
-                    cfg.rotation,
-                )[0],
+                engine=engine,
+                digests=digests,
             )
             check_bad(cfg, fs.bad)
             self._features[key] = fs

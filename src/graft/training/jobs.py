@@ -97,6 +97,7 @@ def _prepare_features(
     torchrun each rank computes a disjoint share into the shared cache first; then every rank
     reads them all and trains the same head (a node whose cache is not shared computes what it
     misses itself)."""
+    digests: dict[str, str] = {}  # hashed once: to choose the engine, then to look up
     engine, why = choose_engine(
         cfg.engine,
         backbone,
@@ -107,6 +108,7 @@ def _prepare_features(
         cfg.cache_views,
         cfg.rotation,
         distributed=d.enabled,
+        digests=digests,
     )
     if cfg.engine == "auto":
         log.info("extracting with %s: %s", engine, why)
@@ -117,6 +119,7 @@ def _prepare_features(
         progress=progress,
         max_pixels=cfg.max_pixels,
         engine=engine,
+        digests=digests,
     )
     stats: dict[str, Any] = {}
     if d.enabled:
