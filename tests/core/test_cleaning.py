@@ -10,6 +10,8 @@ from graft.core.cleaning import (
     near_duplicates,
     out_of_fold,
     outlier_scores,
+    same_picture,
+    thumbnails,
     typical_and_diverse,
 )
 from graft.core.decisions import normalise
@@ -43,6 +45,53 @@ def test_near_duplicates_and_outliers():
     assert [(i, j) for i, j, _ in pairs] == [(7, 90)] and pairs[0][2] > 0.99
     distance, fence = outlier_scores(data)
     assert distance[91] > fence and (distance[:90] <= fence).all()
+
+
+def _pictures(n: int, seed: int = 0) -> list:
+    """Distinct small grey pictures: bright blobs on noise, as 28-pixel scans look."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    yy, xx = np.mgrid[0:28, 0:28]
+    for _ in range(n):
+        a = rng.normal(40, 20, (28, 28))
+        for _ in range(6):
+            cy, cx, r = rng.uniform(4, 24), rng.uniform(4, 24), rng.uniform(2, 5)
+            a += 180 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        out.append(Image.fromarray(a.clip(0, 255).astype(np.uint8)))
+    return out
+
+
+def test_copies_are_the_same_picture_on_their_thumbnails():
+    """A resized, a recompressed, a lightly cropped and a mirrored copy match their original at
+    its best alignment; distinct pictures, and their features' closeness, do not make a pair."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    pics = _pictures(40)
+    original = pics[5]
+    big = original.resize((42, 42), Image.BICUBIC)
+    buf = io.BytesIO()
+    original.convert("RGB").save(buf, "JPEG", quality=85)
+    jpeg = Image.open(io.BytesIO(buf.getvalue()))
+    crop = original.crop((1, 1, 27, 27)).resize((28, 28), Image.BICUBIC)
+    mirror = ImageOps.mirror(original)
+    copies = [big, jpeg, crop, mirror]
+    thumbs = torch.stack([thumbnails(p) for p in pics + copies])
+    for k in range(4):
+        assert same_picture(thumbs[5], thumbs[40 + k]) >= 0.98, k
+    distinct = max(same_picture(thumbs[i], thumbs[j]) for i in range(40) for j in range(i))
+    assert distinct < 0.95  # under both levels a pair needs (SAME_CONTENT, SAME_PICTURE)
+    # features that call everything alike: only the thumbnails decide
+    feats = normalise(torch.ones(44, 8) + 1e-3 * torch.randn(44, 8))
+    found = {(i, j) for i, j, _ in near_duplicates(feats, thumbs)}
+    copies_of_5 = {(5, 40), (5, 41), (5, 42), (5, 43)}
+    assert copies_of_5 <= found
+    assert all(i == 5 or i >= 40 for i, j in found)  # the copies with each other, nothing else
+    assert same_picture(thumbs[0], torch.zeros_like(thumbs[0])) == 0.0  # an undecodable file
 
 
 def test_picks_cover_what_no_label_covers_first():

@@ -228,3 +228,71 @@ def test_a_tampered_fitted_head_record_still_gives_a_report_and_card(report_run,
     assert rep["run"]["best"]["l2"] == "<b>lots</b>"
     assert "&lt;b&gt;lots" in (run / "report.html").read_text()
     assert "L2 '<b>lots</b>'" in (run / "README.md").read_text()
+
+
+def test_the_top_losses_are_marked_with_the_audit_of_the_data(trained_run, tmp_path, monkeypatch):
+    """An audit of the run's data folder (./audit by default, or --audit DIR) marks the top losses
+    it lists; an audit of another folder at ./audit is left alone; a --audit without one is an
+    error naming it."""
+    from graft.core.errors import GraftError
+    from graft.data.splits import load_split
+    from graft.inference.classifier import Prediction
+    from graft.outputs.report import build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.run_dir, run)
+    split = load_split(run / "split")
+    classes = split.classes
+
+    def wrong_by(y: int, true: float) -> dict[str, float]:
+        other = classes[(y + 1) % len(classes)]
+        rest = [c for c in classes if c not in (classes[y], other)]
+        return {other: 0.9, classes[y]: true, **dict.fromkeys(rest, (0.1 - true) / len(rest))}
+
+    # every val image confidently wrong, the first one most: eight top losses, it among them
+    wrong = [
+        Prediction(p, wrong_by(y, 0.01 if i == 0 else 0.05), decision="x")
+        for i, (p, y) in enumerate(split.val)
+    ]
+    flagged = split.val[0][0]
+    doc = {
+        "data_dir": split.root,
+        "by_kind": {"label": 1, "outlier": 1},
+        "issues": [
+            {"kind": "outlier", "paths": [flagged], "given": classes[0], "score": 0.5},
+            {
+                "kind": "label",
+                "paths": [flagged],
+                "given": classes[split.val[0][1]],
+                "suggested": classes[1],
+                "score": 0.25,
+            },
+        ],
+    }
+    audit = tmp_path / "work" / "audit"
+    audit.mkdir(parents=True)
+    (audit / "audit.json").write_text(json.dumps(doc))
+    (audit / "audit.html").write_text("<html></html>")
+    monkeypatch.chdir(tmp_path / "work")  # ./audit: graft audit's default --out
+
+    r = build_report(run, explain_images=0, val_predictions=wrong)
+    marks = {t["path"]: t["audit"] for t in r["top_losses"]}
+    assert len(marks) == 8 and marks[flagged] == (
+        f"label issue: suggested {classes[1]}, the given class 0.25 out of fold"
+    )  # the label issue first, though the outlier came first in the file
+    assert sum(m is not None for m in marks.values()) == 1
+    assert r["audit"]["by_kind"] == {"label": 1, "outlier": 1}
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "1 of these 8 are in the audit of the data folder" in page
+    assert 'href="../work/audit/audit.html"' in page
+
+    doc["data_dir"] = str(tmp_path / "elsewhere")
+    (audit / "audit.json").write_text(json.dumps(doc))
+    r = build_report(run, explain_images=0, val_predictions=wrong)
+    assert r["audit"] is None and all("audit" not in t for t in r["top_losses"])
+    assert "graft audit" in (run / "report.html").read_text(encoding="utf-8")  # how to make one
+    r = build_report(run, explain_images=0, val_predictions=wrong, audit=audit)  # asked: used
+    assert sum(t["audit"] is not None for t in r["top_losses"]) == 1
+
+    with pytest.raises(GraftError, match=r"--audit .*nowhere: no audit.json there"):
+        build_report(run, explain_images=0, val_predictions=wrong, audit=tmp_path / "nowhere")

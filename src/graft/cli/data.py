@@ -39,7 +39,8 @@ def audit(
 ) -> None:
     """Find wrong labels, near-duplicates, outliers, bad files and imbalance before training
     (the data folder is only read); with --apply, build the corrected copy."""
-    from ..workflows.audit import AUDIT_HTML, apply_fixes
+    from ..core.runfolder import AUDIT_HTML
+    from ..workflows.audit import apply_fixes
     from ..workflows.audit import audit as run_audit
 
     if apply is not None:

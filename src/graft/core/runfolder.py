@@ -46,6 +46,9 @@ TOP_LOSSES = "top_losses.png"
 EXPLANATIONS = "explanations.png"
 RELIABILITY = "reliability.png"  # confidence against accuracy, raw and calibrated
 FIGURES = (CURVES, CONFUSION, SAMPLES, PREDICTIONS, TOP_LOSSES, EXPLANATIONS, RELIABILITY)
+# graft audit's folder (not a run folder: its default --out, and what a run's report links to)
+AUDIT_DIR = "audit"
+AUDIT_JSON, AUDIT_HTML, FIXES_CSV = "audit.json", "audit.html", "fixes.csv"
 
 
 def default_run_dir(backbone: str, parent: str | Path = "runs") -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ import torch
 
 from ..core.errors import DatasetError, GraftError
 from ..core.runfolder import (
+    AUDIT_DIR,
+    AUDIT_HTML,
+    AUDIT_JSON,
     COMPARE_JSON,
     CONFUSION,
     CURVES,
@@ -34,7 +38,7 @@ from ..core.runfolder import (
 from ..core.runtime import atomic_path, atomic_write_text
 from ..data.splits import load_split
 from ..inference.classifier import Classifier
-from ..models.modelfile import ModelMeta
+from ..models.modelfile import ModelMeta, read_meta
 from . import figures as draw
 from .card import OPERATING_HEADER, number, operating_rows, share_text, unknown_text, write_card
 from .pages import DPI, comparison_section, page, png_tag, table
@@ -49,16 +53,21 @@ def build_report(
     data_dir: str | Path | None = None,
     explain_images: int = 4,
     val_predictions: list | None = None,
+    classifier: Classifier | None = None,
+    audit: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the figures, report.json and report.html into `run_dir`; return report.json's data.
+    Training passes the model it has just saved (`classifier`) and its val predictions: nothing is
+    loaded or predicted twice. `audit`: a `graft audit` folder (or its audit.json) whose issues
+    the top losses are marked with; by default ./audit, when it audited this run's data folder.
 
     >>> graft.report("runs/demo")["evaluation"]["accuracy"]  # doctest: +SKIP
     0.958
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    clf = Classifier.load(run_dir)
-    meta = clf.meta
+    clf = classifier or Classifier.load(run_dir)
+    meta = read_meta(run_dir) if classifier is not None else clf.meta
     split = load_split(run_dir / SPLIT, data_dir)
     if split.classes != clf.classes:
         raise DatasetError(f"{run_dir}/split lists other classes than the model; re-train")
@@ -83,6 +92,10 @@ def build_report(
         }
         for i in wrong[:8]
     ]
+    audited = _audit(audit, root)
+    if audited is not None:
+        for t in top_losses:
+            t["audit"] = audited["flagged"].get(_key(t["path"]))
 
     import matplotlib
 
@@ -112,6 +125,7 @@ def build_report(
         "evaluation": evaluation,
         "most_confused": evaluation["most_confused"],
         "top_losses": top_losses,
+        "audit": audited and {k: v for k, v in audited.items() if k != "flagged"},
         "figures": figures,
         "explanations_note": explanations_note,
         "how_good": _how_good(meta, evaluation, run_dir),
@@ -124,6 +138,59 @@ def build_report(
     write_card(run_dir)  # the card follows the model.json it is made from
     log.debug("report written to %s in %.1fs", run_dir / REPORT_HTML, report["build_seconds"])
     return report
+
+
+def _audit(given: str | Path | None, root: Path) -> dict[str, Any] | None:
+    """What the report needs of an audit: where it is, how many issues of each kind, and each
+    flagged file's issue in a few words ({resolved path: text}, a label issue first). The one
+    given must be readable; the default one (./audit) counts only if it audited `root`."""
+    where = Path(given) if given is not None else Path(AUDIT_DIR)
+    path = where if where.suffix == ".json" else where / AUDIT_JSON
+    if not path.is_file():
+        if given is None:
+            return None
+        raise GraftError(f"--audit {given}: no {AUDIT_JSON} there (graft audit DATA --out DIR)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        issues = [i for i in doc["issues"] if isinstance(i, dict)]
+        audited_root = Path(str(doc["data_dir"]))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        if given is None:
+            log.warning("%s is not a readable audit (%s): the report does not link it", path, exc)
+            return None
+        raise GraftError(f"--audit {given}: {path} is not graft audit's output ({exc})") from None
+    if given is None and _key(audited_root) != _key(root):
+        return None  # an audit of another folder
+    flagged: dict[str, str] = {}
+    for issue in sorted(issues, key=lambda i: i.get("kind") != "label"):
+        text = _issue_text(issue)
+        for p in issue.get("paths") or []:
+            flagged.setdefault(_key(p), text)
+    page = path.with_name(AUDIT_HTML)
+    return {
+        "path": str(path),
+        "page": str(page) if page.is_file() else None,
+        "data_dir": str(audited_root),
+        "by_kind": doc.get("by_kind") if isinstance(doc.get("by_kind"), dict) else {},
+        "flagged": flagged,
+    }
+
+
+def _issue_text(issue: dict[str, Any]) -> str:
+    kind = str(issue.get("kind"))
+    if kind == "label":
+        score = issue.get("score")
+        given = f", the given class {score:.2f} out of fold" if isinstance(score, float) else ""
+        return f"label issue: suggested {issue.get('suggested')}{given}"
+    detail = issue.get("subkind") or issue.get("reason")
+    return f"{kind}: {detail}" if detail else kind
+
+
+def _key(path: str | Path) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError, ValueError):
+        return str(path)
 
 
 def _how_good(meta: ModelMeta, ev: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -209,6 +276,28 @@ def _img(run_dir: Path, name: str) -> str:
     return png_tag((run_dir / name).read_bytes(), name)
 
 
+def _audit_html(r: dict[str, Any], run_dir: Path) -> str:
+    """Below the top losses: the audit they were checked against, or how to make one."""
+    audit = r.get("audit")
+    if not audit:
+        return (
+            f'<p class="muted">Wrong labels, near-duplicates and outliers in the data folder: '
+            f"<code>graft audit {html.escape(r['run']['data_dir'])}</code>, then "
+            "<code>graft report RUN</code> marks the top losses it lists.</p>"
+        )
+    flagged = sum(bool(t.get("audit")) for t in r["top_losses"])
+    kinds = ", ".join(f"{n} {k}" for k, n in audit["by_kind"].items()) or "no issues"
+    where = html.escape(audit["path"])
+    if audit.get("page"):
+        href = html.escape(os.path.relpath(audit["page"], run_dir))
+        where = f'<a href="{href}">{html.escape(audit["page"])}</a>'
+    return (
+        f"<p>{flagged} of these {len(r['top_losses'])} are in the audit of the data folder "
+        f"({where}: {html.escape(kinds)}). A top loss the audit also flags is more likely a wrong "
+        "label than a model error.</p>"
+    )
+
+
 def _how_good_html(h: dict[str, Any]) -> str:
     lo, hi = h["accuracy_ci95"]
     text = (
@@ -258,10 +347,14 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
         [c, m["precision"], m["recall"], m["f1"], m["support"]] for c, m in ev["per_class"].items()
     ]
     confused = [[a, b, n] for a, b, n in r["most_confused"]] or [["none", "", ""]]
+    audit = r.get("audit")
+    loss_header = ["image", "true", "predicted", "confidence", "loss"]
+    loss_header += ["audit"] if audit else []
     losses = [
         [Path(t["path"]).name, t["true"], t["predicted"], t["confidence"], t["loss"]]
+        + ([t.get("audit") or ""] if audit else [])
         for t in r["top_losses"]
-    ] or [["none", "", "", "", ""]]
+    ] or [["none"] + [""] * (len(loss_header) - 1)]
     note = r.get("explanations_note")
     sections = [
         ("how-good", "How good is it really", _how_good_html(r["how_good"])),
@@ -282,8 +375,7 @@ def _html(r: dict[str, Any], run_dir: Path) -> str:
         (
             "top-losses",
             "Top losses (most confidently wrong)",
-            _img(run_dir, TOP_LOSSES)
-            + table(["image", "true", "predicted", "confidence", "loss"], losses),
+            _img(run_dir, TOP_LOSSES) + table(loss_header, losses) + _audit_html(r, run_dir),
         ),
         (
             "calibration",

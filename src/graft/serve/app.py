@@ -4,7 +4,7 @@ GET / is a page to try the model in a browser (page.py); GET /card the model car
 GET /health, GET /classes, POST /predict (multipart, one or more `files`, optional `top_k`):
 per file its decision (a class, "unknown" or "review": core/decisions.py), class probabilities
 and unknown score, or the reason it could not be read; POST /explain (one `file`):
-a PNG of the Grad-CAM overlay for its top class (needs `graft[explain]`); POST /feedback (JSON:
+a PNG of the Grad-CAM overlay for its top class; POST /feedback (JSON:
 filename, sha256 of the upload, predicted, corrected): "this is wrong, it is X", appended to
 RUN/feedback.csv so production mistakes come back as labels. Needs `graft[serve]`.
 
@@ -134,7 +134,7 @@ def create_app(
 
         try:
             png = await run_in_threadpool(draw)
-        except GraftError as exc:  # unreadable upload, or the explain extra missing
+        except GraftError as exc:  # an unreadable upload
             raise HTTPException(422, str(exc)) from exc
         return Response(png, media_type="image/png")
 

@@ -36,9 +36,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.cleaning import label_issues, near_duplicates, out_of_fold, outlier_scores
+from ..core.cleaning import (
+    THUMB_CROPS,
+    THUMB_SIDE,
+    label_issues,
+    near_duplicates,
+    out_of_fold,
+    outlier_scores,
+    thumbnails,
+)
 from ..core.decisions import normalise
 from ..core.errors import ConfigError, DatasetError, GraftError
+from ..core.runfolder import AUDIT_DIR, AUDIT_HTML, AUDIT_JSON, FIXES_CSV
 from ..core.runtime import Progress, atomic_write_text, no_progress, resolve_runtime
 from ..data.discovery import discover, image_index
 from ..data.images import load_image
@@ -49,7 +58,6 @@ from ..outputs.auditpage import audit_page
 
 log = logging.getLogger(__name__)
 
-AUDIT_JSON, AUDIT_HTML, FIXES_CSV = "audit.json", "audit.html", "fixes.csv"
 TABLE_CSV = "metadata.csv"  # the corrected table of a folder labelled by one
 FIX_FIELDS = ["path", "action", "to", "kind", "given", "score"]
 ACTIONS = ("relabel", "drop", "keep")
@@ -75,7 +83,7 @@ class Audit:
 
 def audit(
     data_dir: str | Path,
-    out: str | Path = "audit",
+    out: str | Path = AUDIT_DIR,
     backbone: str = "efficientnet_lite0",
     cache_dir: str | Path | None = None,
     device: str = "auto",
@@ -114,7 +122,8 @@ def audit(
     issues: list[dict[str, Any]] = []
     for b in fs.bad:
         issues.append(_issue("unreadable", [b.path], _given(b.path, samples, classes), b.reason))
-    issues += _file_issues(fs.samples, classes)
+    found_in_files, thumbs = _file_issues(fs.samples, classes)
+    issues += found_in_files
     counts = torch.bincount(labels, minlength=len(classes))
     if len(labels) < 2 or int(counts.min()) < 2:  # no fold can hold an image of every class out
         log.warning("label issues need two readable images of every class: not looked for")
@@ -133,7 +142,8 @@ def audit(
                 "suggested_probability": round(float(probs[i, k]), 6),
             }
         )
-    issues += _duplicates(feats, labels, paths, where, classes, probs) if len(feats) else []
+    if len(feats):
+        issues += _duplicates(feats, thumbs, labels, paths, where, classes, probs)
     distance, fence = outlier_scores(feats)
     for i in distance.argsort(descending=True).tolist():
         if distance[i] <= fence:
@@ -164,10 +174,12 @@ def _given(path: str, samples: list, classes: list[str]) -> str | None:
     return next((classes[y] for p, y in samples if p == path), None)
 
 
-def _file_issues(samples: list, classes: list[str]) -> list[dict[str, Any]]:
+def _file_issues(samples: list, classes: list[str]) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """Tiny (beside the folder's usual size), nearly blank and extreme-aspect pictures: readable,
-    but suspicious."""
+    but suspicious; and each sample's thumbnails for the near-duplicate check, from the same
+    decode (zeros for a file that does not decode: it matches nothing)."""
     sizes, out = {}, []
+    thumbs = torch.zeros(len(samples), len(THUMB_CROPS) + 1, THUMB_SIDE**2, dtype=torch.uint8)
     for path, _ in samples:
         try:
             with Image.open(path) as im:
@@ -175,14 +187,16 @@ def _file_issues(samples: list, classes: list[str]) -> list[dict[str, Any]]:
         except OSError:
             continue  # unreadable ones are reported as such
     usual = sorted(min(s) for s in sizes.values())[len(sizes) // 2] if sizes else 0
-    for path, y in samples:
+    for n, (path, y) in enumerate(samples):
         if path not in sizes:
             continue
         w, h = sizes[path]
         try:
-            small = load_image(path, 64).convert("L")
+            picture = load_image(path, 64)
         except GraftError:
             continue
+        thumbs[n] = thumbnails(picture)
+        small = picture.convert("L")
         std = float(np.asarray(small, dtype=np.float32).std())
         found = []
         if min(w, h) < usual / TINY_SHARE:
@@ -197,12 +211,12 @@ def _file_issues(samples: list, classes: list[str]) -> list[dict[str, Any]]:
             out.append(
                 {**_issue("file", [path], classes[y], reason), "subkind": sub, "score": _r(score)}
             )
-    return out
+    return out, thumbs
 
 
-def _duplicates(feats, labels, paths, where, classes, probs) -> list[dict[str, Any]]:
+def _duplicates(feats, thumbs, labels, paths, where, classes, probs) -> list[dict[str, Any]]:
     out = []
-    for i, j, sim in near_duplicates(feats):
+    for i, j, sim in near_duplicates(feats, thumbs):
         a, b = paths[i], paths[j]
         if where[a] != where[b]:
             sub = "leak"  # the same picture in train and val: val flatters
@@ -212,6 +226,7 @@ def _duplicates(feats, labels, paths, where, classes, probs) -> list[dict[str, A
             sub = "redundant"
         issue = _issue("duplicate", [a, b], [classes[labels[i]], classes[labels[j]]])
         issue.update(subkind=sub, score=sim, splits=[where[a], where[b]])
+        issue["feature_similarity"] = _r(feats[i] @ feats[j])
         if sub == "conflict":  # the label the out-of-fold heads believe less
             weak = i if probs[i, labels[i]] < probs[j, labels[j]] else j
             issue["suggested_drop"] = paths[weak]

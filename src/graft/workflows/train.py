@@ -231,7 +231,7 @@ def _train(
                 calibrated = calibrate_fitted(fitted, job.train_features[2])
             else:
                 calibrated = calibrate(cfg, backbone, job, state.best["epoch"])
-            clf = _classifier(backbone, split.classes, cfg.device, calibrated.temperature)
+            clf = _classifier(backbone, split.classes, cfg, calibrated.temperature)
             if job.train_features is None:  # finetune, partial: no out-of-fold scores
                 calibrated = _calibrate_on_val(cfg, clf, split)
             else:
@@ -277,7 +277,7 @@ def _train(
             save_scores(run_dir, decisions.scores)
             write_card(run_dir)
             if cfg.report:
-                _report(run_dir, val_preds)
+                _report(run_dir, val_preds, clf)
             tracking.finish(meta.to_dict(), state.stopped, comparison and comparison.to_dict())
             if state.stopped != "interrupted":  # a finished run needs no resume point
                 checkpoint.discard_last(run_dir)
@@ -411,12 +411,15 @@ def _no_claim(run_dir: str, **_: Any) -> Iterator[Path]:
     yield Path(run_dir)
 
 
-def _classifier(backbone: Backbone, classes: list[str], device: str, temperature: float):
-    """The saved model as `graft evaluate` runs it (fp32, its batching, its calibration): one
-    model, one number."""
+def _classifier(backbone: Backbone, classes: list[str], cfg: TrainConfig, temperature: float):
+    """The saved model as `graft evaluate` runs it (fp32, its batching, its calibration, the
+    run's pixel limit): one model, one number."""
     from ..inference.classifier import Classifier
 
-    return Classifier(backbone, classes, resolve_runtime(device, "fp32"), temperature=temperature)
+    runtime = resolve_runtime(cfg.device, "fp32")
+    clf = Classifier(backbone, classes, runtime, temperature=temperature)
+    clf.max_pixels = cfg.max_pixels
+    return clf
 
 
 def _start_from_fitted_head(cfg: TrainConfig, backbone: Backbone, split, progress) -> None:
@@ -492,11 +495,11 @@ def _scores(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report[k] for k in keys}
 
 
-def _report(run_dir: Path, val_predictions: list) -> None:
+def _report(run_dir: Path, val_predictions: list, clf) -> None:
     from ..outputs.report import build_report
 
     try:
-        report = build_report(run_dir, val_predictions=val_predictions)
+        report = build_report(run_dir, val_predictions=val_predictions, classifier=clf)
     except GraftError as exc:  # the model is saved; a missing figure must not undo that
         log.warning("report not written: %s", exc)
         return
