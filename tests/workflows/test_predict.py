@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -115,3 +116,64 @@ def test_the_command_writes_out_and_refuses_to_overwrite(trained_run, images, tm
     r = subprocess.run([*cmd, "--out", str(out), "--resume"], capture_output=True, text=True)
     assert r.returncode == 0 and "1 file(s) predicted, 5 already in it" in r.stderr
     assert len(out.read_text().splitlines()) == 6
+
+
+def _torchrun_predict(run_dir, images, *args) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "lo",
+        "MASTER_ADDR": "127.0.0.1",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "graft", "predict", str(run_dir), *images, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_process_predicts_a_share_and_rank_0_merges(
+    trained_run, images, tmp_path
+):
+    clf = graft.load(trained_run.run_dir)
+    reference = tmp_path / "one.csv"
+    predict_to_file(clf, images, reference)  # the command's defaults: top 5, batches of 32
+    text = reference.read_text()
+    out = tmp_path / "two.csv"
+    r = _torchrun_predict(trained_run.run_dir, images, "--out", str(out))
+    assert r.returncode != 0  # the broken file: exit 1, as in one process
+    assert r.stderr.count(f"{out}: 25 file(s) predicted") == 1, r.stderr
+    assert r.stderr.count("1 file(s) could not be read") == 1
+    _same_rows(out.read_text(), text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "two.csv"]  # parts gone
+
+    # a job that died: FILE cut mid-line, rank 1's part begun (its first files, which the cut
+    # FILE holds too); the same command with --resume finishes FILE as an uncut job writes it
+    cut = tmp_path / "cut.csv"
+    cut.write_bytes(reference.read_bytes()[: len(text.encode()) * 2 // 3 - 7])
+    predict_to_file(clf, images[13:16], tmp_path / "cut.part1of2.csv")
+    r = _torchrun_predict(trained_run.run_dir, images, "--out", str(cut), "--resume")
+    assert "already in it" in r.stderr, r.stderr
+    _same_rows(cut.read_text(), text)
+    assert not list(tmp_path.glob("cut.part*"))
+
+
+def _same_rows(got: str, want: str) -> None:
+    """The same rows in the same order; numbers equal to the float noise of other batch sizes
+    and thread counts (one process with two threads, two with one each)."""
+    import csv
+    import io
+
+    a, b = (list(csv.reader(io.StringIO(t))) for t in (got, want))
+    assert [r[:3] + r[4:6] for r in a] == [r[:3] + r[4:6] for r in b]
+    for ra, rb in zip(a[1:], b[1:]):
+        for x, y in ((ra[3], rb[3]), (ra[6], rb[6])):
+            assert (x == y == "") or abs(float(x) - float(y)) <= 1e-5
+
+
+def test_a_share_each_in_order():
+    from graft.core.dist import Dist, block
+
+    items = list(range(11))
+    shares = [block(items, Dist(rank, rank, 3)) for rank in range(3)]
+    assert shares == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert block(items[:2], Dist(2, 2, 3)) == [] and block(items, Dist()) == items

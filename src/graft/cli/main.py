@@ -66,8 +66,8 @@ def predict(
     ] = "auto",
 ) -> None:
     """Class probabilities for images; unreadable files are reported, not fatal."""
+    from ..core.dist import from_env, process_group
     from ..data.discovery import expand_inputs
-    from ..inference.engines import AUTO_MIN_IMAGES, load_for
 
     if as_json and as_csv:
         raise typer.BadParameter("--json and --csv each choose the output: give one of them")
@@ -78,24 +78,49 @@ def predict(
     if resume and out is None:
         raise typer.BadParameter("--resume goes on with an --out file: name it")
     paths = expand_inputs(inputs)
-    clf, why = load_for(run_dir, len(paths), engine, device)
-    (log.info if len(paths) >= AUTO_MIN_IMAGES else log.debug)("engine %s", why)
-    if out is not None:
-        from ..workflows.predict import predict_to_file
-
-        done = predict_to_file(
-            clf, paths, out, resume, top_k=top_k, batch_size=batch_size, progress=render.progress
+    d = from_env()
+    with process_group(d):
+        errors = _predict(
+            d, run_dir, paths, top_k, as_json, as_csv, batch_size, device, out, resume, engine
         )
+    if errors:
+        if d.is_main:
+            typer.echo(f"{errors} file(s) could not be read", err=True)
+        raise typer.Exit(1)
+
+
+def _predict(d, run_dir, paths, top_k, as_json, as_csv, batch_size, device, out, resume, engine):
+    """predict's work, in one process or as one of a torchrun job's (each process a share of the
+    files; rank 0 writes the output): the count of files that could not be read."""
+    from ..core.dist import barrier
+    from ..core.runtime import no_progress
+    from ..inference.engines import AUTO_MIN_IMAGES, load_for
+    from ..workflows.predict import predict_gathered, predict_sharded, predict_to_file
+
+    if not d.is_main:  # rank 0 exports the model first, if the engine needs an export
+        barrier(d, "loading the model")
+    clf, why = load_for(run_dir, len(paths), engine, device, local_rank=d.local_rank)
+    if d.is_main:
+        barrier(d, "loading the model")
+        (log.info if len(paths) >= AUTO_MIN_IMAGES else log.debug)("engine %s", why)
+    progress = render.progress if d.is_main else no_progress
+    if out is not None:
+        kw = dict(resume=resume, top_k=top_k, batch_size=batch_size, progress=progress)
+        if d.enabled:
+            done = predict_sharded(clf, paths, out, d, **kw)
+        else:
+            done = predict_to_file(clf, paths, out, **kw)
         skipped = f", {done.skipped} already in it" if done.skipped else ""
-        typer.echo(f"{out}: {done.predicted} file(s) predicted{skipped}", err=True)
-        errors = done.errors
+        if d.is_main:
+            typer.echo(f"{out}: {done.predicted} file(s) predicted{skipped}", err=True)
+        return done.errors
+    if d.enabled:
+        results = predict_gathered(clf, paths, d, top_k=top_k, batch_size=batch_size)
     else:
         results = clf.predict_files(paths, top_k=top_k, batch_size=batch_size)
+    if d.is_main:
         render.predictions(results, "json" if as_json else "csv" if as_csv else "text")
-        errors = sum(bool(r.error) for r in results)
-    if errors:
-        typer.echo(f"{errors} file(s) could not be read", err=True)
-        raise typer.Exit(1)
+    return sum(bool(r.error) for r in results)
 
 
 @app.command()

@@ -153,3 +153,13 @@ def sync_buffers(d: Dist, model: torch.nn.Module) -> None:
 def shard(items: list, d: Dist) -> list:
     """This rank's share: every world-th item from its rank (disjoint, together all items)."""
     return items[d.rank :: d.world] if d.enabled else list(items)
+
+
+def block(items: list, d: Dist) -> list:
+    """This rank's share as one run of consecutive items (disjoint; in rank order, together all
+    items in their order): what predict uses, so rank 0 merges the outputs by concatenation."""
+    if not d.enabled:
+        return list(items)
+    per, extra = divmod(len(items), d.world)
+    start = d.rank * per + min(d.rank, extra)
+    return list(items[start : start + per + (d.rank < extra)])

@@ -36,6 +36,7 @@ def load_for(
     engine: str = "auto",
     device: str = "auto",
     cache_dir: str | Path | None = None,
+    local_rank: int = 0,
 ) -> tuple[Classifier, str]:
     """A classifier for `images` images of the run folder (or .onnx file) `path`, in the engine
     asked or chosen, and why that one.
@@ -45,20 +46,24 @@ def load_for(
     'onnxruntime: a CPU, and 5000 images pay for the one-time export'
     """
     exported = Path(path).suffix.lower() == ".onnx"  # runs in ONNX Runtime on the CPU
-    runtime = resolve_runtime("cpu" if exported else device, "fp32")
+    runtime = resolve_runtime("cpu" if exported else device, "fp32", local_rank=local_rank)
     if engine != "auto":  # an unknown engine, or onnxruntime off the CPU or not installed
         resolve_engine(engine, runtime)
     if exported:
         return OnnxClassifier(path), "onnxruntime: an exported file"
+
+    def pytorch() -> Classifier:
+        return Classifier.load(path, device=device, local_rank=local_rank)
+
     if engine == "torch" or not (Path(path) / "model.json").is_file():
-        return Classifier.load(path, device=device), "torch: asked for"  # or its error
+        return pytorch(), "torch: asked for"  # or its error
     on_cpu = runtime.device.type == "cpu"
     target = _export_path(Path(path), cache_dir)
     why = "asked for" if engine == "onnxruntime" else ""
     if not why:
         why = _auto_reason(on_cpu, target.exists(), images)
         if why.startswith("torch"):
-            return Classifier.load(path, device=device), why
+            return pytorch(), why
     try:
         if not target.exists():
             from .export import export
@@ -71,7 +76,7 @@ def load_for(
     except Exception as exc:  # the exporter and ONNX Runtime raise many types
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         log.warning("ONNX Runtime cannot run %s (%s); predicting with PyTorch", path, first)
-        return Classifier.load(path, device=device), f"torch: the export failed ({first})"
+        return pytorch(), f"torch: the export failed ({first})"
 
 
 def _auto_reason(on_cpu: bool, cached: bool, images: int) -> str:

@@ -7,6 +7,11 @@ rest. FILE's format follows its suffix: `.csv` (graft predict --csv's columns: o
 shown) or `.jsonl` (one JSON object per file, --json's fields). A file that cannot be read is a
 row with its error, never a stop. A full disk stops with one line; the rows written so far stay
 whole (a cut batch is truncated back), ready for `--resume`.
+
+Under torchrun (`predict_sharded`) each process predicts one run of consecutive files into its
+own part file beside FILE (`queue.part1of4.csv`), resumable as FILE is; when every part is done,
+rank 0 appends them to FILE in rank order (so in input order) and deletes them. FILE's folder
+must be one every process sees (the same machine, or a shared file system).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.dist import Dist, all_gather, block, broadcast
 from ..core.errors import ConfigError, GraftError
 from ..core.runtime import Progress, no_progress
-from ..inference.classifier import check_top_k
+from ..inference.classifier import Prediction, check_top_k
 
 CSV_HEADER = "path,rank,class,probability,error,decision,unknown_score"
 FORMATS = (".csv", ".jsonl")
@@ -80,17 +86,8 @@ def predict_to_file(
     0
     """
     out = Path(out)
-    check_top_k(top_k)  # before FILE is made
-    fmt = out.suffix.lower()
-    if fmt not in FORMATS:
-        raise ConfigError(f"--out {out}: name a .csv or a .jsonl file (its suffix is the format)")
-    if out.exists() and not resume:
-        raise ConfigError(f"--out {out} exists: add --resume to go on with it, or name a new file")
-    if resume and out.exists():
-        done = _resume_point(out, fmt)
-    else:
-        done = set()
-        _write_new(out, CSV_HEADER + "\n" if fmt == ".csv" else "")
+    fmt = _check_out(out, top_k)  # before FILE is made
+    done = _open_out(out, fmt, resume)
     todo = [p for p in paths if str(p) not in done]
     result = Written(out, skipped=len(paths) - len(todo))
     batches = -(-len(todo) // batch_size)
@@ -104,6 +101,100 @@ def predict_to_file(
             if on_batch is not None:
                 on_batch(batch)
     return result
+
+
+def predict_sharded(
+    clf: Any,
+    paths: Sequence[str],
+    out: str | Path,
+    d: Dist,
+    resume: bool = False,
+    top_k: int | None = None,
+    batch_size: int = 32,
+    progress: Progress = no_progress,
+) -> Written:
+    """`predict_to_file` by the `d.world` processes of a torchrun job, each with its share of
+    `paths` (consecutive files) in a part file; rank 0 merges the parts into `out`. Every rank
+    returns the job's totals. A rerun with `resume` goes on from what FILE and the parts hold."""
+    out = Path(out)
+    fmt = _check_out(out, top_k)
+    # rank 0 alone looks at FILE (refuses, resumes or creates it): no rank sees it half made
+    done = broadcast(d, _open_out(out, fmt, resume) if d.is_main else None, "reading --out")
+    part = _part(out, d.rank, d.world)
+    mine = [p for p in block(list(paths), d) if str(p) not in done]
+    mine_done = predict_to_file(
+        clf, mine, part, resume=resume, top_k=top_k, batch_size=batch_size, progress=progress
+    )
+    counts = all_gather(d, (mine_done.predicted, mine_done.skipped, mine_done.errors), "predicting")
+    if d.is_main:
+        with open(out, "a", encoding="utf-8", newline="") as fh:
+            for rank in range(d.world):
+                _merge(_part(out, rank, d.world), fmt, done, fh, out)
+        for rank in range(d.world):
+            _part(out, rank, d.world).unlink(missing_ok=True)
+    all_gather(d, None, "merging the parts")  # every rank returns once FILE is whole
+    predicted, skipped, errors = (sum(c[i] for c in counts) for i in range(3))
+    return Written(out, predicted, skipped + len(done), errors)
+
+
+def predict_gathered(
+    clf: Any, paths: Sequence[str], d: Dist, top_k: int | None = None, batch_size: int = 32
+) -> list[Prediction]:
+    """`Classifier.predict_files` by the processes of a torchrun job, each with its share of
+    `paths`: every rank returns all the predictions, in input order (for stdout: small jobs)."""
+    mine = clf.predict_files(block(list(paths), d), top_k=top_k, batch_size=batch_size)
+    return [p for share in all_gather(d, mine, "predicting") for p in share]
+
+
+def _check_out(out: Path, top_k: int | None) -> str:
+    """FILE's format, from its suffix; a bad top_k or suffix refused before anything is made."""
+    check_top_k(top_k)
+    fmt = out.suffix.lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"--out {out}: name a .csv or a .jsonl file (its suffix is the format)")
+    return fmt
+
+
+def _open_out(out: Path, fmt: str, resume: bool) -> set[str]:
+    """The files FILE holds already (`resume`), or FILE made anew; an existing FILE without
+    `resume` is refused."""
+    if out.exists() and not resume:
+        raise ConfigError(f"--out {out} exists: add --resume to go on with it, or name a new file")
+    if resume and out.exists():
+        return _resume_point(out, fmt)
+    _write_new(out, CSV_HEADER + "\n" if fmt == ".csv" else "")
+    return set()
+
+
+def _part(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.stem}.part{rank}of{world}{out.suffix}")
+
+
+def _merge(part: Path, fmt: str, done: set[str], fh, out: Path) -> None:
+    """Append `part`'s rows to FILE (open as `fh`), less those of files FILE already holds (a
+    merge cut short before: its rerun with --resume appends the rest once)."""
+    if not part.exists():
+        return
+    with open(part, encoding="utf-8", newline="") as src:
+        if fmt == ".csv":
+            rows = csv.reader(src)
+            next(rows, None)  # the header
+            lines = (",".join(map(_csv, r)) + "\n" for r in rows if r and r[0] not in done)
+        else:
+            lines = (line for line in src if line.strip() and json.loads(line)["path"] not in done)
+        batch: list[str] = []
+        try:
+            for line in lines:
+                batch.append(line)
+                if len(batch) >= 4096:
+                    _append(fh, out, "".join(batch), Written(out))
+                    batch = []
+            _append(fh, out, "".join(batch), Written(out))
+        except GraftError as exc:
+            raise GraftError(
+                f"merging {part.name} into {out}: {exc}; the parts are kept: run the same "
+                "command with --resume to finish"
+            ) from None
 
 
 def _lines(batch: list, fmt: str) -> list[str]:
