@@ -5,7 +5,8 @@ its images moved to a wrong class folder (seeded), and near-duplicates of 10 ima
 turn resized by 1.5x, recompressed as JPEG at quality 85, cropped by 4% a side and resized back;
 two of the crops under another class, the rest under their own). Then:
 - label issues: precision and recall of the audit's list against the moved images;
-- near-duplicates: how many planted pairs the audit lists (any kind);
+- near-duplicates: how many planted pairs the audit lists (any kind), and how many other pairs
+  (the folders' own look-alikes: distinct images, unless the source set repeats one);
 - accuracy on unseen images of `graft train` (defaults) on the clean folder, the noisy folder and
   the noisy folder corrected by the audit's own suggestions (fixes.csv as written, --apply);
 - the audit's wall time, cold (empty feature cache) and warm, as `graft audit` processes;
@@ -128,6 +129,7 @@ def main() -> None:
             if i["kind"] == "duplicate"
         ]
         found_pairs = sum(any(set(p) <= d for d in dups) for p in pairs)
+        others = sum(not any(set(p) <= d for p in pairs) for d in dups)  # not planted
         fixed = args.work / f"{name}-fixed"
         shutil.rmtree(fixed, ignore_errors=True)
         graft_cmd(
@@ -142,15 +144,16 @@ def main() -> None:
         rows.append(
             f"| {name} | {doc['images']} | {len(moved)} | {len(flagged)} | "
             f"{hit / max(1, len(flagged)):.3f} | {hit / len(moved):.3f} | "
-            f"{found_pairs}/{len(pairs)} | {acc['clean']:.4f} | {acc['noisy']:.4f} | "
+            f"{found_pairs}/{len(pairs)} | {others} | {acc['clean']:.4f} | {acc['noisy']:.4f} | "
             f"{acc['fixed']:.4f} | {recovered} | {cold:.1f} | {warm:.1f} |"
         )
         print(f"{name}: done", file=sys.stderr, flush=True)
     print(
         "| set | images | moved | flagged | precision | recall | planted pairs found | "
-        "unseen acc clean | noisy | fixed | share of the loss recovered | audit s cold | warm |"
+        "other pairs listed | unseen acc clean | noisy | fixed | share of the loss recovered | "
+        "audit s cold | warm |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     if args.big:
         big = args.work / f"fm-{args.big}"

@@ -132,9 +132,21 @@ def _unit(thumbs: torch.Tensor) -> torch.Tensor:
 def same_picture(a: torch.Tensor, b: torch.Tensor) -> float:
     """How much two images' thumbnails (`thumbnails`) agree at their best alignment: one plain
     against the other cropped (either way round) or mirrored. 1.0: the same picture."""
-    a, b = _unit(a), _unit(b)
+    return float(_aligned(_unit(a)[None], _unit(b)[None])[0])
+
+
+def _aligned(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`same_picture` of pairs at once: a, b (P, views, side^2) unit thumbnails -> (P,)."""
     crops = len(THUMB_CROPS)
-    return float(torch.cat([b[:crops] @ a[0], a[1:crops] @ b[0], (a[0] @ b[crops])[None]]).max())
+    plain_a, plain_b = a[:, 0], b[:, 0]
+    return torch.cat(
+        [
+            torch.einsum("pvd,pd->pv", b[:, :crops], plain_a),
+            torch.einsum("pvd,pd->pv", a[:, 1:crops], plain_b),
+            (plain_a * b[:, crops]).sum(1, keepdim=True),
+        ],
+        1,
+    ).amax(1)
 
 
 def near_duplicates(
@@ -143,15 +155,16 @@ def near_duplicates(
     """(i, j, similarity) of the near-duplicate pairs (i < j), most similar first.
 
     With `thumbs` (N, views, side^2 from `thumbnails`): the candidates are each image's
-    NEIGHBOURS nearest in features, in plain thumbnails and in mirrored ones; a pair is a duplicate when its
-    thumbnails agree at SAME_PICTURE, or its features at `threshold` and its thumbnails at
-    SAME_CONTENT; the similarity is the thumbnails'. Without: every pair whose features reach
-    `threshold`, the similarity theirs. Blocked matrix products: memory grows with N x 1024,
-    time with N squared (10,000 images: 10^8 similarities, seconds)."""
+    NEIGHBOURS nearest in features, in plain thumbnails and in mirrored ones; a pair is a
+    duplicate when its thumbnails agree at SAME_PICTURE, or its features at `threshold` and its
+    thumbnails at SAME_CONTENT; the similarity is the thumbnails'. Without: every pair whose
+    features reach `threshold`, the similarity theirs. Blocked matrix products: memory grows
+    with N x 1024, time with N squared (10,000 images: 10^8 similarities, seconds)."""
     if thumbs is None:
         return _feature_pairs(features, threshold)
     x = features.float()
-    plain, mirrored = _unit(thumbs[:, 0]), _unit(thumbs[:, -1])
+    unit = torch.cat([_unit(thumbs[s : s + 4096]).half() for s in range(0, len(thumbs), 4096)])
+    plain, mirrored = unit[:, 0].float(), unit[:, -1].float()  # 7 KB an image, all of them
     candidates: set[tuple[int, int]] = set()
     k = min(NEIGHBOURS, len(x) - 1)
     for space, other in ((x, x), (plain, plain), (plain, mirrored)):
@@ -162,10 +175,14 @@ def near_duplicates(
             for r, cols in enumerate(sims.topk(k, dim=1).indices.tolist() if k > 0 else []):
                 candidates.update((min(start + r, c), max(start + r, c)) for c in cols)
     pairs = []
-    for i, j in sorted(candidates):
-        pixels = same_picture(thumbs[i], thumbs[j])
-        if pixels >= SAME_PICTURE or (pixels >= SAME_CONTENT and float(x[i] @ x[j]) >= threshold):
-            pairs.append((i, j, round(pixels, 4)))
+    ordered = torch.tensor(sorted(candidates), dtype=torch.long).reshape(-1, 2)
+    for start in range(0, len(ordered), 4096):
+        i, j = ordered[start : start + 4096].T
+        pixels = _aligned(unit[i].float(), unit[j].float())
+        features = (x[i] * x[j]).sum(1)
+        keep = (pixels >= SAME_PICTURE) | ((pixels >= SAME_CONTENT) & (features >= threshold))
+        for a, b, sim in zip(i[keep].tolist(), j[keep].tolist(), pixels[keep].tolist()):
+            pairs.append((a, b, round(sim, 4)))
     return sorted(pairs, key=lambda t: -t[2])
 
 

@@ -11,7 +11,6 @@ from typing import Any
 import yaml
 
 from .constants import BACKBONE_SEPARATOR, MAX_IMAGE_SIZE, MAX_PIXELS, MEMORY_GB
-from .decisions import parse_targets
 from .errors import ConfigError, did_you_mean
 from .runfolder import default_run_dir
 from .runtime import DEVICES, PRECISIONS, default_cache_dir, default_workers
@@ -255,6 +254,8 @@ class TrainConfig:
                 f"image_size {self.image_size} is over {MAX_IMAGE_SIZE} pixels; "
                 "the network's input is its pretrained size (224-260) or near it"
             )
+        from .decisions import parse_targets  # imports torch: not at `graft --help`
+
         parse_targets(self.target)  # the syntax now; the class names once the data is read
         for name in self.log:
             _check_choice("tracker", name, TRACKERS)

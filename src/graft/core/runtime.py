@@ -14,9 +14,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: `graft --help` needs none of it
+    import torch
 
 from .errors import ConfigError, GraftError
 
@@ -42,9 +45,13 @@ class Runtime:
 
     @property
     def precision(self) -> str:
+        import torch
+
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        import torch
+
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
@@ -56,6 +63,8 @@ class Runtime:
 
     @property
     def memory_format(self) -> torch.memory_format:
+        import torch
+
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -71,6 +80,8 @@ class Runtime:
 
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU has native bf16 (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    import torch
+
     cpu = getattr(torch, "cpu", None)
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         fn = getattr(cpu, probe, None)
@@ -91,6 +102,8 @@ def resolve_runtime(
     >>> resolve_runtime("cpu", "fp32").device.type
     'cpu'
     """
+    import torch
+
     if device not in DEVICES:
         raise ConfigError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
@@ -185,6 +198,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
