@@ -163,3 +163,26 @@ def test_disk_full_keeps_previous_model(trained_run, tmp_path):
     import graft
 
     assert graft.load(run).classes == ["circle", "square", "triangle"]
+
+
+def test_an_interrupt_between_epochs_stops_as_one_inside_them(shapes_dir, tmp_path):
+    """SIGTERM (or Ctrl-C) that lands between epochs (here: while epoch 2's row is reported)
+    stops the run as one inside an epoch does: the model saved, marked interrupted, resumable.
+    It used to escape the loop and lose the run."""
+    import os
+
+    import graft
+
+    def stop(row):
+        if row["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "run"
+    run = graft.train(
+        shapes_dir, head="epochs", epochs=6, on_epoch=stop, out=str(out), workers=0, report=False
+    )
+    assert run.stopped == "interrupted" and len(run.history) == 2
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["stopped"] == "interrupted" and (out / "last.json").exists()
+    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # graft's handler is gone

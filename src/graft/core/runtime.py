@@ -197,6 +197,24 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (the epoch's checkpoint and its row in
+    metrics.csv are written together or not at all), then arrive as they would have. Off the main
+    thread, or where the OS cannot hold signals, the block runs as it is."""
+    hold = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "pthread_sigmask"
+    ):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, hold)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, hold)
+
+
 def seed_everything(seed: int) -> None:
     import torch
 

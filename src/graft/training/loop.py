@@ -24,7 +24,7 @@ from ..core.dist import Dist, all_gather, collective_errors, sync_buffers, wrap
 from ..core.errors import GraftError
 from ..core.metrics import classification_report, confusion_matrix
 from ..core.runfolder import append_metrics, rewrite_metrics
-from ..core.runtime import Progress, Runtime, loader_errors, no_progress
+from ..core.runtime import Progress, Runtime, loader_errors, no_progress, signals_held
 from ..models.freezing import Epoch, apply_freezing, param_groups
 from .checkpoint import Resume, save_last
 from .jobs import Job
@@ -60,21 +60,21 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if job.runtime.amp_dtype is torch.float16 else None
     stage = size = optimizer = scheduler = trainer = None
     for epoch in plan[state.epoch :]:
-        if epoch.stage != stage:
-            stage = epoch.stage
-            optimizer, scheduler = start_stage(job, plan, epoch, cfg)
-            trainer = wrap(job.dist, job.model, job.runtime.device)  # DDP under torchrun
-            if resume is not None and resume.stage == stage:
-                resume.restore_optimizer(optimizer, scheduler, scaler)
-        if job.sampler is not None:
-            job.sampler.set_epoch(state.epoch)  # a new, seeded order of the shards each epoch
-        if epoch.size != size:
-            size = epoch.size
-            job.set_size(size)
-            if cfg.progressive:
-                log.info("epoch %d on at %dpx", state.epoch + 1, size)
-        start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        try:
+        try:  # Ctrl-C or SIGTERM anywhere in the epoch: stop, keeping the best weights so far
+            if epoch.stage != stage:
+                stage = epoch.stage
+                optimizer, scheduler = start_stage(job, plan, epoch, cfg)
+                trainer = wrap(job.dist, job.model, job.runtime.device)  # DDP under torchrun
+                if resume is not None and resume.stage == stage:
+                    resume.restore_optimizer(optimizer, scheduler, scaler)
+            if job.sampler is not None:
+                job.sampler.set_epoch(state.epoch)  # a new, seeded order of the shards each epoch
+            if epoch.size != size:
+                size = epoch.size
+                job.set_size(size)
+                if cfg.progressive:
+                    log.info("epoch %d on at %dpx", state.epoch + 1, size)
+            start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
             with loader_errors(), collective_errors("training"):  # a dead worker or rank
                 tr = train_one_epoch(
                     trainer,
@@ -90,27 +90,28 @@ def fit(
                 ev = evaluate(
                     job.model, job.val_loader, job.criterion, job.runtime, progress, job.dist
                 )
+            with signals_held():  # the epoch's state, resume point and row: all or none
+                scheduler.step()
+                row = state.record(job, tr, ev, lr, time.perf_counter() - start)
+                if run_dir is not None:
+                    save_last(
+                        run_dir,
+                        model=job.model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        scaler=scaler,
+                        stage=stage,
+                        state=state,
+                        generator=job.generator,
+                        world=world,
+                    )
+                    append_metrics(run_dir, row)
+            if on_epoch is not None:
+                on_epoch(row)
         except KeyboardInterrupt:
             state.stopped = "interrupted"
             log.warning("interrupted in epoch %d: keeping the best weights so far", state.epoch + 1)
             break
-        scheduler.step()
-        row = state.record(job, tr, ev, lr, time.perf_counter() - start)
-        if run_dir is not None:
-            save_last(
-                run_dir,
-                model=job.model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                stage=stage,
-                state=state,
-                generator=job.generator,
-                world=world,
-            )
-            append_metrics(run_dir, row)
-        if on_epoch is not None:
-            on_epoch(row)
         if cfg.patience and state.bad_epochs >= cfg.patience:
             state.stopped = "early stopping"
             log.info("early stopping: no improvement for %d epochs", cfg.patience)
