@@ -319,7 +319,7 @@ class Trials:
                 (fs.features[te], fs.labels[te]),
                 self.split.classes,
             )
-            state = fit(job, epoch_plan(cfg, [], cfg.image_size), cfg)
+            state = _unless_interrupted(fit(job, epoch_plan(cfg, [], cfg.image_size), cfg))
             correct += round(state.history[-1]["val_acc"] * len(te))
             n += len(te)
         return correct, n, len(self.folds), count_parameters(backbone.model.head)[0]
@@ -354,7 +354,7 @@ class Trials:
                 if time.perf_counter() > deadline and row["epoch"] < len(plan):
                     raise OutOfTime(f"after {row['epoch']} of {len(plan)} epochs")
 
-            state = fit(job, plan, cfg, on_epoch=None if k else in_time)
+            state = _unless_interrupted(fit(job, plan, cfg, on_epoch=None if k else in_time))
             m = len(job.val_loader.dataset)
             correct, n, done = correct + round(state.history[-1]["val_acc"] * m), n + m, done + 1
             if not (job.trunk is not None and job.trunk.cached):
@@ -362,3 +362,11 @@ class Trials:
             self._trunks.add((c.backbone, c.unfreeze_last))
             fold_seconds = time.perf_counter() - started
         return correct, n, done, count_parameters(backbone.model)[0]
+
+
+def _unless_interrupted(state):
+    """A fold's training stopped by Ctrl-C (the loop keeps what it has, for `graft train`):
+    for a comparison it ends the comparison, which keeps the candidates scored before."""
+    if state.stopped == "interrupted":
+        raise KeyboardInterrupt
+    return state
