@@ -11,9 +11,9 @@ diagonal (k != i) says class i holds a wrong label; the images of class i with t
 of another class over i, as many as were counted, are the label issues, worst first.
 
 Near-duplicates are judged on the pictures themselves, not only on features: a network's features
-put two different 8x8 digits, or two plain t-shirts, as close as a resized copy (bench/audit.py's
-digits: 434 pairs of distinct images at feature cosine >= 0.97), and a lightly cropped 28-pixel
-image further than two distinct ones. Each image becomes small grey thumbnails (24x24, its mean
+put two different 8x8 digits as close as a resized copy (bench/audit.py's digits: 434 pairs of
+distinct images at feature cosine >= 0.97), and a lightly cropped 28-pixel image further than
+that (0.84-0.96). Each image becomes small grey thumbnails (24x24, its mean
 removed: brightness and contrast do not count) of itself cropped by 0-8% a side and mirrored; two
 images are the same picture when one's plain thumbnail matches a crop or the mirror of the other
 at cosine >= 0.98. On bench/audit.py's three noisy folders that found all 30 planted copies
@@ -162,6 +162,8 @@ def near_duplicates(
     with N x 1024, time with N squared (10,000 images: 10^8 similarities, seconds)."""
     if thumbs is None:
         return _feature_pairs(features, threshold)
+    if len(features) < 2:
+        return []
     x = features.float()
     unit = torch.cat([_unit(thumbs[s : s + 4096]).half() for s in range(0, len(thumbs), 4096)])
     plain, mirrored = unit[:, 0].float(), unit[:, -1].float()  # 7 KB an image, all of them
@@ -179,8 +181,8 @@ def near_duplicates(
     for start in range(0, len(ordered), 4096):
         i, j = ordered[start : start + 4096].T
         pixels = _aligned(unit[i].float(), unit[j].float())
-        features = (x[i] * x[j]).sum(1)
-        keep = (pixels >= SAME_PICTURE) | ((pixels >= SAME_CONTENT) & (features >= threshold))
+        alike = (x[i] * x[j]).sum(1)
+        keep = (pixels >= SAME_PICTURE) | ((pixels >= SAME_CONTENT) & (alike >= threshold))
         for a, b, sim in zip(i[keep].tolist(), j[keep].tolist(), pixels[keep].tolist()):
             pairs.append((a, b, round(sim, 4)))
     return sorted(pairs, key=lambda t: -t[2])
