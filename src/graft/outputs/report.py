@@ -164,7 +164,8 @@ def _audit(given: str | Path | None, root: Path) -> dict[str, Any] | None:
     flagged: dict[str, str] = {}
     for issue in sorted(issues, key=lambda i: i.get("kind") != "label"):
         text = _issue_text(issue)
-        for p in issue.get("paths") or []:
+        paths = issue.get("paths")
+        for p in paths if isinstance(paths, list) else []:
             flagged.setdefault(_key(p), text)
     page = path.with_name(AUDIT_HTML)
     return {
@@ -189,7 +190,7 @@ def _issue_text(issue: dict[str, Any]) -> str:
 def _key(path: str | Path) -> str:
     try:
         return str(Path(path).resolve())
-    except (OSError, RuntimeError, ValueError):
+    except (OSError, RuntimeError, ValueError, TypeError):  # audit.json is read, not trusted
         return str(path)
 
 
