@@ -100,3 +100,27 @@ def test_picks_cover_what_no_label_covers_first():
     picks = typical_and_diverse(x, labelled, 3)
     assert sorted(int(y[i]) for i in picks) == [1, 2, 3]  # one typical image of each other
     assert len(set(typical_and_diverse(x, labelled, 40))) == 40  # never the same image twice
+
+
+def test_in_a_crowd_of_look_alikes_only_the_copy_is_a_pair():
+    """Thirty distinct pictures as alike as plain trousers are to each other at 24 pixels
+    (thumbnail cosine about 0.98-0.99 between any two), and one exact copy among them: only the
+    copy is listed (Lowe's ratio test against each image's tenth nearest)."""
+    import numpy as np
+    from PIL import Image
+
+    from graft.core.cleaning import SAME_PICTURE
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:28, 0:28]
+    base = 40 + 180 * ((abs(xx - 14) < 6) & (yy > 3)).astype(float)  # a pale trouser shape
+    pics = [
+        Image.fromarray((base + rng.normal(0, 9, base.shape)).clip(0, 255).astype(np.uint8))
+        for _ in range(30)
+    ]
+    pics.append(pics[7].copy())
+    thumbs = torch.stack([thumbnails(p) for p in pics])
+    alike = [same_picture(thumbs[i], thumbs[j]) for i in range(30) for j in range(i)]
+    assert sum(a >= SAME_PICTURE for a in alike) > 100  # the crowd clears the bar by itself
+    feats = normalise(torch.ones(31, 8) + 1e-3 * torch.randn(31, 8))
+    assert [(i, j) for i, j, _ in near_duplicates(feats, thumbs)] == [(7, 30)]
