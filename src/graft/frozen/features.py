@@ -128,7 +128,7 @@ def extract_features(
     digests = {} if digests is None else digests
     if engine == "auto":  # a library caller; graft train chooses once for train and val
         engine, why = choose_engine(
-            engine, backbone, samples, runtime, "auto", cache_dir, views, digests=digests
+            engine, backbone, samples, runtime, "auto", cache_dir, views, rotation, digests=digests
         )
         log.info("extracting with %s: %s", engine, why)
     runtime = engine_runtime(engine, runtime)
