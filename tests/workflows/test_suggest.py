@@ -51,3 +51,26 @@ def test_suggest_ranks_unlabelled_images(trained_run, shapes_dir, tmp_path):
     assert r.stdout.splitlines()[0].startswith("1\t") and r.stdout.splitlines()[-1].endswith(
         "suggest.html"
     )
+
+
+def test_suggest_after_a_first_model_on_a_few_images(shapes_dir, tmp_path):
+    """Fewer than 10 training images keep no reference features (no unknown score): suggest
+    reads the run's own training images instead, and says so plainly when they are gone."""
+    from graft.core.errors import DatasetError
+
+    few = tmp_path / "few"
+    for cls in ("circle", "square", "triangle"):
+        (few / cls).mkdir(parents=True)
+        for f in sorted((shapes_dir / "train" / cls).glob("*.png"))[:3]:
+            shutil.copy(f, few / cls / f.name)
+    run = graft.train(
+        few, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"), workers=0, report=False
+    )
+    assert graft.load(run.run_dir).references is None  # 9 images: no unknown score
+    pool = shapes_dir / "val"
+    rows = graft.suggest(run.run_dir, pool, n=4, out=tmp_path / "s")
+    assert len({r["path"] for r in rows}) == 4
+    assert all(r["path"].startswith(str(pool)) for r in rows)
+    shutil.rmtree(few)
+    with pytest.raises(DatasetError, match="keeps no features of its training images and they "):
+        graft.suggest(run.run_dir, pool, n=4, out=tmp_path / "s2")

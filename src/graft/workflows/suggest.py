@@ -19,8 +19,10 @@ from typing import Any
 
 from ..core.cleaning import farthest_first, typical_and_diverse
 from ..core.errors import ConfigError, DatasetError
+from ..core.runfolder import SPLIT
 from ..core.runtime import atomic_write_text
 from ..data.discovery import expand_inputs
+from ..data.splits import load_split
 from ..inference.classifier import Classifier
 from ..outputs.auditpage import CSS, thumbnail
 from ..outputs.pages import page
@@ -58,10 +60,7 @@ def suggest(
     clf = Classifier.load(run_dir, device=device)
     labelled = clf.references
     if labelled is None:
-        raise DatasetError(
-            f"{run_dir} keeps no training features (trained by an older graft, or with fewer "
-            "than 10 images): train it again with this graft"
-        )
+        labelled = _training_features(clf, Path(run_dir))
     paths = expand_inputs([unlabeled])
     feats, probs, kept, bad = clf.features_files(paths)
     for b in bad:
@@ -88,6 +87,28 @@ def suggest(
         )
     _write(Path(out), rows, str(unlabeled), len(kept), method)
     return rows
+
+
+def _training_features(clf: Classifier, run_dir: Path):
+    """The features of the images a run was trained on, from the files its split lists: for a
+    model that keeps none (trained on fewer than 10 images: no unknown score, so no reference
+    features; or by a graft older than the unknown score)."""
+    try:
+        train = [p for p, _ in load_split(run_dir / SPLIT).train]
+    except DatasetError as exc:
+        raise DatasetError(
+            f"{run_dir} keeps no features of its training images and they cannot be read "
+            f"({exc}); suggest needs to know what is labelled already"
+        ) from None
+    feats, _, _, bad = clf.features_files(train)
+    if bad:
+        raise DatasetError(
+            f"{run_dir} keeps no features of its training images and {len(bad)} of the "
+            f"{len(train)} it lists cannot be read (e.g. {bad[0].path}: {bad[0].error}); suggest "
+            "needs to know what is labelled already: put them back or train again"
+        )
+    log.info("features of the run's %d training images: what is labelled already", len(train))
+    return feats
 
 
 def _write(out: Path, rows: list[dict[str, Any]], source: str, pool: int, method: str) -> None:
