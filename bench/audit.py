@@ -7,12 +7,19 @@ two of the crops under another class, the rest under their own). Then:
 - label issues: precision and recall of the audit's list against the moved images;
 - near-duplicates: how many planted pairs the audit lists (any kind), and how many other pairs
   (the folders' own look-alikes: distinct images, unless the source set repeats one);
-- accuracy on unseen images of `graft train` (defaults) on the clean folder, the noisy folder and
-  the noisy folder corrected by the audit's own suggestions (fixes.csv as written, --apply);
+- accuracy on unseen images of `graft train` (defaults) on the clean folder, the noisy folder,
+  the noisy folder corrected by the audit's own suggestions (fixes.csv as written, --apply), and
+  the noisy folder after a person went through the audit's label issues ("reviewed": each listed
+  image that was moved goes back to its class, each listed image whose label was right stays);
 - the audit's wall time, cold (empty feature cache) and warm, as `graft audit` processes;
 "share of the loss recovered" is "-" where the noise cost under half a point.
 
-    python bench/audit.py [--work /tmp/graft-audit] [--sets fm10,digits,shapes] [--big N]
+With `--seeds N` the noise is drawn N times per set (seeds 0..N-1; one clean training) and a last
+row per set gives the means: one training's accuracy moves by a point or two with a handful of
+files, about what 10% of wrong labels costs a head on these features.
+
+    python bench/audit.py [--work /tmp/graft-audit] [--sets fm10,digits,shapes] [--seeds 1]
+                          [--big N]
 
 --big N also times a cold and a warm audit of an N-image Fashion-MNIST folder (e.g. 10000).
 """
@@ -24,6 +31,7 @@ import io
 import json
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -103,6 +111,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/graft-audit"))
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--big", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1, help="noise draws per set")
     args = ap.parse_args()
     rows = []
     for name in args.sets.split(","):
@@ -110,50 +119,27 @@ def main() -> None:
         if not (data / "test").is_dir():
             shutil.rmtree(data, ignore_errors=True)
             SETS[name](data)
-        noisy = args.work / f"{name}-noisy"
-        moved, pairs = make_noisy(data / "train", noisy)
         cache = args.work / f"cache-{name}"
         shutil.rmtree(cache, ignore_errors=True)
-        cold, doc = timed_audit(noisy, args.work / f"audit-{name}", cache)
-        warm, doc = timed_audit(noisy, args.work / f"audit-{name}", cache)
-        root = doc["data_dir"]
-        flagged = {
-            str(Path(i["paths"][0]).relative_to(root))
-            for i in doc["issues"]
-            if i["kind"] == "label"
-        }
-        hit = len(flagged & moved)
-        dups = [
-            {str(Path(p).relative_to(root)) for p in i["paths"]}
-            for i in doc["issues"]
-            if i["kind"] == "duplicate"
-        ]
-        found_pairs = sum(any(set(p) <= d for d in dups) for p in pairs)
-        others = sum(not any(set(p) <= d for p in pairs) for d in dups)  # not planted
-        fixed = args.work / f"{name}-fixed"
-        shutil.rmtree(fixed, ignore_errors=True)
-        graft_cmd(
-            "audit", noisy, "--apply", args.work / f"audit-{name}" / "fixes.csv", "--out", fixed
-        )
-        acc = {
-            kind: unseen_accuracy(folder, data / "test", args.work / f"run-{name}-{kind}", cache)
-            for kind, folder in (("clean", data / "train"), ("noisy", noisy), ("fixed", fixed))
-        }
-        cost = acc["clean"] - acc["noisy"]
-        recovered = f"{(acc['fixed'] - acc['noisy']) / cost:.2f}" if cost > 0.005 else "-"
-        rows.append(
-            f"| {name} | {doc['images']} | {len(moved)} | {len(flagged)} | "
-            f"{hit / max(1, len(flagged)):.3f} | {hit / len(moved):.3f} | "
-            f"{found_pairs}/{len(pairs)} | {others} | {acc['clean']:.4f} | {acc['noisy']:.4f} | "
-            f"{acc['fixed']:.4f} | {recovered} | {cold:.1f} | {warm:.1f} |"
-        )
-        print(f"{name}: done", file=sys.stderr, flush=True)
+        clean = None
+        per_seed = []
+        for seed in range(args.seeds):
+            row, clean = one_draw(args.work, name, data, cache, seed, clean)
+            per_seed.append(row)
+            label = name if args.seeds == 1 else f"{name} (seed {seed})"
+            rows.append(_format(label, row))
+            print(f"{name} seed {seed}: done", file=sys.stderr, flush=True)
+        if args.seeds > 1:
+            mean = {  # the cold time is seed 0's (nan for the others)
+                k: statistics.mean(r[k] for r in per_seed if r[k] == r[k]) for k in per_seed[0]
+            }
+            rows.append(_format(f"{name}: mean of {args.seeds}", mean))
     print(
         "| set | images | moved | flagged | precision | recall | planted pairs found | "
-        "other pairs listed | unseen acc clean | noisy | fixed | share of the loss recovered | "
-        "audit s cold | warm |"
+        "other pairs listed | unseen acc clean | noisy | fixed | reviewed | "
+        "share of the loss recovered: fixed | reviewed | audit s cold | warm |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     if args.big:
         big = args.work / f"fm-{args.big}"
@@ -164,6 +150,85 @@ def main() -> None:
         cold, doc = timed_audit(big / "train", args.work / "audit-big", cache)
         warm, _ = timed_audit(big / "train", args.work / "audit-big", cache)
         print(f"\n{doc['images']} images: audit {cold:.1f} s cold, {warm:.1f} s warm")
+
+
+def _format(label: str, r: dict[str, float]) -> str:
+    cost = r["clean"] - r["noisy"]
+
+    def share(kind: str) -> str:
+        return f"{(r[kind] - r['noisy']) / cost:.2f}" if cost > 0.005 else "-"
+
+    return (
+        f"| {label} | {r['images']:.0f} | {r['moved']:.0f} | {r['flagged']:.1f} | "
+        f"{r['precision']:.3f} | {r['recall']:.3f} | {r['pairs found']:.1f}/{PLANTED} | "
+        f"{r['other pairs']:.1f} | {r['clean']:.4f} | {r['noisy']:.4f} | {r['fixed']:.4f} | "
+        f"{r['reviewed']:.4f} | {share('fixed')} | {share('reviewed')} | {r['cold']:.1f} | "
+        f"{r['warm']:.1f} |"
+    )
+
+
+def reviewed_copy(noisy: Path, out: Path, flagged: set[str], moved: set[str]) -> None:
+    """`noisy` as a person leaves it after the audit's label issues: each listed image that was
+    moved (named moved-CLASS-NAME by make_noisy) back in CLASS, every other file as it was."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(noisy, out)
+    for rel in sorted(flagged & moved):
+        f = out / rel
+        true_class = f.name.removeprefix("moved-").rsplit("-", 1)[0]
+        f.rename(out / true_class / f.name)
+
+
+def one_draw(
+    work: Path, name: str, data: Path, cache: Path, seed: int, clean: float | None
+) -> tuple[dict[str, float], float]:
+    """One noisy copy of the set, audited (cold, then warm), corrected two ways, and trained on;
+    the clean folder is trained on once (`clean` given: its accuracy already)."""
+    noisy = work / f"{name}-noisy"
+    moved, pairs = make_noisy(data / "train", noisy, seed)
+    audit = work / f"audit-{name}"
+    if seed == 0:
+        cold, doc = timed_audit(noisy, audit, cache)
+    else:  # the features of the images that were not planted are cached by now
+        cold = float("nan")
+    warm, doc = timed_audit(noisy, audit, cache)
+    root = doc["data_dir"]
+    flagged = {
+        str(Path(i["paths"][0]).relative_to(root)) for i in doc["issues"] if i["kind"] == "label"
+    }
+    hit = len(flagged & moved)
+    dups = [
+        {str(Path(p).relative_to(root)) for p in i["paths"]}
+        for i in doc["issues"]
+        if i["kind"] == "duplicate"
+    ]
+    found_pairs = sum(any(set(p) <= d for d in dups) for p in pairs)
+    others = sum(not any(set(p) <= d for p in pairs) for d in dups)  # not planted
+    fixed, reviewed = work / f"{name}-fixed", work / f"{name}-reviewed"
+    shutil.rmtree(fixed, ignore_errors=True)
+    graft_cmd("audit", noisy, "--apply", audit / "fixes.csv", "--out", fixed)
+    reviewed_copy(noisy, reviewed, flagged, moved)
+    folders = {"noisy": noisy, "fixed": fixed, "reviewed": reviewed}
+    if clean is None:
+        folders = {"clean": data / "train", **folders}
+    acc = {
+        kind: unseen_accuracy(folder, data / "test", work / f"run-{name}-{kind}", cache)
+        for kind, folder in folders.items()
+    }
+    clean = acc.get("clean", clean)
+    row = {
+        "images": doc["images"],
+        "moved": len(moved),
+        "flagged": len(flagged),
+        "precision": hit / max(1, len(flagged)),
+        "recall": hit / len(moved),
+        "pairs found": found_pairs,
+        "other pairs": others,
+        **acc,
+        "clean": clean,
+        "cold": cold,
+        "warm": warm,
+    }
+    return row, clean
 
 
 if __name__ == "__main__":
