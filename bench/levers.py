@@ -1,12 +1,15 @@
 """Which accuracy levers pay on folders graft never saw, measured on cached features (seconds per
 set once the features exist): the fitted head on one backbone's features, the mirror image's
 features averaged in at test time (flip TTA), mirrors as extra training samples, and several
-backbones' features concatenated. Each set is one of bench/quality.py's; graft's own split of its
-training folder is used (the val share left out, as `graft train` leaves it) and the head is
-scored on the set's unseen `test/` images.
+backbones' features concatenated; with `--stages`, also the first backbone's features pooled from
+its last stages as well as its last layer (Head2Toe's idea, Evci et al. 2022, without its
+selection: each stage's pooled vector scaled to unit mean norm, side by side). Each set is one of
+bench/quality.py's; graft's own split of its training folder is used (the val share left out, as
+`graft train` leaves it) and the head is scored on the set's unseen `test/` images.
 
     python bench/levers.py [--work /tmp/graft-levers] [--sets fm10,fm6,digits,shapes,fm30,...]
                            [--backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2]
+                           [--stages blocks.4,blocks.5,blocks.6]
 
 Features are computed with the embedded backbones at graft's default precision and cached under
 WORK/cache; the mirrored copies of the images are written under WORK/flip.
@@ -21,12 +24,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 
 from graft.core.linear import fit_logistic_cv
 from graft.core.runtime import resolve_runtime
 from graft.data.discovery import discover
 from graft.frozen.features import extract_features
-from graft.models.backbones import create_backbone
+from graft.models.backbones import Backbone, GraftNet, create_backbone
 
 sys.path.insert(0, str(Path(__file__).parent))
 import quality  # noqa: E402
@@ -57,6 +61,72 @@ def features(work: Path, name: str, backbone: str) -> dict[str, dict[str, torch.
         ff = extract_features(bb, mirrored, rt, cache_dir=work / "cache")
         out[part] = {"x": fs.features, "xf": ff.features, "y": fs.labels}
     return out
+
+
+class StagesPooled(nn.Module):
+    """`features`' output with the global average of each named stage's output before it."""
+
+    def __init__(self, features: nn.Module, stages: list[str]):
+        super().__init__()
+        self.features, self.stages = features, stages
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled: list[torch.Tensor] = []
+        hooks = [
+            self.features.get_submodule(s).register_forward_hook(
+                lambda m, i, o: pooled.append(o.mean((2, 3)))
+            )
+            for s in self.stages
+        ]
+        try:
+            last = self.features(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return torch.cat([*pooled, last], 1)
+
+
+def stage_features(
+    work: Path, name: str, backbone: str, stages: list[str]
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
+    """{"train"|"test": {"x", "y"}} of the stages-pooled network, and each part's width."""
+    data = work / "data" / name
+    split = discover(data / "train", 0.2, 0)
+    test = discover(data / "test", 0.2, 0)
+    rt = resolve_runtime("cpu", "auto")
+    bb = create_backbone(backbone, len(split.classes))
+    f = bb.model.features.eval()
+    widths: list[int] = []
+    hooks = [
+        f.get_submodule(s).register_forward_hook(lambda m, i, o: widths.append(o.shape[1]))
+        for s in stages
+    ]
+    with torch.no_grad():
+        f(torch.zeros(1, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    widths.append(bb.model.num_features)
+    net = GraftNet(StagesPooled(f, stages), nn.Identity(), sum(widths))
+    pooled = Backbone(f"{backbone}@{','.join(stages)}", net, bb.spec, bb.blocks)
+    out = {}
+    for part, samples in (("train", split.train), ("test", sorted(test.train + test.val))):
+        fs = extract_features(pooled, samples, rt, cache_dir=work / "cache", engine="torch")
+        out[part] = {"x": fs.features, "y": fs.labels}
+    return out, widths
+
+
+def stages_lever(d: dict[str, dict[str, torch.Tensor]], widths: list[int]) -> float:
+    """Each part scaled to unit mean norm on the training images, then the fitted head."""
+    tr, te = d["train"], d["test"]
+    edges = torch.tensor([0, *widths]).cumsum(0).tolist()
+    scale = torch.cat(
+        [
+            torch.full((b - a,), float(tr["x"][:, a:b].norm(dim=1).mean()))
+            for a, b in zip(edges, edges[1:])
+        ]
+    )
+    head = fit_logistic_cv(tr["x"] / scale, tr["y"], int(tr["y"].max()) + 1).linear()
+    return _acc(head, te["x"] / scale, te["y"])
 
 
 def _acc(head, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -103,12 +173,19 @@ def main() -> None:
     ap.add_argument(
         "--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
     )
+    ap.add_argument("--stages", default="", help="e.g. blocks.4,blocks.5,blocks.6")
     args = ap.parse_args()
     backbones = args.backbones.split(",")
     rows = []
     for name in args.sets.split(","):
         feats = {b: features(args.work, name, b) for b in backbones}
         rows.append({"set": name, **levers(feats, backbones[0])})
+        if args.stages:
+            stages = args.stages.split(",")
+            pooled, widths = stage_features(args.work, name, backbones[0], stages)
+            rows[-1][f"stages {'+'.join(s.split('.')[-1] for s in stages)}+last"] = stages_lever(
+                pooled, widths
+            )
         if len(rows) == 1:
             print(" ".join(f"{k:>14}" for k in rows[0]))
         print(
