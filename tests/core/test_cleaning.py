@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 
 from graft.core.cleaning import (
+    FOLD_SEEDS,
+    judged_probabilities,
     label_issues,
     near_duplicates,
     out_of_fold,
@@ -34,6 +36,16 @@ def test_moved_labels_are_found_and_the_class_suggested():
     found = {i: k for i, k, _ in label_issues(probs, noisy)}
     assert set(moved) <= set(found) and all(found[i] == y[i] for i in moved)
     assert len(found) <= len(moved) + 2  # precision: hardly anything else
+
+
+def test_judged_probabilities_average_fold_assignments_at_a_chosen_l2():
+    x, y = _clusters(30, 3, spread=0.25)
+    probs, l2 = judged_probabilities(x, y, 3, seed=5)
+    runs = [out_of_fold(x, y, 3, 5 + s, l2) for s in range(FOLD_SEEDS)]
+    assert torch.allclose(probs, torch.stack(runs).mean(0))
+    assert not torch.allclose(runs[0], runs[1])  # the assignments differ
+    assert torch.allclose(probs.sum(1), torch.ones(90)) and 1e-7 <= l2 <= 1.0
+    assert (probs.argmax(1) == y).float().mean() > 0.9
 
 
 def test_near_duplicates_and_outliers():

@@ -39,9 +39,9 @@ from PIL import Image
 from ..core.cleaning import (
     THUMB_CROPS,
     THUMB_SIDE,
+    judged_probabilities,
     label_issues,
     near_duplicates,
-    out_of_fold,
     outlier_scores,
     thumbnails,
 )
@@ -130,7 +130,8 @@ def audit(
         probs = torch.zeros(len(labels), len(classes))
         found = []
     else:
-        probs = out_of_fold(feats, labels, len(classes), seed)
+        probs, l2 = judged_probabilities(feats, labels, len(classes), seed)
+        log.info("label issues: heads at L2 %g (chosen by cross-validation)", l2)
         found = label_issues(probs, labels)
     for i, k, conf in found:
         issues.append(
