@@ -48,7 +48,7 @@ NEIGHBOURS = 10  # candidate pairs: each image's nearest in features and in thum
 RATIO = 0.5  # a pair's thumbnail distance at most this share of each one's to its NEIGHBOURS-th
 FOLDS = 5
 FOLD_SEEDS = 3  # out-of-fold probabilities averaged over this many fold assignments
-L2 = 1e-4  # the heads' L2 when it cannot be cross-validated (a class with one image)
+L2 = 1e-4  # the heads' L2 when none is given (the audit's own choose theirs: judged_probabilities)
 
 
 def fit_linear(
