@@ -71,6 +71,10 @@ def test_suggest_after_a_first_model_on_a_few_images(shapes_dir, tmp_path):
     rows = graft.suggest(run.run_dir, pool, n=4, out=tmp_path / "s")
     assert len({r["path"] for r in rows}) == 4
     assert all(r["path"].startswith(str(pool)) for r in rows)
+    first = (run.run_dir / "split" / "train.txt").read_text().splitlines()[0]
+    damaged = few / first.split("\t")[1]  # a training image the run lists
+    damaged.write_bytes(b"not an image any more")  # counted as not labelled, with a warning
+    assert len(graft.suggest(run.run_dir, pool, n=4, out=tmp_path / "s1")) == 4
     shutil.rmtree(few)
     with pytest.raises(DatasetError, match="keeps no features of its training images and they "):
         graft.suggest(run.run_dir, pool, n=4, out=tmp_path / "s2")

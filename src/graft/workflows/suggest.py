@@ -101,12 +101,14 @@ def _training_features(clf: Classifier, run_dir: Path):
             f"({exc}); suggest needs to know what is labelled already"
         ) from None
     feats, _, _, bad = clf.features_files(train)
-    if bad:
+    if not len(feats):
         raise DatasetError(
-            f"{run_dir} keeps no features of its training images and {len(bad)} of the "
-            f"{len(train)} it lists cannot be read (e.g. {bad[0].path}: {bad[0].error}); suggest "
-            "needs to know what is labelled already: put them back or train again"
+            f"{run_dir} keeps no features of its training images and none of the {len(train)} "
+            f"it lists can be read (e.g. {bad[0].path}: {bad[0].error}); suggest needs to know "
+            "what is labelled already: put them back or train again"
         )
+    for b in bad:  # skipped when it trained too (--skip-bad), or damaged since
+        log.warning("training image %s unreadable: not counted as labelled (%s)", b.path, b.error)
     log.info("features of the run's %d training images: what is labelled already", len(train))
     return feats
 
