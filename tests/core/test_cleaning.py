@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from graft.core import cleaning
 from graft.core.cleaning import (
     FOLD_SEEDS,
     judged_probabilities,
@@ -38,7 +39,7 @@ def test_moved_labels_are_found_and_the_class_suggested():
     assert len(found) <= len(moved) + 2  # precision: hardly anything else
 
 
-def test_judged_probabilities_average_fold_assignments_at_a_chosen_l2():
+def test_judged_probabilities_average_fold_assignments_at_a_chosen_l2(monkeypatch):
     x, y = _clusters(30, 3, spread=0.25)
     probs, l2 = judged_probabilities(x, y, 3, seed=5)
     runs = [out_of_fold(x, y, 3, 5 + s, l2) for s in range(FOLD_SEEDS)]
@@ -46,6 +47,9 @@ def test_judged_probabilities_average_fold_assignments_at_a_chosen_l2():
     assert not torch.allclose(runs[0], runs[1])  # the assignments differ
     assert torch.allclose(probs.sum(1), torch.ones(90)) and 1e-7 <= l2 <= 1.0
     assert (probs.argmax(1) == y).float().mean() > 0.9
+    monkeypatch.setattr(cleaning, "JUDGED_UP_TO", 89)  # a large folder: one assignment at L2
+    probs, l2 = judged_probabilities(x, y, 3, seed=5)
+    assert l2 == cleaning.L2 and torch.equal(probs, out_of_fold(x, y, 3, 5))
 
 
 def test_near_duplicates_and_outliers():
