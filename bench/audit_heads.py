@@ -70,12 +70,11 @@ def draw(work: Path, name: str, data: Path, seed: int) -> dict[str, tuple[int, f
     x, y, classes = normalise(fs.features), fs.labels, len(split.classes)
     moved = {i for i, (p, _) in enumerate(fs.samples) if Path(p).name.startswith("moved-")}
     judged, cv_l2 = cleaning.judged_probabilities(x, y, classes)
-    fixed_l2 = FIXED_L2
     out = {}
     for label, probs in (
-        ("L2 1e-4, one fold assignment (the audit before)", oof(x, y, classes, fixed_l2, 1)),
+        ("L2 1e-4, one fold assignment (the audit before)", oof(x, y, classes, FIXED_L2, 1)),
         ("L2 by cross-validation, one assignment", oof(x, y, classes, cv_l2, 1)),
-        ("L2 1e-4, three assignments averaged", oof(x, y, classes, fixed_l2, 3)),
+        ("L2 1e-4, three assignments averaged", oof(x, y, classes, FIXED_L2, 3)),
         ("L2 by cross-validation, three averaged (the audit now)", judged),
     ):
         found = {i for i, _, _ in cleaning.label_issues(probs, y)}

@@ -131,7 +131,7 @@ def audit(
         found = []
     else:
         probs, l2 = judged_probabilities(feats, labels, len(classes), seed)
-        log.info("label issues: heads at L2 %g (chosen by cross-validation)", l2)
+        log.info("label issues: judged by out-of-fold heads at L2 %g", l2)
         found = label_issues(probs, labels)
     for i, k, conf in found:
         issues.append(
