@@ -14,12 +14,14 @@ two of the crops under another class, the rest under their own). Then:
 - the audit's wall time, cold (empty feature cache) and warm, as `graft audit` processes;
 "share of the loss recovered" is "-" where the noise cost under half a point.
 
-With `--seeds N` the noise is drawn N times per set (seeds 0..N-1; one clean training) and a last
-row per set gives the means: one training's accuracy moves by a point or two with a handful of
-files, about what 10% of wrong labels costs a head on these features.
+With `--seeds N` the noise is drawn N times per set (seeds 0..N-1; the clean folder trained on
+once) and a last row per set gives the means: one training's accuracy moves by a point or two with
+a handful of files, about what 10% of wrong labels costs a head on these features. With
+`--train-seeds M` each folder is trained on M times (`graft train --seed 0..M-1`: other val
+splits and folds) and its unseen accuracy is the mean, so the differences are less of that luck.
 
     python bench/audit.py [--work /tmp/graft-audit] [--sets fm10,digits,shapes] [--seeds 1]
-                          [--big N]
+                          [--train-seeds 1] [--big N]
 
 --big N also times a cold and a warm audit of an N-image Fashion-MNIST folder (e.g. 10000).
 """
@@ -94,10 +96,20 @@ def graft_cmd(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+TRAIN_SEEDS = 1  # set by --train-seeds
+
+
 def unseen_accuracy(train_dir: Path, test_dir: Path, run: Path, cache: Path) -> float:
-    graft_cmd("train", train_dir, "--out", run, "--overwrite", "--cache-dir", cache, "--no-report")
-    ev = graft_cmd("evaluate", run, test_dir, "--json")
-    return json.loads(ev.stdout)["accuracy"]
+    """The mean unseen accuracy of TRAIN_SEEDS trainings on `train_dir` (graft's defaults)."""
+    accs = []
+    for seed in range(TRAIN_SEEDS):
+        graft_cmd(
+            "train", train_dir, "--out", run, "--overwrite", "--cache-dir", cache,
+            "--no-report", "--seed", str(seed),
+        )  # fmt: skip
+        ev = graft_cmd("evaluate", run, test_dir, "--json")
+        accs.append(json.loads(ev.stdout)["accuracy"])
+    return statistics.mean(accs)
 
 
 def timed_audit(data: Path, out: Path, cache: Path) -> tuple[float, dict]:
@@ -112,7 +124,10 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--big", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=1, help="noise draws per set")
+    ap.add_argument("--train-seeds", type=int, default=1, help="trainings per folder, averaged")
     args = ap.parse_args()
+    global TRAIN_SEEDS
+    TRAIN_SEEDS = args.train_seeds
     rows = []
     for name in args.sets.split(","):
         data = args.work / name

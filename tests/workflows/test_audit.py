@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from graft.core.constants import AUDIT_BACKBONE
 from graft.core.errors import ConfigError, DatasetError
 from graft.workflows.audit import apply_fixes, audit
 
@@ -88,6 +89,7 @@ def test_written_files(planted):
         "triangle",
     ]
     assert doc["by_kind"] == result.by_kind() and len(doc["issues"]) == len(result.issues)
+    assert doc["backbone"] == AUDIT_BACKBONE  # the labels judged on the three embedded networks
     rows = {r["path"]: r for r in csv.DictReader(open(out / "fixes.csv", encoding="utf-8"))}
     assert rows["train/circle/wrong0.png"]["action"] == "relabel"
     assert rows["train/circle/wrong0.png"]["to"] == "triangle"
@@ -160,6 +162,23 @@ def test_the_copy_never_goes_inside_the_data_or_over_files(planted, tmp_path):
         apply_fixes(root, out / "fixes.csv", tmp_path / "full")
     with pytest.raises(ConfigError, match="is inside the data folder"):
         audit(root, root / "audit")
+
+
+def test_one_backbone_judges_alone_and_a_repeated_one_is_refused(
+    planted, tmp_path, tmp_path_factory
+):
+    root, _, result, before = planted
+    cache = tmp_path_factory.getbasetemp() / "feature-cache"  # lite0's, from the default audit
+    alone = audit(root, tmp_path / "a", backbone="efficientnet_lite0", cache_dir=cache)
+    names = {Path(i["paths"][0]).name: i["suggested"] for i in _found(alone, "label")}
+    assert names["wrong0.png"] == names["wrong1.png"] == "triangle"
+    assert _found(alone, "duplicate") == _found(result, "duplicate")  # lite0's, as by default
+    assert json.loads((tmp_path / "a" / "audit.json").read_text())["backbone"] == (
+        "efficientnet_lite0"
+    )
+    with pytest.raises(ConfigError, match="one backbone, or different ones joined by '\\+'"):
+        audit(root, tmp_path / "b", backbone="efficientnet_lite0+efficientnet_lite0")
+    assert _snapshot(root) == before
 
 
 def test_one_class_folder_is_one_line(tmp_path):

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from ..core.constants import AUDIT_BACKBONE
 from . import options, render
 
 
@@ -26,9 +27,13 @@ def audit(
             "--apply", help="fixes.csv (edited): build a corrected copy of DATA in --out."
         ),
     ] = None,
-    backbone: Annotated[str, typer.Option(help="Backbone whose features compare the images.")] = (
-        "efficientnet_lite0"
-    ),
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="Backbones whose features compare the images, joined by '+': labels are judged "
+            "on all of them, near-duplicates and outliers found in the first one's."
+        ),
+    ] = AUDIT_BACKBONE,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Feature cache (default: training's).")
     ] = None,

@@ -1,11 +1,13 @@
 """`graft audit`: a folder's problems found before training, and a corrected copy built from the
 fixes a person approved. The user's folder is only ever read.
 
-One pass: the frozen backbone's features of every image (the same cache training uses, so an
+One pass: the frozen backbones' features of every image (the same cache training uses, so an
 audit then a training extract the features once), then seconds of arithmetic on them
-(core/cleaning.py): label issues by confident learning on out-of-fold linear heads,
+(core/cleaning.py): label issues by confident learning on out-of-fold linear heads (on the
+features of every backbone named, joined: by default the three embedded ones, AUDIT_BACKBONE),
 near-duplicates (within a class: redundant; across classes: a conflict; across splits: leakage
-that flatters val), outliers (far from every other image), unusable or suspicious files, class
+that flatters val) and outliers (far from every other image) in the first backbone's features
+(their thresholds were set on lite0's), unusable or suspicious files, class
 balance. Written to OUT: audit.json, audit.html (thumbnails, worst first) and fixes.csv, the
 suggestions prefilled for a person to edit.
 
@@ -45,6 +47,7 @@ from ..core.cleaning import (
     outlier_scores,
     thumbnails,
 )
+from ..core.constants import AUDIT_BACKBONE
 from ..core.decisions import normalise
 from ..core.errors import ConfigError, DatasetError, GraftError
 from ..core.runfolder import AUDIT_DIR, AUDIT_HTML, AUDIT_JSON, FIXES_CSV
@@ -52,8 +55,9 @@ from ..core.runtime import Progress, atomic_write_text, no_progress, resolve_run
 from ..data.discovery import discover, image_index
 from ..data.images import load_image
 from ..data.table import read_table
-from ..frozen.features import extract_features
+from ..frozen.features import FeatureSet, extract_features
 from ..models.backbones import create_backbone
+from ..models.concat import parts
 from ..outputs.auditpage import audit_page
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,7 @@ class Audit:
     issues: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    backbone: str = AUDIT_BACKBONE
 
     def by_kind(self) -> dict[str, int]:
         return dict(Counter(i["kind"] for i in self.issues))
@@ -84,7 +89,7 @@ class Audit:
 def audit(
     data_dir: str | Path,
     out: str | Path = AUDIT_DIR,
-    backbone: str = "efficientnet_lite0",
+    backbone: str = AUDIT_BACKBONE,
     cache_dir: str | Path | None = None,
     device: str = "auto",
     seed: int = 0,
@@ -94,7 +99,10 @@ def audit(
     label_column: str | None = None,
 ) -> Audit:
     """Find a folder's label issues, near-duplicates, outliers, bad files and imbalance; write
-    OUT/audit.json, audit.html and fixes.csv. Nothing in `data_dir` is written.
+    OUT/audit.json, audit.html and fixes.csv. Nothing in `data_dir` is written. `backbone`: one
+    name, or several joined by '+' (each extracted and cached on its own, as training caches
+    it): labels are judged on all their features together, near-duplicates and outliers found
+    in the first one's.
 
     >>> graft.audit("data/moderation", out="audit").by_kind()  # doctest: +SKIP
     {'label': 12, 'duplicate': 3, 'outlier': 4}
@@ -113,14 +121,13 @@ def audit(
     ]
     samples = [(p, y) for p, y, _ in tagged]
     where = {p: s for p, _, s in tagged}
-    bb = create_backbone(backbone, len(split.classes))
     runtime = resolve_runtime(device, "auto")
-    fs = extract_features(bb, samples, runtime, cache_dir, progress=progress)
+    fs, judge, bad = _features(backbone, len(split.classes), samples, runtime, cache_dir, progress)
     feats, labels = normalise(fs.features), fs.labels
     paths = [p for p, _ in fs.samples]
     classes = split.classes
     issues: list[dict[str, Any]] = []
-    for b in fs.bad:
+    for b in bad:
         issues.append(_issue("unreadable", [b.path], _given(b.path, samples, classes), b.reason))
     found_in_files, thumbs = _file_issues(fs.samples, classes)
     issues += found_in_files
@@ -130,8 +137,8 @@ def audit(
         probs = torch.zeros(len(labels), len(classes))
         found = []
     else:
-        probs, l2 = judged_probabilities(feats, labels, len(classes), seed)
-        log.info("label issues: judged by out-of-fold heads at L2 %g", l2)
+        probs, l2 = judged_probabilities(judge, labels, len(classes), seed)
+        log.info("label issues: judged by out-of-fold heads at L2 %g on %s", l2, backbone)
         found = label_issues(probs, labels)
     for i, k, conf in found:
         issues.append(
@@ -153,11 +160,40 @@ def audit(
             {**_issue("outlier", [paths[i]], classes[labels[i]]), "score": _r(distance[i])}
         )
     issues += _balance(split.counts())
-    result = Audit(out, classes, len(samples), issues, split.counts())
+    result = Audit(out, classes, len(samples), issues, split.counts(), backbone=backbone)
     result.seconds = round(time.perf_counter() - start, 2)
     _write(result, split.root)
     log.info("audit of %d images: %s (%.1fs)", len(samples), result.by_kind(), result.seconds)
     return result
+
+
+def _features(
+    backbone: str, classes: int, samples: list, runtime, cache_dir, progress: Progress
+) -> tuple[FeatureSet, torch.Tensor, list]:
+    """The first backbone's features of the images every named backbone read, their features
+    joined (each L2-normalised, so each network weighs alike) for judging labels, and the files
+    some backbone could not read (a file changed between passes counts as unreadable)."""
+    names = parts(backbone)
+    if not all(names) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"backbone {backbone!r}: one backbone, or different ones joined by '+' "
+            f"(the audit's default: {AUDIT_BACKBONE})"
+        )
+    sets = [
+        extract_features(
+            create_backbone(n, classes), samples, runtime, cache_dir, progress=progress
+        )
+        for n in names
+    ]
+    bad = {b.path: b for fs in reversed(sets) for b in fs.bad}
+    keep = [(p, y) for p, y in sets[0].samples if p not in bad]
+    rows = [{p: i for i, (p, _) in enumerate(fs.samples)} for fs in sets]
+    picked = [torch.tensor([r[p] for p, _ in keep], dtype=torch.long) for r in rows]
+    first = sets[0]
+    fs = FeatureSet(first.features[picked[0]], first.aug[picked[0]], first.labels[picked[0]], keep)
+    judge = torch.cat([normalise(s.features[i]) for s, i in zip(sets, picked)], 1)
+    order = {p: i for i, (p, _) in enumerate(samples)}
+    return fs, judge, sorted(bad.values(), key=lambda b: order.get(b.path, len(order)))
 
 
 def _r(x: Any) -> float:
@@ -284,6 +320,7 @@ def _write(result: Audit, root: str) -> None:
         "classes": result.classes,
         "images": result.images,
         "counts": result.counts,
+        "backbone": result.backbone,
         "by_kind": result.by_kind(),
         "seconds": result.seconds,
         "issues": result.issues,
