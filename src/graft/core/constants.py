@@ -30,5 +30,5 @@ BACKBONE_SEPARATOR = "+"
 # the networks whose features `graft audit` judges labels by, joined: the three embedded
 # backbones together put label-issue precision up on the three folders of bench/audit_heads.py
 # (fm10 0.552 -> 0.555, digits 0.488 -> 0.581, shapes 0.894 -> 0.900; recall 0.808 -> 0.767,
-# 0.778 -> 0.844, 0.708 -> 0.750) for about 4x lite0's extraction (41 s cold at 1,000 images)
+# 0.778 -> 0.844, 0.708 -> 0.750) for three extractions (a cold audit of 1,000 images: 66 s)
 AUDIT_BACKBONE = "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2"

@@ -7,9 +7,9 @@ audit then a training extract the features once), then seconds of arithmetic on 
 features of every backbone named, joined: by default the three embedded ones, AUDIT_BACKBONE),
 near-duplicates (within a class: redundant; across classes: a conflict; across splits: leakage
 that flatters val) and outliers (far from every other image) in the first backbone's features
-(their thresholds were set on lite0's), unusable or suspicious files, class
-balance. Written to OUT: audit.json, audit.html (thumbnails, worst first) and fixes.csv, the
-suggestions prefilled for a person to edit.
+(their thresholds were set on lite0's), unusable or suspicious files, class balance. Written to
+OUT: audit.json, audit.html (thumbnails, worst first) and fixes.csv, the suggestions prefilled
+for a person to edit.
 
 Fixing is a separate, explicit step: `apply_fixes` (`graft audit DATA --apply fixes.csv --out
 NEW`) builds a corrected copy of the folder (hard links where the file system allows, copies
@@ -179,9 +179,15 @@ def _features(
             f"backbone {backbone!r}: one backbone, or different ones joined by '+' "
             f"(the audit's default: {AUDIT_BACKBONE})"
         )
+    digests: dict[str, str] = {}  # each file hashed once, for every network's cache
     sets = [
         extract_features(
-            create_backbone(n, classes), samples, runtime, cache_dir, progress=progress
+            create_backbone(n, classes),
+            samples,
+            runtime,
+            cache_dir,
+            progress=progress,
+            digests=digests,
         )
         for n in names
     ]
