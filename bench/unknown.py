@@ -10,6 +10,10 @@ and, to see what no threshold rule can beat, the near share flagged by an oracle
 flags exactly 5% and 10% of the unseen in-distribution images.
 
     python bench/unknown.py [--work /tmp/graft-decisions] [--sets fm9,digits,shapes]
+                            [--backbone efficientnet_lite0]
+
+--backbone a+b+...: each network's features L2-normalised and set side by side (as graft audit
+joins them), to see whether more networks lift the ceiling.
 
 Run bench/decisions.py first or let this script make the folders (the same makers).
 """
@@ -31,6 +35,7 @@ from graft.core.runtime import resolve_runtime  # noqa: E402
 from graft.data.discovery import discover  # noqa: E402
 from graft.frozen.features import extract_features  # noqa: E402
 from graft.models.backbones import create_backbone  # noqa: E402
+from graft.models.concat import parts  # noqa: E402
 
 SHRINK = (0.1, 0.5, 0.8)
 
@@ -71,6 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/graft-decisions"))
     ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--backbone", default="efficientnet_lite0")
     args = ap.parse_args()
     print(
         "| set | score | AUROC near | AUROC far | flagged unseen | flagged near | flagged far | "
@@ -82,22 +88,22 @@ def main() -> None:
         data = make_set(args.work, name)
         split = discover(data / "train")
         train = [s for part in split.splits().values() for s in part]
-        bb = create_backbone("efficientnet_lite0", len(split.classes))
         cache = args.work / "cache"
-        fs = extract_features(bb, train, runtime, cache)
-        x, y = normalise(fs.features), fs.labels
-
         folders = {
             "unseen": data / "test",
             "near": data / "near",
             "far": make_far(args.work, SETS[name][2]),
         }
-        z = {
-            part: normalise(
-                extract_features(bb, [(str(p), 0) for p in images(f)], runtime, cache).features
-            )
-            for part, f in folders.items()
-        }
+        xs, zs = [], {part: [] for part in folders}
+        for member in parts(args.backbone):
+            bb = create_backbone(member, len(split.classes))
+            fs = extract_features(bb, train, runtime, cache)
+            xs.append(normalise(fs.features))
+            for part, f in folders.items():
+                found = extract_features(bb, [(str(p), 0) for p in images(f)], runtime, cache)
+                zs[part].append(normalise(found.features))
+        x, y = torch.cat(xs, 1), fs.labels
+        z = {part: torch.cat(v, 1) for part, v in zs.items()}
         scores = {
             "kNN k=1 (graft)": (
                 knn_distance(x, x, 1, leave_one_out=True),
