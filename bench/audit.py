@@ -23,6 +23,9 @@ splits and folds) and its unseen accuracy is the mean, so the differences are le
     python bench/audit.py [--work /tmp/graft-audit] [--sets fm10,digits,shapes] [--seeds 1]
                           [--train-seeds 1] [--big N]
 
+--sets also takes photos and clutter (bench/quality.py's makers, more training images each): folders
+the thresholds were not set on.
+
 --big N also times a cold and a warm audit of an N-image Fashion-MNIST folder (e.g. 10000).
 """
 
@@ -42,12 +45,16 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import make_digits, make_fashion, make_shapes  # noqa: E402
+from quality import make_digits, make_fashion, make_photos, make_shapes  # noqa: E402
 
 SETS = {
     "fm10": lambda r: make_fashion(r, list(range(10)), 40, 100, 1000),
     "digits": lambda r: make_digits(r, 30, 100),
     "shapes": lambda r: make_shapes(r, 60, 100),
+}
+MORE = {  # not in the default run: an outside check of thresholds set on the three above
+    "photos": lambda r: make_photos(r, 30, 50),
+    "clutter": lambda r: make_shapes(r, 40, 50, seed=11, clutter=3),
 }
 NOISE = 0.10
 PLANTED = 10
@@ -133,7 +140,7 @@ def main() -> None:
         data = args.work / name
         if not (data / "test").is_dir():
             shutil.rmtree(data, ignore_errors=True)
-            SETS[name](data)
+            {**SETS, **MORE}[name](data)
         cache = args.work / f"cache-{name}"
         shutil.rmtree(cache, ignore_errors=True)
         clean = None
