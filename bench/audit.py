@@ -21,7 +21,7 @@ a handful of files, about what 10% of wrong labels costs a head on these feature
 splits and folds) and its unseen accuracy is the mean, so the differences are less of that luck.
 
     python bench/audit.py [--work /tmp/graft-audit] [--sets fm10,digits,shapes] [--seeds 1]
-                          [--train-seeds 1] [--big N]
+                          [--train-seeds 1] [--no-train] [--big N]
 
 --sets also takes photos and clutter (bench/quality.py's makers, more training images each): folders
 the thresholds were not set on.
@@ -108,7 +108,7 @@ TRAIN_SEEDS = 1  # set by --train-seeds
 
 def unseen_accuracy(train_dir: Path, test_dir: Path, run: Path, cache: Path) -> float:
     """The mean unseen accuracy of TRAIN_SEEDS trainings on `train_dir` (graft's defaults)."""
-    accs = []
+    accs = [float("nan")] if TRAIN_SEEDS == 0 else []
     for seed in range(TRAIN_SEEDS):
         graft_cmd(
             "train", train_dir, "--out", run, "--overwrite", "--cache-dir", cache,
@@ -132,9 +132,10 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=1, help="noise draws per set")
     ap.add_argument("--train-seeds", type=int, default=1, help="trainings per folder, averaged")
+    ap.add_argument("--no-train", action="store_true", help="the audits only (no accuracies)")
     args = ap.parse_args()
     global TRAIN_SEEDS
-    TRAIN_SEEDS = args.train_seeds
+    TRAIN_SEEDS = 0 if args.no_train else args.train_seeds
     rows = []
     for name in args.sets.split(","):
         data = args.work / name
@@ -153,7 +154,8 @@ def main() -> None:
             print(f"{name} seed {seed}: done", file=sys.stderr, flush=True)
         if args.seeds > 1:
             mean = {  # the cold time is seed 0's (nan for the others)
-                k: statistics.mean(r[k] for r in per_seed if r[k] == r[k]) for k in per_seed[0]
+                k: statistics.mean([r[k] for r in per_seed if r[k] == r[k]] or [float("nan")])
+                for k in per_seed[0]
             }
             rows.append(_format(f"{name}: mean of {args.seeds}", mean))
     print(

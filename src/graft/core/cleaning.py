@@ -41,7 +41,9 @@ from .linear import fit_logistic, fit_logistic_cv, fold_of
 
 NEAR_DUPLICATE = 0.97  # cosine similarity of features: a resize, recompression or light crop
 THUMB_SIDE = 24  # 16 merged distinct fm10 items (0.99), 32 split cropped shapes (0.968)
-THUMB_CROPS = (0.0, 0.02, 0.04, 0.06, 0.08)  # share cut from each side, then resized back
+# share cut from each side, then resized back; in 1% steps, as 2% ones left a 3% crop of a fine
+# texture (grass, a star field: bench/audit.py --sets photos) at 0.94-0.95 against its original
+THUMB_CROPS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08)
 SAME_PICTURE = 0.98  # thumbnail cosine, best alignment: planted copies >= 0.981, distinct <= 0.985
 SAME_CONTENT = 0.95  # thumbnail agreement that confirms a feature match (NEAR_DUPLICATE)
 NEIGHBOURS = 10  # candidate pairs: each image's nearest in features and in thumbnails
@@ -136,7 +138,7 @@ def label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, i
 
 def thumbnails(image: Image.Image) -> torch.Tensor:
     """An image's views for near-duplicate checks: grey, THUMB_SIDE square, cropped by each of
-    THUMB_CROPS, then the uncropped one mirrored; (views, side^2) uint8 (3.5 KB an image)."""
+    THUMB_CROPS, then the uncropped one mirrored; (views, side^2) uint8 (5.8 KB an image)."""
     grey = image.convert("L")
     w, h = grey.size
     views = []
