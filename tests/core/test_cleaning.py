@@ -110,6 +110,21 @@ def test_copies_are_the_same_picture_on_their_thumbnails():
     assert same_picture(thumbs[0], torch.zeros_like(thumbs[0])) == 0.0  # an undecodable file
 
 
+def test_a_light_crop_of_a_fine_texture_is_the_same_picture():
+    """Grain at the pixel's scale (grass, a star field) survives no misalignment at 24 pixels:
+    this 3% crop (2 of 64 pixels a side) agrees at 0.85 with crops tried in 2% steps, 0.998 in
+    the 1% steps of THUMB_CROPS."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    grain = Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    crop = grain.crop((2, 2, 62, 62)).resize((64, 64), Image.BICUBIC)
+    assert same_picture(thumbnails(grain), thumbnails(crop)) >= cleaning.SAME_PICTURE
+    other = Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    assert same_picture(thumbnails(grain), thumbnails(other)) < cleaning.SAME_CONTENT
+
+
 def test_picks_cover_what_no_label_covers_first():
     x, y = _clusters(50, 4, spread=0.2)
     labelled = x[y == 0][:5]  # only cluster 0 has labels
