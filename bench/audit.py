@@ -103,13 +103,13 @@ def graft_cmd(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-TRAIN_SEEDS = 1  # set by --train-seeds
-
-
-def unseen_accuracy(train_dir: Path, test_dir: Path, run: Path, cache: Path) -> float:
-    """The mean unseen accuracy of TRAIN_SEEDS trainings on `train_dir` (graft's defaults)."""
-    accs = [float("nan")] if TRAIN_SEEDS == 0 else []
-    for seed in range(TRAIN_SEEDS):
+def unseen_accuracy(
+    train_dir: Path, test_dir: Path, run: Path, cache: Path, trainings: int
+) -> float:
+    """The mean unseen accuracy of `trainings` trainings on `train_dir` (graft's defaults,
+    --seed 0, 1, ...); nan for none."""
+    accs = [float("nan")] if trainings == 0 else []
+    for seed in range(trainings):
         graft_cmd(
             "train", train_dir, "--out", run, "--overwrite", "--cache-dir", cache,
             "--no-report", "--seed", str(seed),
@@ -134,8 +134,7 @@ def main() -> None:
     ap.add_argument("--train-seeds", type=int, default=1, help="trainings per folder, averaged")
     ap.add_argument("--no-train", action="store_true", help="the audits only (no accuracies)")
     args = ap.parse_args()
-    global TRAIN_SEEDS
-    TRAIN_SEEDS = 0 if args.no_train else args.train_seeds
+    trainings = 0 if args.no_train else args.train_seeds
     rows = []
     for name in args.sets.split(","):
         data = args.work / name
@@ -147,7 +146,7 @@ def main() -> None:
         clean = None
         per_seed = []
         for seed in range(args.seeds):
-            row, clean = one_draw(args.work, name, data, cache, seed, clean)
+            row, clean = one_draw(args.work, name, data, cache, seed, clean, trainings)
             per_seed.append(row)
             label = name if args.seeds == 1 else f"{name} (seed {seed})"
             rows.append(_format(label, row))
@@ -203,10 +202,11 @@ def reviewed_copy(noisy: Path, out: Path, flagged: set[str], moved: set[str]) ->
 
 
 def one_draw(
-    work: Path, name: str, data: Path, cache: Path, seed: int, clean: float | None
+    work: Path, name: str, data: Path, cache: Path, seed: int, clean: float | None, trainings: int
 ) -> tuple[dict[str, float], float]:
-    """One noisy copy of the set, audited (cold, then warm), corrected two ways, and trained on;
-    the clean folder is trained on once (`clean` given: its accuracy already)."""
+    """One noisy copy of the set, audited (cold, then warm), corrected two ways, and trained on
+    `trainings` times each; the clean folder is trained on once (`clean` given: its accuracy
+    already)."""
     noisy = work / f"{name}-noisy"
     moved, pairs = make_noisy(data / "train", noisy, seed)
     audit = work / f"audit-{name}"
@@ -235,7 +235,7 @@ def one_draw(
     if clean is None:
         folders = {"clean": data / "train", **folders}
     acc = {
-        kind: unseen_accuracy(folder, data / "test", work / f"run-{name}-{kind}", cache)
+        kind: unseen_accuracy(folder, data / "test", work / f"run-{name}-{kind}", cache, trainings)
         for kind, folder in folders.items()
     }
     clean = acc.get("clean", clean)
