@@ -1,8 +1,10 @@
 """Which accuracy levers pay on folders graft never saw, measured on cached features (seconds per
 set once the features exist): the fitted head on one backbone's features, the mirror image's
 features averaged in at test time (flip TTA), mirrors as extra training samples, and several
-backbones' features concatenated; with `--stages`, also the first backbone's features pooled from
-its last stages as well as its last layer (Head2Toe's idea, Evci et al. 2022, without its
+backbones' features concatenated; the fitted head and each concatenation also on the features
+power-normalised (models/heads.py: signed square root, each backbone's part to unit length; the
+columns marked "power"); with `--stages`, also the first backbone's features pooled from its last
+stages as well as its last layer (Head2Toe's idea, Evci et al. 2022, without its
 selection: each stage's pooled vector scaled to unit mean norm, side by side). Each set is one of
 bench/quality.py's; graft's own split of its training folder is used (the val share left out, as
 `graft train` leaves it) and the head is scored on the set's unseen `test/` images.
@@ -31,6 +33,7 @@ from graft.core.runtime import resolve_runtime
 from graft.data.discovery import discover
 from graft.frozen.features import extract_features
 from graft.models.backbones import Backbone, GraftNet, create_backbone
+from graft.models.heads import power_normalise
 
 sys.path.insert(0, str(Path(__file__).parent))
 import quality  # noqa: E402
@@ -142,6 +145,9 @@ def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
     row = {}
     head = fit_logistic_cv(tr["x"], tr["y"], classes).linear()
     row["fit"] = _acc(head, te["x"], te["y"])
+    width = tr["x"].shape[1]
+    power = fit_logistic_cv(power_normalise(tr["x"], [width]), tr["y"], classes).linear()
+    row["fit power"] = _acc(power, power_normalise(te["x"], [width]), te["y"])
     row["fit+tta"] = _acc(head, (te["x"] + te["xf"]) / 2, te["y"])
     n = len(tr["y"])
     both = fit_logistic_cv(
@@ -163,6 +169,9 @@ def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
         key = "+".join(b.replace("efficientnet_", "") for b in combo)
         row[key] = _acc(head, t, te["y"])
         row[f"{key}+tta"] = _acc(head, (t + tf) / 2, te["y"])
+        parts = [sets[b]["train"]["x"].shape[1] for b in combo]
+        head = fit_logistic_cv(power_normalise(x, parts), tr["y"], classes).linear()
+        row[f"{key} power"] = _acc(head, power_normalise(t, parts), te["y"])
     return row
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 from graft.core.errors import BackboneError
 from graft.data.transforms import build_transforms
 from graft.models.backbones import create_backbone, list_backbones
+from graft.models.heads import NormedLinear, set_feature_norm
 
 
 def test_embedded_lite0_knows_a_cat():
@@ -143,3 +144,26 @@ def test_concatenated_backbones_are_one_network_with_every_feature():
 def test_concatenations_that_cannot_be_are_refused(name, kw, message):
     with pytest.raises(BackboneError, match=message):
         create_backbone(name, 3, pretrained=False, **kw)
+
+
+def test_power_normalised_head_scales_each_backbone_on_its_own():
+    bb = create_backbone("efficientnet_lite0+efficientnet_lite2", 3, pretrained=False)
+    plain = {k: v.clone() for k, v in bb.model.head.state_dict().items()}
+    set_feature_norm(bb, "power")
+    head = bb.model.head
+    assert isinstance(head, NormedLinear) and head.parts == (1280, 1280)
+    assert head.state_dict().keys() == plain.keys()  # the same weights file as a plain head
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in plain.items())
+    x = torch.cat([torch.full((1, 1280), 4.0), torch.zeros(1, 1280)], 1)
+    seen = head.normalise(x)
+    # the first part square-rooted to 2s, then unit length; the all-zero second part stays 0
+    assert torch.allclose(seen[0, :1280].norm(), torch.tensor(1.0))
+    assert torch.equal(seen[0, 1280:], torch.zeros(1280))
+    assert torch.allclose(head(x), torch.nn.functional.linear(seen, head.weight, head.bias))
+    neg = head.normalise(-x)  # the sign is kept: features of other backbones can be negative
+    assert torch.allclose(neg, -seen)
+    x.requires_grad_(True)  # Grad-CAM differentiates through it: no infinite slope at 0
+    head(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    with pytest.raises(BackboneError, match="choose power or none"):
+        set_feature_norm(bb, "cube")

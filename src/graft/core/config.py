@@ -21,6 +21,7 @@ SCHEDULES = ("step", "cosine", "none")
 BALANCE = ("none", "weights", "sampler")
 KEEP = ("best", "last")
 HEADS = ("fit", "epochs")  # extract's head: core/linear.py, or the epoch loop
+FEATURE_NORMS = ("power", "none")  # what the head reads: models/backbones.NormedLinear, or as is
 # what trains the head for a number of epochs: given with extract, they ask for --head epochs
 EPOCH_SETTINGS = (
     "epochs",
@@ -97,6 +98,16 @@ class TrainConfig:
         "--epochs or --lr is given]. finetune/partial: fit starts them from that fitted head "
         "(LP-FT) [default: a random head].",
         HEADS,
+    )
+    # power: +1.3 points on unseen images over the features as they are, better on five of seven
+    # folders (docs/QUALITY.md); partial and finetune train through the head, where a square
+    # root's slope at zero is infinite
+    feature_norm: str | None = _setting(
+        None,
+        "extract: what the head reads: each backbone's pooled features square-rooted (sign kept) "
+        "and scaled to unit length (power), or as they are (none) [default: power with the fitted "
+        "head, none with --head epochs].",
+        FEATURE_NORMS,
     )
     unfreeze: tuple[str, ...] = _setting(
         (), "partial: blocks to train, comma-separated (graft backbones NAME --blocks)."
@@ -205,6 +216,8 @@ class TrainConfig:
         _check_choice("engine", self.engine, ENGINES)
         if self.head is not None:
             _check_choice("head", self.head, HEADS)
+        if self.feature_norm is not None:
+            _check_choice("feature_norm", self.feature_norm, FEATURE_NORMS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("device", self.device, DEVICES)
         if self.keep == "last" and self.patience:
@@ -306,6 +319,12 @@ class TrainConfig:
                 "extract or partial"
             )
         self._refuse_ignored_by_head()
+        if self.strategy != "extract" and self.feature_norm == "power":
+            raise ConfigError(
+                f"--feature-norm power is extract's: --strategy {self.strategy} trains the "
+                "blocks through the head, and a square root's slope at zero is infinite; drop it "
+                "or use --strategy extract"
+            )
         if self.strategy != "extract":
             if "backbone_lr_mult" in given and not self.warmup_epochs:
                 raise ConfigError(
@@ -384,6 +403,7 @@ class TrainConfig:
         defaults = {} if fitted else _strategy_defaults(self.strategy)
         defaults.update(
             head=head,
+            feature_norm="power" if fitted else "none",
             workers=default_workers(),
             cache_dir=str(default_cache_dir()),
             out=str(default_run_dir(self.backbone)),

@@ -163,7 +163,9 @@ def _concatenated(name: str, num_classes: int | None, pretrained: bool, weights)
                 f"{list(m.spec.std)}): concatenate backbones that share it"
             )
     features = Concatenated(
-        [m.model.features for m in members], [m.spec.input_size for m in members]
+        [m.model.features for m in members],
+        [m.spec.input_size for m in members],
+        [m.model.num_features for m in members],
     )
     width = sum(m.model.num_features for m in members)
     head = nn.Identity() if num_classes is None else nn.Linear(width, num_classes)

@@ -19,12 +19,16 @@ from ..core.constants import BACKBONE_SEPARATOR as SEPARATOR
 class Concatenated(nn.Module):
     """`trunks[i]` (image -> pooled vector) fed the image resized to `sizes[i]`; the outputs
     concatenated in order. One graph: it traces, exports to ONNX and folds BatchNorm as a
-    single network does."""
+    single network does. `widths[i]`: how many numbers trunk i gives (models/heads.py scales
+    each trunk's part on its own)."""
 
-    def __init__(self, trunks: Sequence[nn.Module], sizes: Sequence[int]):
+    def __init__(
+        self, trunks: Sequence[nn.Module], sizes: Sequence[int], widths: Sequence[int] = ()
+    ):
         super().__init__()
         self.trunks = nn.ModuleList(trunks)
         self.sizes = [int(s) for s in sizes]
+        self.widths = [int(w) for w in widths]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = []

@@ -31,6 +31,7 @@ from ..core.runtime import atomic_path, atomic_write_text
 from ..data.discovery import class_names_problem
 from ..data.transforms import PreprocessSpec
 from .backbones import Backbone, create_backbone
+from .heads import POWER, set_feature_norm
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class ModelMeta:
     # how the probabilities are calibrated: {"method": "temperature", "temperature": T, ...} or
     # {"method": "none", "reason": ...}; absent in models saved before: the raw softmax
     calibration: dict[str, Any] | None = None
+    # what the head reads (models/heads.py): "power"; absent in models saved before, and in those
+    # whose head reads the features as they are
+    feature_norm: str | None = None
     # how probabilities become decisions (core/decisions.py): {"unknown": {"method": "knn", "k",
     # "threshold", "references", ...}, "thresholds": {class: {kind, target, threshold}},
     # "chosen_on": ..., "val": the operating point on the val split}; absent: the arg-max
@@ -167,6 +171,10 @@ class ModelMeta:
                 f"{where}: calibration.temperature must be a number from {low:g} to {high:g}, "
                 f"got {t!r}"
             )
+        if values.get("feature_norm") not in (None, POWER):
+            raise CheckpointError(
+                f"{where}: feature_norm must be {POWER!r} or absent, got {values['feature_norm']!r}"
+            )
         _check_decision(values.get("decision"), values["classes"], where)
         max_pixels = (values.get("config") or {}).get("max_pixels")
         if max_pixels is not None and not (
@@ -179,7 +187,15 @@ class ModelMeta:
         return cls(**values)
 
 
-_SOMETIMES = ("trunk", "selection", "features_computed_per_rank", "decision", "labels", "engine")
+_SOMETIMES = (
+    "trunk",
+    "selection",
+    "features_computed_per_rank",
+    "decision",
+    "labels",
+    "engine",
+    "feature_norm",
+)
 MAX_REFERENCES_READ = 1_000_000  # reference features a model file may carry (10,000 are written)
 # a temperature a model file may carry: far outside what a fit gives (core/calibration.T_RANGE),
 # still finite and positive, so a tampered one cannot divide by zero or flip the ranking
@@ -291,6 +307,7 @@ def load_model(run_dir: str | Path) -> tuple[Backbone, ModelMeta]:
         raise CheckpointError(f"{weights} is damaged or not a safetensors file: {exc}") from exc
     try:
         backbone = create_backbone(meta.backbone, len(meta.classes), pretrained=False)
+        set_feature_norm(backbone, meta.feature_norm)
     except GraftError as exc:
         raise CheckpointError(f"{run_dir}/{META_FILE}: {exc}") from exc
     _check_state(backbone.model.state_dict(), state, weights, len(meta.classes))

@@ -27,6 +27,7 @@ from ..data.splits import DatasetSplit, Sample
 from ..frozen.features import choose_engine, extract_features
 from ..models.backbones import Backbone, create_backbone
 from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
+from ..models.heads import set_feature_norm
 from ..training.head import fit_on_features
 from ..training.jobs import check_bad, feature_job, prepare_job, why_trunk_live
 from ..training.loop import fit
@@ -258,6 +259,7 @@ class Trials:
         seed_everything(cfg.seed)  # the same head and order whatever ran before: order-free rows
         b = create_backbone(c.backbone, len(self.split.classes), cfg.pretrained, cfg.weights)
         cfg = cfg.resolve(input_size=b.spec.input_size)
+        set_feature_norm(b, cfg.feature_norm)
         return dataclasses.replace(b, spec=b.spec.with_size(cfg.image_size)), cfg
 
     def _run_extract(self, c: Candidate, deadline: float) -> tuple[int, int, int, int]:
@@ -304,9 +306,11 @@ class Trials:
             tr = torch.tensor([i for i in range(len(fs.samples)) if i not in held])
             te = torch.tensor(sorted(held))
             if cfg.no_loop:
-                head = fit_on_features(
-                    cfg, fs.features[tr], fs.aug[tr], fs.labels[tr], len(self.split.classes)
-                ).linear()
+                head = backbone.model.head
+                fitted = fit_on_features(
+                    cfg, fs.features[tr], fs.aug[tr], fs.labels[tr], len(self.split.classes), head
+                )
+                head.load_state_dict(fitted.linear().state_dict())
                 with torch.no_grad():
                     correct += int((head(fs.features[te]).argmax(1) == fs.labels[te]).sum())
                 n += len(te)

@@ -16,6 +16,7 @@ from torch import nn
 from ..core.config import TrainConfig
 from ..core.errors import GraftError
 from ..core.linear import FittedHead, fit_logistic_cv
+from ..models.heads import head_input
 from .jobs import Job, make_criterion
 from .loop import FitState, evaluate, per_class_recall
 
@@ -23,15 +24,23 @@ log = logging.getLogger(__name__)
 
 
 def fit_on_features(
-    cfg: TrainConfig, feats: torch.Tensor, aug: torch.Tensor, labels: torch.Tensor, classes: int
+    cfg: TrainConfig,
+    feats: torch.Tensor,
+    aug: torch.Tensor,
+    labels: torch.Tensor,
+    classes: int,
+    head: nn.Module | None = None,
 ) -> FittedHead:
-    """The head on eval features (N, D) and augmented views (N, V, D) of N labelled images, the
-    views extra samples in their image's fold; class weights and label smoothing as the config
-    says (as the epoch loop's loss has them). `compare` scores its folds with the same call."""
+    """The weights of `head` (an `nn.Linear`, or models/heads.NormedLinear, which reads the
+    features normalised) on eval features (N, D) and augmented views (N, V, D) of N labelled
+    images, the views extra samples in their image's fold; class weights and label smoothing as
+    the config says (as the epoch loop's loss has them). `compare` scores its folds with the same
+    call. Load them into `head` and it scores features as they come."""
     n, views = aug.shape[0], aug.shape[1]
     image = torch.arange(n)
+    reads = head_input(head) if head is not None else (lambda x: x)
     return fit_logistic_cv(
-        torch.cat([feats, aug.flatten(0, 1)]),
+        reads(torch.cat([feats, aug.flatten(0, 1)])),
         torch.cat([labels, labels.repeat_interleave(views)]),
         classes,
         groups=torch.cat([image, image.repeat_interleave(views)]),
@@ -48,7 +57,7 @@ def fit_head(job: Job, cfg: TrainConfig) -> tuple[FitState, FittedHead]:
         raise GraftError("--head fit needs extract's cached features and a linear head")
     start = time.perf_counter()
     feats, aug, labels, _ = job.train_features
-    fitted = fit_on_features(cfg, feats, aug, labels, len(job.classes))
+    fitted = fit_on_features(cfg, feats, aug, labels, len(job.classes), job.model)
     job.model.load_state_dict(fitted.linear().state_dict())
     ev = evaluate(job.model, job.val_loader, job.criterion, job.runtime)
     row = {

@@ -37,6 +37,7 @@ from ..data.splits import load_split, report_duplicates, write_split
 from ..frozen.features import extract_features
 from ..models.backbones import Backbone, create_backbone
 from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
+from ..models.heads import set_feature_norm
 from ..models.modelfile import ModelMeta, save_model
 from ..outputs.card import write_card
 from ..outputs.pages import write_comparison
@@ -164,6 +165,7 @@ def _train(
     backbone = create_backbone(cfg.backbone, len(split.classes), cfg.pretrained, cfg.weights)
     cfg = broadcast(d, cfg.resolve(input_size=backbone.spec.input_size))  # one run folder
     backbone = dataclasses.replace(backbone, spec=backbone.spec.with_size(cfg.image_size))
+    set_feature_norm(backbone, cfg.feature_norm)
     blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
     apply_freezing(backbone, blocks)
     trainable, total = count_parameters(backbone.model)
@@ -255,6 +257,7 @@ def _train(
                 total_params=total,
                 best=state.best,
                 calibration=calibrated.record,
+                feature_norm=cfg.feature_norm if cfg.feature_norm != "none" else None,
                 decision=decisions.record,
                 stopped=state.stopped,
                 val=val,
