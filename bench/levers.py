@@ -3,11 +3,12 @@ set once the features exist): the fitted head on one backbone's features, the mi
 features averaged in at test time (flip TTA), mirrors as extra training samples, and several
 backbones' features concatenated; the fitted head and each concatenation also on the features
 power-normalised (models/heads.py: signed square root, each backbone's part to unit length; the
-columns marked "power"); with `--stages`, also the first backbone's features pooled from its last
-stages as well as its last layer (Head2Toe's idea, Evci et al. 2022, without its
-selection: each stage's pooled vector scaled to unit mean norm, side by side). Each set is one of
-bench/quality.py's; graft's own split of its training folder is used (the val share left out, as
-`graft train` leaves it) and the head is scored on the set's unseen `test/` images.
+columns marked "power"; "power+tta" averages the mirror's raw features in first); with `--stages`,
+also the first backbone's features pooled from its last stages as well as its last layer (Head2Toe's
+idea, Evci et al. 2022, without its selection: each stage's pooled vector scaled to unit mean norm,
+side by side). Each set is one of bench/quality.py's; graft's own split of its training folder is
+used (the val share left out, as `graft train` leaves it) and the head is scored on the set's unseen
+`test/` images.
 
     python bench/levers.py [--work /tmp/graft-levers] [--sets fm10,fm6,digits,shapes,fm30,...]
                            [--backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2]
@@ -148,6 +149,7 @@ def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
     width = tr["x"].shape[1]
     power = fit_logistic_cv(power_normalise(tr["x"], [width]), tr["y"], classes).linear()
     row["fit power"] = _acc(power, power_normalise(te["x"], [width]), te["y"])
+    row["fit power+tta"] = _acc(power, power_normalise((te["x"] + te["xf"]) / 2, [width]), te["y"])
     row["fit+tta"] = _acc(head, (te["x"] + te["xf"]) / 2, te["y"])
     n = len(tr["y"])
     both = fit_logistic_cv(
@@ -172,6 +174,7 @@ def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
         parts = [sets[b]["train"]["x"].shape[1] for b in combo]
         head = fit_logistic_cv(power_normalise(x, parts), tr["y"], classes).linear()
         row[f"{key} power"] = _acc(head, power_normalise(t, parts), te["y"])
+        row[f"{key} power+tta"] = _acc(head, power_normalise((t + tf) / 2, parts), te["y"])
     return row
 
 
