@@ -9,12 +9,13 @@ no part in anything. Every run is a whole `graft` process (cold feature cache), 
 is what a user waits.
 
     python bench/quality.py [--work /tmp/graft-quality] [--sets fm10,fm6,digits,shapes,...]
-                            [--modes default,epochs,last,partial,partial-lpft,auto]
+                            [--modes default,notta,epochs,last,partial,partial-lpft,auto]
                             [--budget 5m] [--label after]
                             [--src PATH]  # another checkout's src/, e.g. a git worktree of main
 
 Columns: printed = the accuracy graft prints for its model, with its 95% interval; unseen = the
-same model on the unseen folder; inside = whether unseen lies in the printed interval.
+same model on the unseen folder; inside = whether unseen lies in the printed interval; nll and
+ece = the calibrated probabilities' log-loss and expected calibration error on the unseen folder.
 """
 
 from __future__ import annotations
@@ -211,6 +212,8 @@ def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, bud
         cmd += ["--auto", "--budget", budget]
     elif mode == "last":  # the epoch-trained head, the last epoch kept instead of the best
         cmd += ["--head", "epochs", "--keep", "last"]
+    elif mode == "notta":  # the default without flip test-time augmentation
+        cmd += ["--tta", "none"]
     elif mode == "epochs":  # the head trained for epochs, the best on val: the old default
         cmd += ["--head", "epochs"]
     elif mode == "partial":  # the last 4 blocks and a random head, trained together
@@ -231,7 +234,9 @@ def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, bud
         text=True,
         check=True,
     )
-    unseen = json.loads(ev.stdout)["accuracy"]
+    scored = json.loads(ev.stdout)
+    unseen = scored["accuracy"]
+    calibrated = (scored.get("calibration") or {}).get("calibrated") or {}
     low, high = est["accuracy_ci95"]
     return {
         "mode": mode,
@@ -239,6 +244,8 @@ def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, bud
         "ci95": [low, high],
         "unseen": unseen,
         "inside": low <= unseen <= high,
+        "nll": calibrated.get("nll"),
+        "ece": calibrated.get("ece"),
         "wall_s": round(wall, 1),
         "chosen": (meta.get("selection") or {}).get("chosen"),
     }
@@ -260,7 +267,7 @@ def main() -> None:
     rows = []
     print(
         f"{'set':8} {'mode':8} {'printed':>7} {'95% interval':>15} {'unseen':>7} {'inside':>6} "
-        f"{'wall s':>7}  chosen"
+        f"{'wall s':>7} {'nll':>6} {'ece':>6}  chosen"
     )
     for name in args.sets.split(","):
         maker, _ = SETS[name]
@@ -275,8 +282,8 @@ def main() -> None:
             rows.append(r)
             print(
                 f"{name:8} {mode:8} {r['printed']:7.4f} {r['ci95'][0]:7.4f}-{r['ci95'][1]:.4f} "
-                f"{r['unseen']:7.4f} {'yes' if r['inside'] else 'NO':>6} {r['wall_s']:7.1f}  "
-                f"{r['chosen'] or ''}",
+                f"{r['unseen']:7.4f} {'yes' if r['inside'] else 'NO':>6} {r['wall_s']:7.1f} "
+                f"{_num(r['nll'])} {_num(r['ece'])}  {r['chosen'] or ''}",
                 flush=True,
             )
     (args.work / f"results-{args.label}.json").write_text(json.dumps(rows, indent=1))
@@ -285,8 +292,18 @@ def main() -> None:
         print(
             f"mean {mode}: unseen {sum(r['unseen'] for r in mine) / len(mine):.4f}, "
             f"wall {sum(r['wall_s'] for r in mine) / len(mine):.1f} s, inside "
-            f"{sum(r['inside'] for r in mine)}/{len(mine)}"
+            f"{sum(r['inside'] for r in mine)}/{len(mine)}, nll {_mean(mine, 'nll')}, "
+            f"ece {_mean(mine, 'ece')}"
         )
+
+
+def _num(x: float | None) -> str:
+    return f"{x:6.3f}" if x is not None else f"{'-':>6}"
+
+
+def _mean(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return f"{sum(values) / len(values):.4f}" if values else "-"
 
 
 if __name__ == "__main__":

@@ -39,6 +39,13 @@ def test_defaults_resolved_per_strategy():
     assert extract.feature_norm == "power"
     assert (looped.feature_norm, lpft.feature_norm, ft.feature_norm) == ("none",) * 3
     assert make_config("d", head="epochs", feature_norm="power").resolve().feature_norm == "power"
+    # flip TTA comes with the fitted head; anywhere else only when asked for
+    assert extract.tta == "flip"
+    assert (looped.tta, lpft.tta, ft.tta) == ("none",) * 3
+    assert make_config("d", strategy="finetune", tta="flip").resolve().tta == "flip"
+    assert make_config("d", tta="none").resolve().tta == "none"
+    with pytest.raises(ConfigError, match="unknown tta 'rotate'"):
+        make_config("d", tta="rotate")
 
 
 def test_power_features_refused_where_the_trunk_trains():

@@ -56,6 +56,14 @@ def test_export_keeps_preprocessing_and_matches_pytorch(exported, shapes_dir):
     assert got["decision"] == want["decision"]
     assert got["unknown_score"] == pytest.approx(want["unknown_score"], abs=1e-4)
     assert meta["policy"] == torch_clf.policy and meta["unknown_k"] == torch_clf.unknown_k
+    # flip TTA (the default) runs inside the graph: it agrees with the model that averages the
+    # mirror in, not with the same model reading each image once (compared as logs: these
+    # shapes are easy, their probabilities near 0 and 1)
+    logs = onnx_clf.probabilities(images).log()
+    assert torch_clf.tta == "flip"
+    assert (logs - torch_clf.probabilities(images).log()).abs().max() < 1e-3
+    torch_clf.tta = None
+    assert (logs - torch_clf.probabilities(images).log()).abs().max() > 1e-2
 
 
 @pytest.mark.slow

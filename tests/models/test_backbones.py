@@ -9,7 +9,7 @@ from PIL import Image
 from graft.core.errors import BackboneError
 from graft.data.transforms import build_transforms
 from graft.models.backbones import create_backbone, list_backbones
-from graft.models.heads import NormedLinear, set_feature_norm
+from graft.models.heads import NormedLinear, set_feature_norm, view_features
 
 
 def test_embedded_lite0_knows_a_cat():
@@ -167,3 +167,23 @@ def test_power_normalised_head_scales_each_backbone_on_its_own():
     assert torch.isfinite(x.grad).all()
     with pytest.raises(BackboneError, match="choose power or none"):
         set_feature_norm(bb, "cube")
+
+
+def test_flip_tta_averages_each_image_with_its_mirror_in_one_pass():
+    calls = []
+
+    def features(t):  # a features network that sees left from right: column-weighted sums
+        calls.append(t.shape[0])
+        return (t * torch.arange(t.shape[-1], dtype=t.dtype)).sum((2, 3))
+
+    x = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    plain, read = view_features(features, x, "flip")
+    assert calls == [6]  # the images and their mirrors batched together
+    assert torch.allclose(plain, features(x))
+    assert torch.allclose(read, (features(x) + features(x.flip(-1))) / 2)
+    assert not torch.allclose(read, plain)
+    for off in (None, "none"):
+        a, b = view_features(features, x, off)
+        assert a is b and torch.allclose(a, plain)
+    with pytest.raises(BackboneError, match="unknown test-time augmentation 'rotate'"):
+        view_features(features, x, "rotate")

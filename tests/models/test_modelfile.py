@@ -108,6 +108,7 @@ def test_truncated_weights_refused(run_copy):
         ({"val": [1, 2]}, "'val' must be dict[str, Any] | None, got list"),
         ({"format_version": 99}, "has format_version 99; this graft reads 1"),
         ({"feature_norm": "cube"}, "feature_norm must be 'power' or absent, got 'cube'"),
+        ({"tta": "rotate"}, "tta must be 'flip' or absent, got 'rotate'"),
         ({"classes": ["a", "b", "c", "d"]}, "model.json lists 4 classes; the weights have"),
         ({"backbone": "resnet18"}, "does not fit the backbone in model.json"),
         ({"decision.unknown.k": 0}, "decision.unknown.k must be a whole number from 1 to 1000"),

@@ -213,6 +213,8 @@ def test_model_card_holds_the_real_numbers(trained_run):
     )
     assert "| class | target | threshold | precision | recall | review | caught |" in body
     assert re.search(r"^\| circle \| arg-max \| - \| \d\.\d{3} \(", body, re.M)
+    assert meta["tta"] == "flip"
+    assert "- test-time augmentation: each image is read as it is and mirrored left" in body
     assert not re.search(r"TODO|TBD|XXX|lorem|\{\{", card)
 
 

@@ -68,9 +68,21 @@ def test_predictions_are_the_logits_divided_by_the_temperature(trained_run, shap
     assert clf.temperature == t and t != 1.0
     images = sorted((shapes_dir / "val").rglob("*.png"))[:6]
     x = torch.stack([clf.preprocess(i) for i in images])
+    net = clf.model.float()
     with torch.inference_mode():
-        logits = clf.model.float()(x).float()
-    assert torch.allclose(clf.probabilities(images), (logits / t).softmax(1), atol=1e-5)
+        single = net(x).float()
+        # flip TTA, the default with the fitted head: the head reads the mirrored average
+        mirrored = net.head((net.features(x) + net.features(x.flip(-1))) / 2).float()
+    assert clf.tta == clf.meta.tta == "flip"
+
+    def log_probs():  # these shapes are easy: compared as logs, where the two views differ
+        return clf.probabilities(images).log()
+
+    assert torch.allclose(log_probs(), (mirrored / t).log_softmax(1), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(log_probs(), (single / t).log_softmax(1), rtol=1e-4, atol=1e-4)
+    clf.tta = None  # each image once: the network's own forward
+    assert torch.allclose(log_probs(), (single / t).log_softmax(1), rtol=1e-4, atol=1e-4)
+    clf.tta = "flip"
     report = clf.evaluate(shapes_dir)
     c = report["calibration"]
     assert c["temperature"] == t

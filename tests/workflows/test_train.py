@@ -55,6 +55,19 @@ def test_explain_runs_on_the_device_asked_for(trained_run, shapes_dir, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["000-000-gradcam.png"]
 
 
+def test_explain_gives_the_probabilities_predict_gives(trained_run, shapes_dir):
+    """With flip TTA (the default) the explained classes are predict's, mirror averaged in."""
+    from graft.inference.explain import explain
+
+    clf = trained_run.load(device="cpu")
+    image = shapes_dir / "val" / "triangle" / "003.png"
+    _, maps = explain(clf, image, classes=3)
+    want = clf.predict([image])[0]
+    assert [m.class_name for m in maps] == list(want)
+    assert [m.probability for m in maps] == pytest.approx(list(want.values()), rel=1e-4, abs=1e-6)
+    assert all(m.heatmap.shape == (224, 224) for m in maps)
+
+
 @pytest.mark.parametrize("strategy", ["extract", "finetune"])
 def test_one_model_one_accuracy(shapes_dir, tmp_path, strategy):
     """model.json, the run summary, the report and `graft evaluate` give the same number."""

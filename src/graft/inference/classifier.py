@@ -29,6 +29,7 @@ from ..data.splits import Sample
 from ..data.transforms import build_transforms
 from ..frozen.networks import fold_batchnorm
 from ..models.backbones import Backbone
+from ..models.heads import view_features
 from ..models.modelfile import ModelMeta, load_model, load_reference
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Classifier:
         temperature: float | None = None,
         policy: Policy | None = None,
         references: torch.Tensor | None = None,
+        tta: str | None = None,
     ):
         self.backbone = backbone
         self.classes = list(classes)
@@ -82,6 +84,9 @@ class Classifier:
         self.policy = policy or (meta.policy if meta is not None else Policy(tuple(classes)))
         self.references = references.float() if references is not None else None
         self.unknown_k = (meta.unknown or {}).get("k", 1) if meta is not None else 1
+        # "flip": the head reads each image's features averaged with its mirror's (one more
+        # forward pass); None: each image once. Settable: `clf.tta = None` trades it for speed
+        self.tta = tta or (meta.tta if meta is not None else None)
         self.spec = backbone.spec
         self.max_pixels = (meta.max_pixels if meta is not None else None) or MAX_PIXELS
         # channels_last where it pays: about 2x faster convolutions on CPU (oneDNN) and cuDNN
@@ -313,12 +318,14 @@ class Classifier:
 
     @torch.inference_mode()
     def _features(self, tensors: list[torch.Tensor], with_probs: bool = False):
-        """L2-normalised features; `with_probs`: and the calibrated probabilities, one pass."""
+        """L2-normalised features of the images as they are; `with_probs`: and the calibrated
+        probabilities, in the same pass (with flip TTA the head reads the mirrored average)."""
+        x = self.runtime.batch(torch.stack(tensors))
         with self.runtime.autocast():
-            feats = self._network()(self.runtime.batch(torch.stack(tensors)))
             if not with_probs:
-                return normalise(feats.cpu())
-            logits = self.model.head(feats)
+                return normalise(self._network()(x).float().cpu())
+            feats, read = view_features(self._network(), x, self.tta)
+            logits = self.model.head(read)
         probs = (logits.float() / self.temperature).softmax(1).cpu()
         return normalise(feats.float().cpu()), probs
 

@@ -7,7 +7,9 @@ the two), in one forward pass for every class asked. Importing pytorch-grad-cam 
 (it loads scikit-learn and OpenCV for methods graft does not use), more than the whole
 explanation, and the report draws one each run. `shap` is Kernel SHAP (captum, the
 `graft[explain]` extra, imported only here, when asked for) over a grid of image patches: signed
-Shapley values, red pushing towards the class and blue away from it.
+Shapley values, red pushing towards the class and blue away from it. A model with flip
+test-time augmentation names the classes and probabilities predict gives (the image and its
+mirror averaged); its maps explain the image as it is.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..core.errors import GraftError
 from ..core.runtime import Runtime
 from ..data.transforms import PreprocessSpec
 from ..models.backbones import Backbone
+from ..models.heads import view_features
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,10 @@ def explain(
     else:
         with torch.inference_mode():
             logits = model(x)
+    tta = getattr(clf, "tta", None)
+    if tta:  # the classes and probabilities predict gives; the maps explain the image as it is
+        with torch.inference_mode():
+            logits = model.head(view_features(model.features, x, tta)[1])
     probs = (logits.detach().float() / clf.temperature).softmax(1)[0].cpu()  # as predict gives
     top = probs.topk(k)
     idx = top.indices.tolist()

@@ -27,6 +27,7 @@ from ..core.errors import ConfigError, GraftError
 from ..core.runfolder import SPLIT
 from ..core.runtime import atomic_path
 from ..data.transforms import PreprocessSpec
+from ..models.heads import view_features
 from ..models.onnx import check_opset, export_onnx
 from .classifier import Classifier, OnnxClassifier
 from .onnxfile import FORMAT, require
@@ -52,8 +53,9 @@ class ExportResult:
 
 class _WithPreprocessing(nn.Module):
     """image in [0, 1] -> normalise -> features -> head -> logits / temperature -> softmax: the
-    calibrated probabilities `graft predict` gives, computed inside the graph; with `references`,
-    the unknown score too (core/decisions.knn_distance, written out for the exporter)."""
+    calibrated probabilities `graft predict` gives, computed inside the graph (with flip TTA, both
+    passes: models/heads.view_features); with `references`, the unknown score too
+    (core/decisions.knn_distance, written out for the exporter)."""
 
     def __init__(
         self,
@@ -62,9 +64,10 @@ class _WithPreprocessing(nn.Module):
         temperature: float = 1.0,
         references: torch.Tensor | None = None,
         k: int = 1,
+        tta: str | None = None,
     ):
         super().__init__()
-        self.net = net
+        self.net, self.tta = net, tta
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
@@ -73,8 +76,8 @@ class _WithPreprocessing(nn.Module):
         self.k = k
 
     def forward(self, image: torch.Tensor):
-        feats = self.net.features((image - self.mean) / self.std)
-        probs = (self.net.head(feats) / self.temperature).softmax(1)
+        feats, read = view_features(self.net.features, (image - self.mean) / self.std, self.tta)
+        probs = (self.net.head(read) / self.temperature).softmax(1)
         if self.references is None:
             return probs
         sims = torch.nn.functional.normalize(feats, dim=1) @ self.references
@@ -104,6 +107,7 @@ def export(
         clf.temperature,
         clf.references,
         clf.unknown_k,
+        clf.tta,
     )
     model.eval()
     size = clf.spec.input_size
@@ -165,6 +169,7 @@ def _with_meta(path: Path, clf: Classifier, opset: int, dynamic: bool):
         "input": "image: float32 N x 3 x H x W, RGB in [0, 1], resized and center-cropped",
         "output": "probabilities: float32 N x C (softmax), classes in metadata 'classes'",
         "temperature": str(clf.temperature),  # already applied inside the graph
+        "tta": clf.tta or "none",  # flip: the mirror image's features averaged in, inside too
         # how the outputs become a decision: core/decisions.py, docs/GUIDE.md has it in Python
         "decision": json.dumps(
             {

@@ -10,6 +10,10 @@ The normalisation lives in the head (`NormedLinear`, an `nn.Linear` with the sam
 state dict), so every path that runs `net.head(features)` (predict, serve, the ONNX graph, the
 fitted head's folds, `--auto`) reads the features alike; model.json's `feature_norm` says which.
 
+With flip test-time augmentation (`tta="flip"`, `view_features`) the head reads the average of
+the image's features and its mirror image's, both computed in one batch; model.json's `tta` says
+so, and predict, evaluate, serve and the ONNX graph all go through `view_features`.
+
 >>> import torch
 >>> x = torch.tensor([[4.0, 0.0, 9.0, 16.0]])
 >>> power_normalise(x, (2, 2)).tolist()
@@ -29,6 +33,7 @@ from .concat import Concatenated
 
 POWER = "power"
 NONE = "none"
+FLIP = "flip"
 TINY = 1e-12  # below it the square root's slope is cut: a feature of 0 stays 0, its gradient 0
 EPS = 1e-6  # representable in float16, unlike F.normalize's 1e-12: an all-zero vector stays 0
 
@@ -81,3 +86,25 @@ def head_input(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     fitted head is solved on features so transformed."""
     normalise = getattr(head, "normalise", None)
     return normalise if normalise is not None else (lambda x: x)
+
+
+def view_features(
+    features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the features of `x` as it is, what the head reads): the same tensor, or with
+    `tta="flip"` their average with the features of `x` mirrored left to right, one pass over
+    both (a batch of 2N). The first stays single-view for what was fitted on single views: the
+    unknown score's distances to training features.
+
+    >>> plain, read = view_features(lambda t: t.mean((2, 3)), torch.rand(2, 3, 8, 8), "flip")
+    >>> plain.shape, read.shape
+    (torch.Size([2, 3]), torch.Size([2, 3]))
+    """
+    if tta in (None, NONE):
+        f = features(x)
+        return f, f
+    if tta != FLIP:
+        raise BackboneError(f"unknown test-time augmentation {tta!r}; choose flip or none")
+    f = features(torch.cat([x, x.flip(-1)]))
+    n = x.shape[0]  # slices, not chunk(): the ONNX graph keeps its batch size dynamic
+    return f[:n], (f[:n] + f[n:]) / 2

@@ -31,7 +31,7 @@ from ..core.runtime import atomic_path, atomic_write_text
 from ..data.discovery import class_names_problem
 from ..data.transforms import PreprocessSpec
 from .backbones import Backbone, create_backbone
-from .heads import POWER, set_feature_norm
+from .heads import FLIP, POWER, set_feature_norm
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class ModelMeta:
     # what the head reads (models/heads.py): "power"; absent in models saved before, and in those
     # whose head reads the features as they are
     feature_norm: str | None = None
+    # test-time augmentation (models/heads.view_features): "flip"; absent in models saved
+    # before, and in those that read each image once
+    tta: str | None = None
     # how probabilities become decisions (core/decisions.py): {"unknown": {"method": "knn", "k",
     # "threshold", "references", ...}, "thresholds": {class: {kind, target, threshold}},
     # "chosen_on": ..., "val": the operating point on the val split}; absent: the arg-max
@@ -175,6 +178,8 @@ class ModelMeta:
             raise CheckpointError(
                 f"{where}: feature_norm must be {POWER!r} or absent, got {values['feature_norm']!r}"
             )
+        if values.get("tta") not in (None, FLIP):
+            raise CheckpointError(f"{where}: tta must be {FLIP!r} or absent, got {values['tta']!r}")
         _check_decision(values.get("decision"), values["classes"], where)
         max_pixels = (values.get("config") or {}).get("max_pixels")
         if max_pixels is not None and not (
@@ -195,6 +200,7 @@ _SOMETIMES = (
     "labels",
     "engine",
     "feature_norm",
+    "tta",
 )
 MAX_REFERENCES_READ = 1_000_000  # reference features a model file may carry (10,000 are written)
 # a temperature a model file may carry: far outside what a fit gives (core/calibration.T_RANGE),

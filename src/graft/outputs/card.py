@@ -119,6 +119,11 @@ def _training(meta: ModelMeta, cfg: dict[str, Any]) -> str:
         )
     elif cal:
         lines.append(f"- probabilities not calibrated: {cal.get('reason')}")
+    if meta.tta == "flip":
+        lines.append(
+            "- test-time augmentation: each image is read as it is and mirrored left to right, "
+            "the head reading their features averaged (two forward passes per image)"
+        )
     sel = meta.selection
     if sel:
         n = len(sel["candidates"])

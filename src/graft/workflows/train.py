@@ -258,6 +258,7 @@ def _train(
                 best=state.best,
                 calibration=calibrated.record,
                 feature_norm=cfg.feature_norm if cfg.feature_norm != "none" else None,
+                tta=_tta(cfg),
                 decision=decisions.record,
                 stopped=state.stopped,
                 val=val,
@@ -420,9 +421,14 @@ def _classifier(backbone: Backbone, classes: list[str], cfg: TrainConfig, temper
     from ..inference.classifier import Classifier
 
     runtime = resolve_runtime(cfg.device, "fp32")
-    clf = Classifier(backbone, classes, runtime, temperature=temperature)
+    clf = Classifier(backbone, classes, runtime, temperature=temperature, tta=_tta(cfg))
     clf.max_pixels = cfg.max_pixels
     return clf
+
+
+def _tta(cfg: TrainConfig) -> str | None:
+    """model.json's and the classifier's test-time augmentation: None when there is none."""
+    return cfg.tta if cfg.tta != "none" else None
 
 
 def _start_from_fitted_head(cfg: TrainConfig, backbone: Backbone, split, progress) -> None:
