@@ -104,14 +104,12 @@ def explain(
     x = clf.preprocess(image)[None].to(clf.runtime.device)
     model = clf.model.float().eval()
     k = max(1, min(classes, len(clf.classes)))
+    tta = getattr(clf, "tta", None)
     if method == "gradcam":
         layer = target_layer(model, clf.backbone.blocks, clf.spec.input_size)
         logits, maps_of = gradcam(model, layer, x)
-    else:
-        with torch.inference_mode():
-            logits = model(x)
-    tta = getattr(clf, "tta", None)
-    if tta:  # the classes and probabilities predict gives; the maps explain the image as it is
+    if method != "gradcam" or tta:  # the classes and probabilities predict gives (with flip
+        # TTA, the mirror averaged in); the maps explain the image as it is
         with torch.inference_mode():
             logits = model.head(view_features(model.features, x, tta)[1])
     probs = (logits.detach().float() / clf.temperature).softmax(1)[0].cpu()  # as predict gives
