@@ -17,7 +17,7 @@ import graft
 from graft.core.errors import BackboneError, ConfigError
 from graft.core.runfolder import COMPARE_HTML, COMPARE_JSON, MODEL_META, MODEL_WEIGHTS
 from graft.data.splits import stratified_folds
-from graft.selection.compare import Candidate, default_grid, parse_budget
+from graft.selection.compare import Candidate, _ranked, default_grid, parse_budget
 from graft.selection.crossval import Trials
 
 from ..conftest import make_shapes
@@ -57,6 +57,23 @@ def test_stratified_folds_partition_every_class_evenly():
     assert folds == stratified_folds(samples, 5, seed=0) != stratified_folds(samples, 5, seed=1)
 
 
+def test_the_ranking_breaks_an_accuracy_tie_by_held_out_loss_then_by_cost():
+    def row(name, acc, loss, status="scored"):
+        return {"candidate": name, "accuracy": acc, "loss": loss, "status": status}
+
+    # cheapest first, as compare runs them
+    rows = [
+        row("a", 0.95, 0.30),
+        row("b", 0.95, 0.20),
+        row("c", 0.96, 0.50),
+        row("d", 0.95, 0.20),
+        row("e", None, None, "stopped"),
+    ]
+    ranked = _ranked(rows)
+    assert [r["candidate"] for r in ranked] == ["c", "b", "d", "a", "e"]
+    assert [r.get("rank") for r in ranked] == [1, 2, 3, 4, None]
+
+
 def test_compare_scores_every_candidate_on_the_training_images_alone(small, swapped):
     rows = graft.compare(small, budget="10m", backbones=LITE0, strategies=["extract"], workers=0)
     assert [r["candidate"] for r in rows] != [] and len(
@@ -71,8 +88,9 @@ def test_compare_scores_every_candidate_on_the_training_images_alone(small, swap
         assert r["accuracy"] >= 0.8, r  # the shapes are easy
         lo, hi = r["accuracy_ci95"]
         assert lo <= r["accuracy"] <= hi
+        assert 0 < r["loss"] < 1.0, r  # the held-out cross-entropy: the tie-break
     assert rows[0]["rank"] == 1 and rows.chosen is rows[0]
-    assert rows[0]["accuracy"] >= rows[1]["accuracy"]
+    assert (-rows[0]["accuracy"], rows[0]["loss"]) <= (-rows[1]["accuracy"], rows[1]["loss"])
     # val/ with its labels swapped changes nothing: it took no part
     again = graft.compare(swapped, budget="10m", backbones=LITE0, strategies=["extract"], workers=0)
     assert _scores(again) == _scores(rows)

@@ -65,6 +65,7 @@ COMPARE_HEADER = [
     "candidate",
     "fold accuracy",
     "95% interval",
+    "fold loss",
     "scored",
     "folds",
     "seconds",
@@ -86,6 +87,7 @@ def comparison_rows(comparison: dict[str, Any]) -> list[list[Any]]:
                 r["candidate"],
                 r.get("accuracy"),
                 f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
+                r.get("loss"),  # older compare.json files have none
                 r.get("scored_images"),
                 f"{r.get('folds', 0)}/{comparison['folds']}",
                 f"{r.get('seconds', 0):.1f}",

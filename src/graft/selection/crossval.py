@@ -29,7 +29,7 @@ from ..models.backbones import Backbone, create_backbone
 from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
 from ..models.heads import set_feature_norm
 from ..training.head import fit_on_features
-from ..training.jobs import check_bad, feature_job, prepare_job, why_trunk_live
+from ..training.jobs import check_bad, feature_job, make_criterion, prepare_job, why_trunk_live
 from ..training.loop import fit
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,7 @@ class Trials:
             },
             "accuracy": None,
             "accuracy_ci95": None,
+            "loss": None,
             "scored_images": 0,
             "folds": 0,
             "seconds": 0.0,
@@ -228,9 +229,9 @@ class Trials:
         log.debug("candidate %s", c.name)
         try:
             if c.strategy == "extract":
-                correct, n, done, trainable = self._run_extract(c, deadline)
+                correct, loss, n, done, trainable = self._run_extract(c, deadline)
             else:
-                correct, n, done, trainable = self._run_images(c, deadline)
+                correct, loss, n, done, trainable = self._run_images(c, deadline)
         except OutOfTime as exc:
             return self.row(
                 c,
@@ -248,6 +249,7 @@ class Trials:
             "scored",
             accuracy=correct / n,
             accuracy_ci95=[lo, hi],
+            loss=round(loss / n, 6),
             scored_images=n,
             folds=done,
             trainable_params=trainable,
@@ -262,8 +264,9 @@ class Trials:
         set_feature_norm(b, cfg.feature_norm)
         return dataclasses.replace(b, spec=b.spec.with_size(cfg.image_size)), cfg
 
-    def _run_extract(self, c: Candidate, deadline: float) -> tuple[int, int, int, int]:
-        """A fresh head per fold on the shared features of every training image."""
+    def _run_extract(self, c: Candidate, deadline: float) -> tuple[int, float, int, int, int]:
+        """A fresh head per fold on the shared features of every training image: images right,
+        summed loss, images scored, folds done, trainable parameters."""
         backbone, cfg = self._backbone(c)
         key = (c.backbone, cfg.cache_views)
         if key not in self._features:
@@ -299,6 +302,7 @@ class Trials:
         kept = {s: i for i, s in enumerate(fs.samples)}  # bad files (--skip-bad) left out
         init = copy.deepcopy(backbone.model.head.state_dict())
         correct = n = 0
+        loss = 0.0
         for k, fold in enumerate(self.folds):
             if time.perf_counter() > deadline:
                 raise OutOfTime(f"after {k} of {len(self.folds)} folds")
@@ -311,8 +315,11 @@ class Trials:
                     cfg, fs.features[tr], fs.aug[tr], fs.labels[tr], len(self.split.classes), head
                 )
                 head.load_state_dict(fitted.linear().state_dict())
+                criterion = make_criterion(cfg, fs.labels[tr], len(self.split.classes))
                 with torch.no_grad():
-                    correct += int((head(fs.features[te]).argmax(1) == fs.labels[te]).sum())
+                    logits = head(fs.features[te])
+                correct += int((logits.argmax(1) == fs.labels[te]).sum())
+                loss += criterion(logits, fs.labels[te]).item() * len(te)
                 n += len(te)
                 continue
             backbone.model.head.load_state_dict(init)
@@ -325,10 +332,11 @@ class Trials:
             )
             state = _unless_interrupted(fit(job, epoch_plan(cfg, [], cfg.image_size), cfg))
             correct += round(state.history[-1]["val_acc"] * len(te))
+            loss += state.history[-1]["val_loss"] * len(te)
             n += len(te)
-        return correct, n, len(self.folds), count_parameters(backbone.model.head)[0]
+        return correct, loss, n, len(self.folds), count_parameters(backbone.model.head)[0]
 
-    def _run_images(self, c: Candidate, deadline: float) -> tuple[int, int, int, int]:
+    def _run_images(self, c: Candidate, deadline: float) -> tuple[int, float, int, int, int]:
         """partial / finetune: train on the other folds, score the fold at the end; every fold
         when the top trains on cached activations (cheap after the first), else the first."""
         backbone, cfg = self._backbone(c)
@@ -337,7 +345,7 @@ class Trials:
         rt = resolve_runtime(cfg.device, cfg.precision, training=True)
         plan = epoch_plan(cfg, blocks, backbone.spec.input_size)
         correct = n = done = 0
-        fold_seconds = 0.0
+        loss = fold_seconds = 0.0
         for k, held in enumerate(map(set, self.folds)):
             if k and time.perf_counter() + fold_seconds > deadline:
                 break  # scored on the folds done: the rows say how many
@@ -361,11 +369,12 @@ class Trials:
             state = _unless_interrupted(fit(job, plan, cfg, on_epoch=None if k else in_time))
             m = len(job.val_loader.dataset)
             correct, n, done = correct + round(state.history[-1]["val_acc"] * m), n + m, done + 1
+            loss += state.history[-1]["val_loss"] * m
             if not (job.trunk is not None and job.trunk.cached):
                 break  # the trunk ran live: one fold is what the budget allows
             self._trunks.add((c.backbone, c.unfreeze_last))
             fold_seconds = time.perf_counter() - started
-        return correct, n, done, count_parameters(backbone.model)[0]
+        return correct, loss, n, done, count_parameters(backbone.model)[0]
 
 
 def _unless_interrupted(state):
