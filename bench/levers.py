@@ -3,7 +3,8 @@ set once the features exist): the fitted head on one backbone's features, the mi
 features averaged in at test time (flip TTA), mirrors as extra training samples, and several
 backbones' features concatenated; the fitted head and each concatenation also on the features
 power-normalised (models/heads.py: signed square root, each backbone's part to unit length; the
-columns marked "power"; "power+tta" averages the mirror's raw features in first); with `--stages`,
+columns marked "power"; "power+tta" averages the mirror's raw features in first; "L2 weaker": the
+head at the grid's next weaker strength than the one cross-validation chose); with `--stages`,
 also the first backbone's features pooled from its last stages as well as its last layer (Head2Toe's
 idea, Evci et al. 2022, without its selection: each stage's pooled vector scaled to unit mean norm,
 side by side). Each set is one of bench/quality.py's; graft's own split of its training folder is
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from graft.core.linear import fit_logistic_cv
+from graft.core.linear import ITERATIONS, fit_logistic, fit_logistic_cv
 from graft.core.runtime import resolve_runtime
 from graft.data.discovery import discover
 from graft.frozen.features import extract_features
@@ -138,6 +139,18 @@ def _acc(head, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((head(x).argmax(1) == y).float().mean())
 
 
+def _one_strength_weaker(x: torch.Tensor, y: torch.Tensor, classes: int, path: list[dict]):
+    """The head at the grid's next strength after the one the cross-validation chose (its path
+    walked again from the strongest, warm-started, as fit_logistic_cv walks it)."""
+    grid = [r["l2"] for r in path]
+    chosen = grid.index(min(path, key=lambda r: r["cv_loss"])["l2"])
+    scale = float(x.norm(dim=1).mean().clamp_min(1e-12))
+    head = None
+    for l2 in grid[: min(chosen + 1, len(grid) - 1) + 1]:
+        head = fit_logistic(x / scale, y, classes, l2, head=head, max_iter=ITERATIONS)
+    return lambda t: head(t / scale)
+
+
 def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
     """Unseen accuracy of each lever on one set; `sets` maps backbone -> features."""
     d = sets[first]
@@ -147,9 +160,16 @@ def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
     head = fit_logistic_cv(tr["x"], tr["y"], classes).linear()
     row["fit"] = _acc(head, te["x"], te["y"])
     width = tr["x"].shape[1]
-    power = fit_logistic_cv(power_normalise(tr["x"], [width]), tr["y"], classes).linear()
+    fitted = fit_logistic_cv(power_normalise(tr["x"], [width]), tr["y"], classes)
+    power = fitted.linear()
+    tta = power_normalise((te["x"] + te["xf"]) / 2, [width])
     row["fit power"] = _acc(power, power_normalise(te["x"], [width]), te["y"])
-    row["fit power+tta"] = _acc(power, power_normalise((te["x"] + te["xf"]) / 2, [width]), te["y"])
+    row["fit power+tta"] = _acc(power, tta, te["y"])
+    row["power+tta, L2 weaker"] = _acc(
+        _one_strength_weaker(power_normalise(tr["x"], [width]), tr["y"], classes, fitted.path),
+        tta,
+        te["y"],
+    )
     row["fit+tta"] = _acc(head, (te["x"] + te["xf"]) / 2, te["y"])
     n = len(tr["y"])
     both = fit_logistic_cv(
@@ -162,7 +182,7 @@ def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
     row["fit+mirrors+tta"] = _acc(both, (te["x"] + te["xf"]) / 2, te["y"])
     names = list(sets)
     for combo in (names[-1:], [names[0], names[-1]], names):
-        if len(combo) == 1 and combo[0] == first:
+        if (len(combo) == 1 and combo[0] == first) or len(set(combo)) < len(combo):
             continue
         x = torch.cat([sets[b]["train"]["x"] for b in combo], 1)
         t = torch.cat([sets[b]["test"]["x"] for b in combo], 1)
@@ -181,7 +201,7 @@ def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/graft-levers"))
-    ap.add_argument("--sets", default=",".join(quality.SETS))
+    ap.add_argument("--sets", default=",".join(quality.MEASURED))
     ap.add_argument(
         "--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
     )
