@@ -246,6 +246,19 @@ def test_hostile_values_end_in_one_line(trained_run, shapes_dir, tmp_path):
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
+def test_a_bad_value_is_refused_before_pytorch_loads(shapes_dir):
+    code = (
+        "import sys\n"
+        "from graft.cli import main\n"
+        f"sys.argv = ['graft', 'train', {str(shapes_dir)!r}, '--lr', 'inf']\n"
+        "code = main._run(False)\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False"], r.stderr
+    assert "lr must be a finite number above 0, got inf" in r.stderr
+
+
 def test_train_and_compare_options_are_the_config_schema():
     """Every TrainConfig field is an option of `graft train`, with the field's own help text;
     compare has all but those it chooses per candidate (and its own --out)."""

@@ -46,10 +46,13 @@ def train(
 ) -> None:
     """Train a classifier and save it in a run folder (--auto: the best of a comparison)."""
     from ..core.config import make_config
+
+    given = {k: v for k, v in settings.items() if v is not None}
+    # a bad value ends here, in a blink, before the seconds that loading PyTorch takes
+    cfg = make_config(data_dir, config, **given) if resume is None and not auto else None
     from ..core.dist import from_env
     from ..workflows.train import train as run_train
 
-    given = {k: v for k, v in settings.items() if v is not None}
     main_rank = from_env().is_main  # under torchrun, rank 0 alone prints
     if not main_rank:
         log.setLevel(logging.WARNING)
@@ -73,7 +76,7 @@ def train(
     elif auto:
         run = run_train(data_dir, config_file=config, overwrite=overwrite, **given, **show)
     else:
-        run = run_train(make_config(data_dir, config, **given), overwrite=overwrite, **show)
+        run = run_train(cfg, overwrite=overwrite, **show)
     if not main_rank:
         return
     if auto:
