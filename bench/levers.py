@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from graft.core.linear import ITERATIONS, fit_logistic, fit_logistic_cv
+from graft.core.linear import ITERATIONS, FittedHead, fit_logistic, fit_logistic_cv
 from graft.core.runtime import resolve_runtime
 from graft.data.discovery import discover
 from graft.frozen.features import extract_features
@@ -139,11 +139,11 @@ def _acc(head, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((head(x).argmax(1) == y).float().mean())
 
 
-def _one_strength_weaker(x: torch.Tensor, y: torch.Tensor, classes: int, path: list[dict]):
+def _one_strength_weaker(x: torch.Tensor, y: torch.Tensor, classes: int, fitted: FittedHead):
     """The head at the grid's next strength after the one the cross-validation chose (its path
     walked again from the strongest, warm-started, as fit_logistic_cv walks it)."""
-    grid = [r["l2"] for r in path]
-    chosen = grid.index(min(path, key=lambda r: r["cv_loss"])["l2"])
+    grid = [r["l2"] for r in fitted.path]
+    chosen = grid.index(fitted.l2)
     scale = float(x.norm(dim=1).mean().clamp_min(1e-12))
     head = None
     for l2 in grid[: min(chosen + 1, len(grid) - 1) + 1]:
@@ -160,16 +160,14 @@ def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
     head = fit_logistic_cv(tr["x"], tr["y"], classes).linear()
     row["fit"] = _acc(head, te["x"], te["y"])
     width = tr["x"].shape[1]
-    fitted = fit_logistic_cv(power_normalise(tr["x"], [width]), tr["y"], classes)
+    px = power_normalise(tr["x"], [width])
+    fitted = fit_logistic_cv(px, tr["y"], classes)
     power = fitted.linear()
     tta = power_normalise((te["x"] + te["xf"]) / 2, [width])
     row["fit power"] = _acc(power, power_normalise(te["x"], [width]), te["y"])
     row["fit power+tta"] = _acc(power, tta, te["y"])
-    row["power+tta, L2 weaker"] = _acc(
-        _one_strength_weaker(power_normalise(tr["x"], [width]), tr["y"], classes, fitted.path),
-        tta,
-        te["y"],
-    )
+    weaker = _one_strength_weaker(px, tr["y"], classes, fitted)
+    row["power+tta, L2 weaker"] = _acc(weaker, tta, te["y"])
     row["fit+tta"] = _acc(head, (te["x"] + te["xf"]) / 2, te["y"])
     n = len(tr["y"])
     both = fit_logistic_cv(
