@@ -10,7 +10,7 @@ images that took no part in anything. Every run is a whole `graft` process (cold
 so the wall time is what a user waits.
 
     python bench/quality.py [--work /tmp/graft-quality] [--sets fm10,fm6,digits,shapes,...]
-                            [--modes default,notta,epochs,last,partial,partial-lpft,auto]
+                            [--modes default,power,notta,epochs,last,partial,partial-lpft,auto]
                             [--budget 5m] [--label after]
                             [--src PATH]  # another checkout's src/, e.g. a git worktree of main
 
@@ -233,6 +233,8 @@ def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, bud
         cmd += ["--auto", "--budget", budget]
     elif mode == "last":  # the epoch-trained head, the last epoch kept instead of the best
         cmd += ["--head", "epochs", "--keep", "last"]
+    elif mode == "power":  # the default of stops 32-36: square roots instead of fourth roots
+        cmd += ["--feature-norm", "power"]
     elif mode == "notta":  # the default without flip test-time augmentation
         cmd += ["--tta", "none"]
     elif mode == "epochs":  # the head trained for epochs, the best on val: the old default

@@ -36,7 +36,7 @@ def test_defaults_resolved_per_strategy():
     )
     assert make_config("d", strategy="finetune", lr=0.01).resolve().lr == 0.01
     # the fitted head reads power-normalised features; the epoch loop and the trunks as they are
-    assert extract.feature_norm == "power"
+    assert extract.feature_norm == "root4"
     assert (looped.feature_norm, lpft.feature_norm, ft.feature_norm) == ("none",) * 3
     assert make_config("d", head="epochs", feature_norm="power").resolve().feature_norm == "power"
     # flip TTA comes with the fitted head; anywhere else only when asked for
@@ -53,7 +53,7 @@ def test_power_features_refused_where_the_trunk_trains():
         make_config("d", strategy="partial", unfreeze_last=1, feature_norm="power")
     assert str(err.value) == (
         "--feature-norm power is extract's: --strategy partial trains the blocks through the "
-        "head, and a square root's slope at zero is infinite; drop it or use --strategy extract"
+        "head, and a root's slope at zero is infinite; drop it or use --strategy extract"
     )
     with pytest.raises(ConfigError, match="unknown feature_norm 'cube'"):
         make_config("d", feature_norm="cube")

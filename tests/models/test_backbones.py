@@ -146,12 +146,17 @@ def test_concatenations_that_cannot_be_are_refused(name, kw, message):
         create_backbone(name, 3, pretrained=False, **kw)
 
 
-def test_power_normalised_head_scales_each_backbone_on_its_own():
+@pytest.mark.parametrize("kind, exponent", [("root4", 0.25), ("power", 0.5)])
+def test_power_normalised_head_scales_each_backbone_on_its_own(kind, exponent):
     bb = create_backbone("efficientnet_lite0+efficientnet_lite2", 3, pretrained=False)
     plain = {k: v.clone() for k, v in bb.model.head.state_dict().items()}
-    set_feature_norm(bb, "power")
+    set_feature_norm(bb, kind)
     head = bb.model.head
     assert isinstance(head, NormedLinear) and head.parts == (1280, 1280)
+    assert head.exponent == exponent
+    two = torch.tensor([[16.0, 1.0] + [0.0] * 1278 + [0.0] * 1280])  # 16 and 1: 2:1 or 4:1
+    ratio = head.normalise(two)[0, 0] / head.normalise(two)[0, 1]
+    assert torch.allclose(ratio, torch.tensor(16.0**exponent))
     assert head.state_dict().keys() == plain.keys()  # the same weights file as a plain head
     assert all(torch.equal(head.state_dict()[k], v) for k, v in plain.items())
     x = torch.cat([torch.full((1, 1280), 4.0), torch.zeros(1, 1280)], 1)
@@ -165,7 +170,7 @@ def test_power_normalised_head_scales_each_backbone_on_its_own():
     x.requires_grad_(True)  # Grad-CAM differentiates through it: no infinite slope at 0
     head(x).sum().backward()
     assert torch.isfinite(x.grad).all()
-    with pytest.raises(BackboneError, match="choose power or none"):
+    with pytest.raises(BackboneError, match="choose root4, power or none"):
         set_feature_norm(bb, "cube")
 
 

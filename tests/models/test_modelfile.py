@@ -60,6 +60,16 @@ class _Payload:
         return (exec, ("open('/tmp/graft-pwned', 'w').write('x')",))
 
 
+def test_the_head_reads_the_features_as_model_json_says(run_copy):
+    meta = json.loads((run_copy / "model.json").read_text())
+    assert meta["feature_norm"] == "root4"  # the default since stop 37
+    assert graft.load(run_copy).backbone.model.head.exponent == 0.25
+    # a model saved by stops 32-36 says "power": its head was fitted on square roots
+    meta["feature_norm"] = "power"
+    (run_copy / "model.json").write_text(json.dumps(meta))
+    assert graft.load(run_copy).backbone.model.head.exponent == 0.5
+
+
 def test_pickle_payload_in_place_of_weights_never_runs(run_copy, tmp_path):
     (run_copy / "model.safetensors").write_bytes(pickle.dumps(_Payload()))
     with pytest.raises(CheckpointError, match="damaged or not a safetensors file"):
@@ -107,7 +117,10 @@ def test_truncated_weights_refused(run_copy):
         ({"config": {"max_pixels": 10**15}}, "config.max_pixels must be an integer from 1 to"),
         ({"val": [1, 2]}, "'val' must be dict[str, Any] | None, got list"),
         ({"format_version": 99}, "has format_version 99; this graft reads 1"),
-        ({"feature_norm": "cube"}, "feature_norm must be 'power' or absent, got 'cube'"),
+        (
+            {"feature_norm": "cube"},
+            "feature_norm must be one of 'power', 'root4' or absent, got 'cube'",
+        ),
         ({"tta": "rotate"}, "tta must be 'flip' or absent, got 'rotate'"),
         ({"classes": ["a", "b", "c", "d"]}, "model.json lists 4 classes; the weights have"),
         ({"backbone": "resnet18"}, "does not fit the backbone in model.json"),

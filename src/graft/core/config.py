@@ -21,7 +21,8 @@ SCHEDULES = ("step", "cosine", "none")
 BALANCE = ("none", "weights", "sampler")
 KEEP = ("best", "last")
 HEADS = ("fit", "epochs")  # extract's head: core/linear.py, or the epoch loop
-FEATURE_NORMS = ("power", "none")  # what the head reads: models/heads.NormedLinear, or as is
+# what the head reads: models/heads.NormedLinear (a fourth or a square root), or as is
+FEATURE_NORMS = ("root4", "power", "none")
 TTAS = ("flip", "none")  # test-time augmentation: models/heads.view_features
 # what trains the head for a number of epochs: given with extract, they ask for --head epochs
 EPOCH_SETTINGS = (
@@ -100,14 +101,15 @@ class TrainConfig:
         "(LP-FT) [default: a random head].",
         HEADS,
     )
-    # power: +1.3 points on unseen images over the features as they are, better on five of seven
-    # folders (docs/QUALITY.md); partial and finetune train through the head, where a square
-    # root's slope at zero is infinite
+    # power (square root): +1.3 points on unseen images over the features as they are, better on
+    # five of seven folders; root4 (fourth root): +0.8 more, better on eight of eleven, none a
+    # point worse (docs/QUALITY.md); partial and finetune train through the head, where a root's
+    # slope at zero is infinite
     feature_norm: str | None = _setting(
         None,
-        "extract: what the head reads: each backbone's pooled features square-rooted (sign kept) "
-        "and scaled to unit length (power), or as they are (none) [default: power with the fitted "
-        "head, none with --head epochs].",
+        "extract: what the head reads: each backbone's pooled features raised to the power 1/4 "
+        "(root4) or 1/2 (power), sign kept, and scaled to unit length, or as they are (none) "
+        "[default: root4 with the fitted head, none with --head epochs].",
         FEATURE_NORMS,
     )
     # flip: +0.8 points on unseen images with the fitted head on power features, better on all
@@ -331,11 +333,11 @@ class TrainConfig:
                 "extract or partial"
             )
         self._refuse_ignored_by_head()
-        if self.strategy != "extract" and self.feature_norm == "power":
+        if self.strategy != "extract" and self.feature_norm not in (None, "none"):
             raise ConfigError(
-                f"--feature-norm power is extract's: --strategy {self.strategy} trains the "
-                "blocks through the head, and a square root's slope at zero is infinite; drop it "
-                "or use --strategy extract"
+                f"--feature-norm {self.feature_norm} is extract's: --strategy {self.strategy} "
+                "trains the blocks through the head, and a root's slope at zero is infinite; "
+                "drop it or use --strategy extract"
             )
         if self.strategy != "extract":
             if "backbone_lr_mult" in given and not self.warmup_epochs:
@@ -415,7 +417,7 @@ class TrainConfig:
         defaults = {} if fitted else _strategy_defaults(self.strategy)
         defaults.update(
             head=head,
-            feature_norm="power" if fitted else "none",
+            feature_norm="root4" if fitted else "none",
             tta="flip" if fitted else "none",
             workers=default_workers(),
             cache_dir=str(default_cache_dir()),

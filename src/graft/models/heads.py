@@ -1,10 +1,12 @@
-"""What extract's head reads: the pooled features as they are, or power-normalised (the default
-with the fitted head): each number square-rooted with its sign kept, then each backbone's part
+"""What extract's head reads: the pooled features as they are, or power-normalised: each number
+raised to a power below 1 with its sign kept (its fourth root, `root4`, the default with the
+fitted head; its square root, `power`, the default before stop 37), then each backbone's part
 of the vector scaled to unit length. Pooled ReLU features are heavy-tailed (a few channels fire
-strongly on every image); the square root evens them out, and the unit length puts every image,
-and every backbone of a concatenated one, on one scale. Perronnin et al. (2010) introduced it for
-Fisher vectors; on bench/levers.py's seven folders it scored 1.3 points above the features as
-they are with efficientnet_lite0, better on five of them (docs/QUALITY.md).
+strongly on every image); the root evens them out, and the unit length puts every image, and
+every backbone of a concatenated one, on one scale. Perronnin et al. (2010) introduced it for
+Fisher vectors; on bench/levers.py's seven folders the square root scored 1.3 points above the
+features as they are with efficientnet_lite0, better on five of them, and the fourth root 0.8
+more, confirmed on four folders made after it was seen (docs/QUALITY.md).
 
 The normalisation lives in the head (`NormedLinear`, an `nn.Linear` with the same weights and
 state dict), so every path that runs `net.head(features)` (predict, serve, the ONNX graph, the
@@ -18,6 +20,8 @@ so, and predict, evaluate, serve and the ONNX graph all go through `view_feature
 >>> x = torch.tensor([[4.0, 0.0, 9.0, 16.0]])
 >>> power_normalise(x, (2, 2)).tolist()
 [[1.0, 0.0, 0.6000000238418579, 0.800000011920929]]
+>>> [round(v, 4) for v in power_normalise(torch.tensor([[16.0, 1.0]]), (2,), 0.25)[0].tolist()]
+[0.8944, 0.4472]
 """
 
 from __future__ import annotations
@@ -31,50 +35,63 @@ from torch import nn
 from ..core.errors import BackboneError
 from .concat import Concatenated
 
-POWER = "power"
+POWER = "power"  # the signed square root (saved models say so since stop 32)
+ROOT4 = "root4"  # the signed fourth root
 NONE = "none"
 FLIP = "flip"
-TINY = 1e-12  # below it the square root's slope is cut: a feature of 0 stays 0, its gradient 0
+EXPONENTS = {POWER: 0.5, ROOT4: 0.25}
+# below it the root's slope is cut: a feature of 0 stays 0, its gradient 0; above it the slope
+# (exponent x floor^(exponent-1)) stays under about 5e5 for both roots, so Grad-CAM goes through
+FLOORS = {0.5: 1e-12, 0.25: 1e-8}
 EPS = 1e-6  # representable in float16, unlike F.normalize's 1e-12: an all-zero vector stays 0
 
 
-def power_normalise(x: torch.Tensor, parts: Sequence[int]) -> torch.Tensor:
-    """Signed square root, then each consecutive block of `parts[i]` numbers to unit length
-    (computed in float32; the result in float32)."""
+def power_normalise(x: torch.Tensor, parts: Sequence[int], exponent: float = 0.5) -> torch.Tensor:
+    """Signed `exponent` power (0.5: the square root; 0.25: the fourth root), then each
+    consecutive block of `parts[i]` numbers to unit length (computed in float32; the result in
+    float32)."""
     x = x.float()
-    x = x.sign() * x.abs().clamp_min(TINY).sqrt()  # a finite slope at 0 (Grad-CAM goes through)
+    a = x.abs().clamp_min(FLOORS[exponent])  # a finite slope at 0 (Grad-CAM goes through)
+    x = x.sign() * (a.sqrt() if exponent == 0.5 else a.sqrt().sqrt())
     return torch.cat([F.normalize(p, dim=-1, eps=EPS) for p in x.split(list(parts), -1)], -1)
 
 
 class NormedLinear(nn.Linear):
     """A linear head on power-normalised features; its state dict is a plain `nn.Linear`'s."""
 
-    def __init__(self, in_features: int, out_features: int, parts: Sequence[int]):
+    def __init__(
+        self, in_features: int, out_features: int, parts: Sequence[int], exponent: float = 0.5
+    ):
         super().__init__(in_features, out_features)
         if sum(parts) != in_features:
             raise BackboneError(f"feature parts {list(parts)} do not add up to {in_features}")
+        if exponent not in FLOORS:
+            raise BackboneError(f"no power normalisation with exponent {exponent!r}")
         self.parts = tuple(int(p) for p in parts)
+        self.exponent = exponent
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return power_normalise(x, self.parts)
+        return power_normalise(x, self.parts, self.exponent)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self.normalise(x).to(self.weight.dtype))
 
 
 def set_feature_norm(backbone, kind: str | None) -> None:
-    """Give `backbone`'s linear head the features as `kind` says ("power", or "none"/None:
-    as they are), its weights kept."""
+    """Give `backbone`'s linear head the features as `kind` says ("root4", "power", or
+    "none"/None: as they are), its weights kept."""
     if kind in (None, NONE):
         return
-    if kind != POWER:
-        raise BackboneError(f"unknown feature normalisation {kind!r}; choose power or none")
+    if kind not in EXPONENTS:
+        raise BackboneError(f"unknown feature normalisation {kind!r}; choose root4, power or none")
     net = backbone.model
     old = net.head
     if not isinstance(old, nn.Linear):
-        raise BackboneError(f"{backbone.name}: --feature-norm power needs a linear head")
+        raise BackboneError(f"{backbone.name}: --feature-norm {kind} needs a linear head")
     widths = net.features.widths if isinstance(net.features, Concatenated) else []
-    head = NormedLinear(old.in_features, old.out_features, widths or [old.in_features])
+    head = NormedLinear(
+        old.in_features, old.out_features, widths or [old.in_features], EXPONENTS[kind]
+    )
     with torch.no_grad():
         head.weight.copy_(old.weight)
         head.bias.copy_(old.bias)

@@ -31,7 +31,7 @@ from ..core.runtime import atomic_path, atomic_write_text
 from ..data.discovery import class_names_problem
 from ..data.transforms import PreprocessSpec
 from .backbones import Backbone, create_backbone
-from .heads import FLIP, POWER, set_feature_norm
+from .heads import EXPONENTS, FLIP, set_feature_norm
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ class ModelMeta:
     # how the probabilities are calibrated: {"method": "temperature", "temperature": T, ...} or
     # {"method": "none", "reason": ...}; absent in models saved before: the raw softmax
     calibration: dict[str, Any] | None = None
-    # what the head reads (models/heads.py): "power"; absent in models saved before, and in those
-    # whose head reads the features as they are
+    # what the head reads (models/heads.py): "root4" (since stop 37) or "power"; absent in
+    # models saved before stop 32, and in those whose head reads the features as they are
     feature_norm: str | None = None
     # test-time augmentation (models/heads.view_features): "flip"; absent in models saved
     # before, and in those that read each image once
@@ -174,9 +174,10 @@ class ModelMeta:
                 f"{where}: calibration.temperature must be a number from {low:g} to {high:g}, "
                 f"got {t!r}"
             )
-        if values.get("feature_norm") not in (None, POWER):
+        if values.get("feature_norm") not in (None, *EXPONENTS):
             raise CheckpointError(
-                f"{where}: feature_norm must be {POWER!r} or absent, got {values['feature_norm']!r}"
+                f"{where}: feature_norm must be one of {', '.join(map(repr, EXPONENTS))} or "
+                f"absent, got {values['feature_norm']!r}"
             )
         if values.get("tta") not in (None, FLIP):
             raise CheckpointError(f"{where}: tta must be {FLIP!r} or absent, got {values['tta']!r}")
