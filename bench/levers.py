@@ -3,7 +3,8 @@ set once the features exist): the fitted head on one backbone's features, the mi
 features averaged in at test time (flip TTA), mirrors as extra training samples, and several
 backbones' features concatenated; the fitted head and each concatenation also on the features
 power-normalised (models/heads.py: signed square root, each backbone's part to unit length; the
-columns marked "power"; "power+tta" averages the mirror's raw features in first; "L2 weaker": the
+columns marked "power"; "root4": the fourth root instead of the square root, graft's default since
+stop 37; "+tta" averages the mirror's raw features in first; "L2 weaker": the
 head at the grid's next weaker strength than the one cross-validation chose); with `--stages`,
 also the first backbone's features pooled from its last stages as well as its last layer (Head2Toe's
 idea, Evci et al. 2022, without its selection: each stage's pooled vector scaled to unit mean norm,
@@ -166,6 +167,10 @@ def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
     tta = power_normalise((te["x"] + te["xf"]) / 2, [width])
     row["fit power"] = _acc(power, power_normalise(te["x"], [width]), te["y"])
     row["fit power+tta"] = _acc(power, tta, te["y"])
+    root4 = fit_logistic_cv(power_normalise(tr["x"], [width], 0.25), tr["y"], classes).linear()
+    row["fit root4+tta"] = _acc(
+        root4, power_normalise((te["x"] + te["xf"]) / 2, [width], 0.25), te["y"]
+    )
     weaker = _one_strength_weaker(px, tr["y"], classes, fitted)
     row["power+tta, L2 weaker"] = _acc(weaker, tta, te["y"])
     row["fit+tta"] = _acc(head, (te["x"] + te["xf"]) / 2, te["y"])
@@ -193,6 +198,8 @@ def levers(sets: dict[str, dict[str, dict]], first: str) -> dict[str, float]:
         head = fit_logistic_cv(power_normalise(x, parts), tr["y"], classes).linear()
         row[f"{key} power"] = _acc(head, power_normalise(t, parts), te["y"])
         row[f"{key} power+tta"] = _acc(head, power_normalise((t + tf) / 2, parts), te["y"])
+        head = fit_logistic_cv(power_normalise(x, parts, 0.25), tr["y"], classes).linear()
+        row[f"{key} root4+tta"] = _acc(head, power_normalise((t + tf) / 2, parts, 0.25), te["y"])
     return row
 
 
