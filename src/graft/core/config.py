@@ -102,9 +102,10 @@ class TrainConfig:
         HEADS,
     )
     # power (square root): +1.3 points on unseen images over the features as they are, better on
-    # five of seven folders; root4 (fourth root): +0.8 more, better on eight of eleven, none a
-    # point worse (docs/QUALITY.md); partial and finetune train through the head, where a root's
-    # slope at zero is infinite
+    # five of seven folders; root4 (fourth root): +0.6 more on those seven and +0.5 on four
+    # others, better on five of the eleven, worse on two by half a point or less
+    # (docs/QUALITY.md); partial and finetune train through the head, where a root's slope at
+    # zero is infinite
     feature_norm: str | None = _setting(
         None,
         "extract: what the head reads: each backbone's pooled features raised to the power 1/4 "

@@ -5,8 +5,9 @@ of the vector scaled to unit length. Pooled ReLU features are heavy-tailed (a fe
 strongly on every image); the root evens them out, and the unit length puts every image, and
 every backbone of a concatenated one, on one scale. Perronnin et al. (2010) introduced it for
 Fisher vectors; on bench/levers.py's seven folders the square root scored 1.3 points above the
-features as they are with efficientnet_lite0, better on five of them, and the fourth root 0.8
-more, confirmed on four folders made after it was seen (docs/QUALITY.md).
+features as they are with efficientnet_lite0, better on five of them, and the fourth root 0.6
+more through the whole of `graft train` (0.5 on four folders made after it was seen; better on
+five of the eleven, worse on two by half a point or less; docs/QUALITY.md).
 
 The normalisation lives in the head (`NormedLinear`, an `nn.Linear` with the same weights and
 state dict), so every path that runs `net.head(features)` (predict, serve, the ONNX graph, the
