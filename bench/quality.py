@@ -7,11 +7,15 @@ scikit-learn's digits, scikit-image's photos cut into patches, and generated sha
 chose nothing, run when named. graft gets only the training folder (flat: it holds out its own
 validation share) and the saved model is then scored by `graft evaluate` on a separate folder of
 images that took no part in anything. Every run is a whole `graft` process (cold feature cache),
-so the wall time is what a user waits.
+so the wall time is what a user waits. `--seeds 0,1,2` runs each mode once per seed (`graft train
+--seed`: another val split, other folds, another initialisation; the unseen folder is the same),
+the later seeds on the feature cache the first one filled (their wall time is not a cold one), and
+ends with each set's mean over the seeds: one split of 100-300 images moves a set's unseen
+accuracy by a point or two (docs/QUALITY.md).
 
     python bench/quality.py [--work /tmp/graft-quality] [--sets fm10,fm6,digits,shapes,...]
                             [--modes default,power,notta,epochs,last,partial,partial-lpft,auto]
-                            [--budget 5m] [--label after]
+                            [--budget 5m] [--label after] [--seeds 0,1,2]
                             [--src PATH]  # another checkout's src/, e.g. a git worktree of main
 
 Columns: printed = the accuracy graft prints for its model, with its 95% interval; unseen = the
@@ -28,6 +32,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -216,9 +221,21 @@ SETS = {  # name -> (maker, what it is)
 MEASURED = ("fm10", "fm6", "digits", "shapes", "fm30", "photos", "clutter")
 
 
-def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, budget: str) -> dict:
+def run_mode(
+    graft: list[str],
+    env: dict,
+    data: Path,
+    work: Path,
+    mode: str,
+    budget: str,
+    seed: int = 0,
+    cold: bool = True,
+) -> dict:
+    """One `graft train` of `mode` on data/train, scored on data/test; `cold`: the feature cache
+    emptied first (the other seeds of a mode reuse what the first one filled)."""
     run, cache = work / f"run-{mode}", work / f"cache-{mode}"
-    shutil.rmtree(cache, ignore_errors=True)
+    if cold:
+        shutil.rmtree(cache, ignore_errors=True)
     cmd = [
         *graft,
         "train",
@@ -228,6 +245,8 @@ def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, bud
         "--overwrite",
         "--cache-dir",
         str(cache),
+        "--seed",
+        str(seed),
     ]
     if mode == "auto":
         cmd += ["--auto", "--budget", budget]
@@ -263,6 +282,8 @@ def run_mode(graft: list[str], env: dict, data: Path, work: Path, mode: str, bud
     low, high = est["accuracy_ci95"]
     return {
         "mode": mode,
+        "seed": seed,
+        "cold": cold,
         "printed": est["accuracy"],
         "ci95": [low, high],
         "unseen": unseen,
@@ -282,39 +303,53 @@ def main() -> None:
     ap.add_argument("--budget", default="5m")
     ap.add_argument("--label", default="now", help="names the results file: results-LABEL.json")
     ap.add_argument("--src", type=Path, help="run graft from this src/ folder (PYTHONPATH)")
+    ap.add_argument("--seeds", default="0", help="graft train --seed of each run, e.g. 0,1,2")
     args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     env = dict(os.environ)
     if args.src:
         env["PYTHONPATH"] = str(args.src.resolve())
     graft = [sys.executable, "-m", "graft"]
     rows = []
     print(
-        f"{'set':8} {'mode':8} {'printed':>7} {'95% interval':>15} {'unseen':>7} {'inside':>6} "
-        f"{'wall s':>7} {'nll':>6} {'ece':>6}  chosen"
+        f"{'set':8} {'mode':8} {'seed':>4} {'printed':>7} {'95% interval':>15} {'unseen':>7} "
+        f"{'inside':>6} {'wall s':>7} {'nll':>6} {'ece':>6}  chosen"
     )
     for name in args.sets.split(","):
         maker, _ = SETS[name]
         data = args.work / "data" / name
         if not data.exists():
             maker(data)
-        for mode in args.modes.split(","):
-            r = {
-                "set": name,
-                **run_mode(graft, env, data, args.work / args.label / name, mode, args.budget),
-            }
+        for mode, seed in [(m, s) for m in args.modes.split(",") for s in seeds]:
+            work = args.work / args.label / name
+            cold = seed == seeds[0]
+            r = {"set": name, **run_mode(graft, env, data, work, mode, args.budget, seed, cold)}
             rows.append(r)
             print(
-                f"{name:8} {mode:8} {r['printed']:7.4f} {r['ci95'][0]:7.4f}-{r['ci95'][1]:.4f} "
-                f"{r['unseen']:7.4f} {'yes' if r['inside'] else 'NO':>6} {r['wall_s']:7.1f} "
+                f"{name:8} {mode:8} {seed:4d} {r['printed']:7.4f} "
+                f"{r['ci95'][0]:7.4f}-{r['ci95'][1]:.4f} {r['unseen']:7.4f} "
+                f"{'yes' if r['inside'] else 'NO':>6} {r['wall_s']:7.1f} "
                 f"{_num(r['nll'])} {_num(r['ece'])}  {r['chosen'] or ''}",
                 flush=True,
             )
     (args.work / f"results-{args.label}.json").write_text(json.dumps(rows, indent=1))
+    if len(seeds) > 1:
+        print(f"mean unseen over seeds {args.seeds}, per set:")
+        for name in args.sets.split(","):
+            means = [
+                statistics.mean(r["unseen"] for r in rows if r["set"] == name and r["mode"] == m)
+                for m in args.modes.split(",")
+            ]
+            print(
+                f"{name:8} "
+                + " ".join(f"{m} {v:.4f}" for m, v in zip(args.modes.split(","), means))
+            )
     for mode in args.modes.split(","):
         mine = [r for r in rows if r["mode"] == mode]
+        cold = [r for r in mine if r["cold"]]
         print(
             f"mean {mode}: unseen {sum(r['unseen'] for r in mine) / len(mine):.4f}, "
-            f"wall {sum(r['wall_s'] for r in mine) / len(mine):.1f} s, inside "
+            f"wall (cold runs) {sum(r['wall_s'] for r in cold) / len(cold):.1f} s, inside "
             f"{sum(r['inside'] for r in mine)}/{len(mine)}, nll {_mean(mine, 'nll')}, "
             f"ece {_mean(mine, 'ece')}"
         )
