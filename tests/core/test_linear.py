@@ -63,3 +63,36 @@ def test_a_class_with_one_image_gets_the_default_strength():
     fitted = fit_logistic_cv(x[:6], y[:6], 2)  # class 1 has one image
     assert fitted.folds == 0 and fitted.oof_logits is None and fitted.path == []
     assert "no cross-validation" in fitted.record()["chosen_by"]
+
+
+def test_above_cv_images_the_strength_is_chosen_on_a_subsample_then_scaled():
+    from graft.training.calibrate import calibrate_fitted
+
+    x, y = _blobs(100, 3, 16, spread=4.0, seed=5)
+    views = 2
+    g = torch.Generator().manual_seed(6)
+    aug = x.repeat_interleave(views, 0) + 0.1 * torch.randn(len(x) * views, 16, generator=g)
+    image = torch.arange(len(y))
+    xs = torch.cat([x[::2], aug.view(len(y), views, 16)[::2].flatten(0, 1)])
+    ys = torch.cat([y[::2], y[::2].repeat_interleave(views)])
+    groups = torch.cat([image[:150], image[:150].repeat_interleave(views)])
+    fitted = fit_logistic_cv(xs, ys, 3, groups=groups, cv_images=60)
+    sub = fitted.subsample
+    assert sub["images"] == 60 and sub["of"] == 150
+    assert fitted.l2 == sub["l2"] * 60 / 150 and sub["l2"] in L2_GRID
+    # the out-of-fold scores cover the subsample's images, each class in its share
+    assert fitted.oof_images.tolist() == sorted(fitted.oof_images.tolist())
+    assert torch.bincount(y[::2][fitted.oof_images]).tolist() == [20, 20, 20]
+    assert fitted.oof_logits.shape == (60, 3) and len(fitted.path) == len(L2_GRID)
+    assert "subsample of 60 of the 150 training images" in fitted.record()["chosen_by"]
+    held_out = (fitted.linear()(x[1::2]).argmax(1) == y[1::2]).float().mean()
+    assert held_out >= 0.85
+    # the same choice as the cross-validation of those 60 images (with their views) alone
+    alone = torch.isin(groups, fitted.oof_images)
+    again = fit_logistic_cv(xs[alone], ys[alone], 3, groups=groups[alone], cv_images=None)
+    assert again.l2 == sub["l2"] and torch.equal(again.oof_logits, fitted.oof_logits)
+    # calibration reads the scored images' own labels
+    record = calibrate_fitted(fitted, y[::2]).record
+    assert "60 of the 150 training images" in record["fitted_on"]
+    # at or below the limit nothing changes
+    assert fit_logistic_cv(xs, ys, 3, groups=groups, cv_images=150).subsample is None

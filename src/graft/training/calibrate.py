@@ -140,10 +140,16 @@ def calibrate_fitted(fitted: FittedHead, labels: torch.Tensor) -> Calibrated:
             "no cross-validation (a class has a single training image): probabilities are "
             "the raw softmax"
         )
+    scored = labels if fitted.oof_images is None else labels[fitted.oof_images]
+    which = (
+        f"the {len(labels)} training images"
+        if fitted.oof_images is None
+        else f"{len(scored)} of the {len(labels)} training images (the subsample that chose it)"
+    )
     return fit_on(
         fitted.oof_logits,
-        labels,
-        f"{fitted.folds}-fold out-of-fold scores of the {len(labels)} training images, from "
+        scored,
+        f"{fitted.folds}-fold out-of-fold scores of {which}, from "
         f"the cross-validation that chose the head's L2 ({fitted.l2:g})",
         scores_key="out_of_fold",
     )
