@@ -87,3 +87,26 @@ def test_predictions_are_the_logits_divided_by_the_temperature(trained_run, shap
     c = report["calibration"]
     assert c["temperature"] == t
     assert c["raw"]["accuracy"] == c["calibrated"]["accuracy"] == report["accuracy"]
+
+
+def test_a_head_fitted_on_a_subsample_says_so_and_calibrates_on_its_scores(tmp_path, monkeypatch):
+    """Above CV_IMAGES (lowered here to 30 of 60 images): the row model.json keeps says how the
+    strength was chosen, and the temperature is fitted on the subsample's out-of-fold scores."""
+    from graft.core.linear import fit_logistic_cv
+    from graft.training.calibrate import calibrate_fitted
+    from graft.training.head import fit_head
+
+    data = make_shapes(tmp_path / "data", n_train=20, n_val=2)
+    cfg = make_config(data, workers=0, cache_dir=str(tmp_path / "c")).resolve(224)
+    split = discover(data)
+    bb = create_backbone(cfg.backbone, len(split.classes))
+    job = prepare_job(cfg, bb, split, resolve_runtime("cpu", "fp32"), lambda it, *a: it)
+    monkeypatch.setitem(fit_logistic_cv.__kwdefaults__, "cv_images", 30)
+    state, fitted = fit_head(job, cfg)
+    sub = state.best["subsample"]
+    assert (sub["images"], sub["of"]) == (30, 60) and state.best["l2"] == sub["l2"] * 30 / 60
+    calibrated = calibrate_fitted(fitted, job.train_features[2])
+    assert calibrated.record["fitted_on"].startswith(
+        "5-fold out-of-fold scores of 30 of the 60 training images (the subsample that chose it)"
+    )
+    assert calibrated.labels.tolist() == job.train_features[2][fitted.oof_images].tolist()

@@ -70,10 +70,17 @@ def fit_head(job: Job, cfg: TrainConfig) -> tuple[FitState, FittedHead]:
         "val_recall": per_class_recall(ev, job.classes),
         "path": fitted.path,
     }
+    how = f"{fitted.folds}-fold cross-validation" if fitted.folds else "default (no CV)"
+    if fitted.subsample:  # above CV_IMAGES: model.json says on how many, and the scaling
+        row["subsample"] = fitted.subsample
+        how += (
+            f" on a subsample of {fitted.subsample['images']} of "
+            f"{fitted.subsample['of']} images (there {fitted.subsample['l2']:g})"
+        )
     log.info(
         "head fitted: L2 %g chosen by %s, %.2fs; val acc %.4f",
         fitted.l2,
-        f"{fitted.folds}-fold cross-validation" if fitted.folds else "default (no CV)",
+        how,
         fitted.seconds,
         ev.acc,
     )
