@@ -13,7 +13,7 @@ separable, so the CV's loss falls to the weakest strength; real features are not
 solver more. `--fashion FILE` runs on real ones instead: EfficientNet-Lite0's pooled features of
 the first N / 10 Fashion-MNIST training images of each class from the 2,000th on (Debian's
 dataset-fashion-mnist), fourth roots as `graft train` reads them, extracted once into FILE
-(about 5 minutes at 5,000 on 2 cores) and read from it after; it prints the fit on all images
+(3.5 minutes at 2,000 on 2 cores) and read from it after; it prints the fit on all images
 (`cv_images=None`, the cross-validation before the subsample) and the default, each with its
 accuracy on 1,000 unseen test images (100 a class).
 """

@@ -14,8 +14,8 @@ head is a plain `nn.Linear` on the backbone's features, as an epoch-trained one.
 Above `CV_IMAGES` images the strength is chosen on a stratified subsample of that many (each with
 its views), scaled by subsample / all (the penalty is on the mean loss: the same prior weighs
 1/N as much against N images), and the head is then fitted once on all of them: the path costs
-the same at 5,000 images as at 1,000 (on 5,000 Fashion-MNIST images' lite0 features, 32 s
-becomes 7 s for the same unseen accuracy: docs/QUALITY.md, `bench/head_fit.py --fashion`).
+the same at 5,000 images as at 1,000 (on 5,000 Fashion-MNIST images' lite0 features, 27-36 s
+became 8-10 s for the same unseen accuracy: docs/QUALITY.md, `bench/head_fit.py --fashion`).
 
 >>> import torch
 >>> x = torch.cat([torch.randn(40, 8) + 3, torch.randn(40, 8) - 3])
