@@ -44,3 +44,24 @@ def test_the_raw_softmax_is_recovered_from_calibrated_probabilities():
     logits = torch.randn(50, 4, generator=torch.Generator().manual_seed(1)) * 4
     recovered = raw_probabilities((logits / 1.7).softmax(1), 1.7)
     assert torch.allclose(recovered, logits.softmax(1), atol=1e-5)
+
+
+def test_scores_that_are_all_right_are_not_sharpened_to_the_bound():
+    """Every held-out score right: the NLL falls as T -> 0, so the plain fit would go to the
+    lower bound and call every unseen image certain. Against Platt's targets T is finite and the
+    mean probability of the true class lands near (n + 1) / (n + 2) (n = 40 a class here)."""
+    from graft.core.calibration import T_RANGE
+
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(3).repeat(40)
+    logits = torch.randn(120, 3, generator=g)
+    logits[torch.arange(120), labels] += 4.0  # every top class right, margins varied
+    assert bool((logits.argmax(1) == labels).all())
+    t = fit_temperature(logits, labels)
+    assert T_RANGE[0] * 2 < t < T_RANGE[1]
+    p_true = (logits / t).softmax(1)[torch.arange(120), labels].mean()
+    assert abs(float(p_true) - 41 / 42) < 0.02
+    # one wrong score makes the NLL's minimum finite again: the labels themselves are used
+    logits[0] = torch.tensor([0.0, 5.0, 0.0])
+    plain = fit_temperature(logits, labels)
+    assert plain != t and T_RANGE[0] < plain < T_RANGE[1]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..core.calibration import MIN_SCORES, fit_temperature, scores
+from ..core.calibration import MIN_SCORES, all_right, fit_temperature, scores
 from ..core.config import TrainConfig
 from ..core.linear import FittedHead
 from ..data.splits import stratified_folds
@@ -40,6 +40,10 @@ from .loop import fit
 log = logging.getLogger(__name__)
 
 FOLDS = 5
+SMOOTHED = (
+    "every held-out score was right, so the temperature was fitted against Platt's smoothed "
+    "targets ((n + 1) / (n + 2) on the true class), not the labels: core/calibration.py"
+)
 
 
 class _Kept(Exception):
@@ -128,6 +132,8 @@ def calibrate(cfg: TrainConfig, backbone: Backbone, job: Job, kept_epoch: int) -
         f"each fold's head trained to epoch {kept_epoch} as the model was",
         "out_of_fold": {"raw": raw, "calibrated": after},
     }
+    if all_right(oof, labels):
+        record["targets"] = SMOOTHED
     return Calibrated(record, oof, labels.clone())
 
 
@@ -175,6 +181,8 @@ def fit_on(
         "fitted_on": fitted_on,
         scores_key: {"raw": raw, "calibrated": after},
     }
+    if all_right(logits, labels):
+        record["targets"] = SMOOTHED
     return Calibrated(record, logits.float(), labels.clone())
 
 
