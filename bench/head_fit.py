@@ -120,7 +120,8 @@ def _fashion(n: int, cache: str, sklearn: bool) -> None:
 
         from sklearn.linear_model import LogisticRegression
 
-        xs, txs = (x / x.norm(dim=1).mean()).numpy(), (tx / x.norm(dim=1).mean()).numpy()
+        scale = x.norm(dim=1).mean()  # graft's scaling, as _sklearn
+        xs, txs = (x / scale).numpy(), (tx / scale).numpy()
         model = LogisticRegression(C=1 / (2 * fitted.l2 * n), max_iter=1000)
         start = time.perf_counter()
         with warnings.catch_warnings():

@@ -178,17 +178,14 @@ def fit_logistic_cv(
         )
         l2 = sub.l2 * len(keep) / len(first)
         kw["max_iter"] = FINAL_ITERATIONS
-        head = fit_logistic(xs, y, classes, l2, **kw)
-        with torch.no_grad():
-            weight, bias = head.weight / scale, head.bias.clone()
-        return FittedHead(
-            weight.detach(),
-            bias.detach(),
+        return _unscaled(
+            fit_logistic(xs, y, classes, l2, **kw),
+            scale,
             l2,
             sub.folds,
             sub.path,
             sub.oof_logits,
-            time.perf_counter() - start,
+            start,
             oof_images=keep,
             subsample={"images": len(keep), "of": len(first), "l2": sub.l2},
         )
@@ -217,16 +214,18 @@ def fit_logistic_cv(
         head = fit_logistic(xs, y, classes, strength, head=head, **kw)
         if strength == l2:
             break
+    return _unscaled(head, scale, l2, k if k >= 2 else 0, path, oof, start)
+
+
+def _unscaled(
+    head: torch.nn.Linear, scale: float, l2: float, folds: int, path, oof, start: float, **extra
+) -> FittedHead:
+    """The FittedHead of `head` fitted on features divided by `scale`: the scale folded into
+    its weights, so it reads the features as they are; `start`: when the fit began."""
     with torch.no_grad():
         weight, bias = head.weight / scale, head.bias.clone()
     return FittedHead(
-        weight.detach(),
-        bias.detach(),
-        l2,
-        k if k >= 2 else 0,
-        path,
-        oof,
-        time.perf_counter() - start,
+        weight.detach(), bias.detach(), l2, folds, path, oof, time.perf_counter() - start, **extra
     )
 
 

@@ -116,25 +116,13 @@ def calibrate(cfg: TrainConfig, backbone: Backbone, job: Job, kept_epoch: int) -
             with torch.inference_mode():
                 oof[te] = head.eval()(feats[te]).float()
     head.load_state_dict(trained)
-    t = fit_temperature(oof, labels)
-    raw, after = scores(oof.softmax(1), labels), scores((oof / t).softmax(1), labels)
-    log.info(
-        "calibration: temperature %.3f on %d out-of-fold scores (NLL %.3f -> %.3f)",
-        t,
-        len(labels),
-        raw["nll"],
-        after["nll"],
-    )
-    record = {
-        "method": "temperature",
-        "temperature": round(t, 6),
-        "fitted_on": f"{k}-fold out-of-fold scores of the {len(labels)} training images, "
+    return fit_on(
+        oof,
+        labels,
+        f"{k}-fold out-of-fold scores of the {len(labels)} training images, "
         f"each fold's head trained to epoch {kept_epoch} as the model was",
-        "out_of_fold": {"raw": raw, "calibrated": after},
-    }
-    if all_right(oof, labels):
-        record["targets"] = SMOOTHED
-    return Calibrated(record, oof, labels.clone())
+        scores_key="out_of_fold",
+    )
 
 
 def calibrate_fitted(fitted: FittedHead, labels: torch.Tensor) -> Calibrated:
@@ -174,7 +162,13 @@ def fit_on(
         )
     t = fit_temperature(logits, labels)
     raw, after = scores(logits.softmax(1), labels), scores((logits / t).softmax(1), labels)
-    log.info("calibration: temperature %.3f on %s", t, fitted_on)
+    log.info(
+        "calibration: temperature %.3f on %s (NLL %.3f -> %.3f)",
+        t,
+        fitted_on,
+        raw["nll"],
+        after["nll"],
+    )
     record = {
         "method": "temperature",
         "temperature": round(t, 6),
