@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from graft.core.linear import L2_GRID, fit_logistic_cv
+from graft.core.linear import L2_GRID, PAST_BEST, fit_logistic, fit_logistic_cv
 
 
 def _blobs(n_per: int, classes: int, dim: int, spread: float, seed: int = 0):
@@ -16,12 +18,21 @@ def _blobs(n_per: int, classes: int, dim: int, spread: float, seed: int = 0):
     return x, torch.arange(classes).repeat_interleave(n_per)
 
 
+def _assert_walked_to_past_its_best(path: list[dict[str, float]]) -> None:
+    """The path runs down the grid in order and stops PAST_BEST strengths past its best
+    out-of-fold loss, or at the grid's end."""
+    assert [r["l2"] for r in path] == list(L2_GRID[: len(path)])
+    best = min(range(len(path)), key=lambda i: path[i]["cv_loss"])
+    assert len(path) == min(len(L2_GRID), best + 1 + PAST_BEST)
+
+
 def test_fitted_head_generalises_and_reports_its_path():
     x, y = _blobs(60, 3, 16, spread=4.0)
     fitted = fit_logistic_cv(x[::2], y[::2], 3)
     held_out = (fitted.linear()(x[1::2]).argmax(1) == y[1::2]).float().mean()
     assert held_out >= 0.85
-    assert fitted.folds == 5 and len(fitted.path) == len(L2_GRID)
+    assert fitted.folds == 5
+    _assert_walked_to_past_its_best(fitted.path)
     assert fitted.l2 == min(fitted.path, key=lambda r: r["cv_loss"])["l2"]
     assert fitted.oof_logits.shape == (90, 3)
     # the head works on the features as they are: scaling is folded into its weights
@@ -83,7 +94,8 @@ def test_above_cv_images_the_strength_is_chosen_on_a_subsample_then_scaled():
     # the out-of-fold scores cover the subsample's images, each class in its share
     assert fitted.oof_images.tolist() == sorted(fitted.oof_images.tolist())
     assert torch.bincount(y[::2][fitted.oof_images]).tolist() == [20, 20, 20]
-    assert fitted.oof_logits.shape == (60, 3) and len(fitted.path) == len(L2_GRID)
+    assert fitted.oof_logits.shape == (60, 3)
+    _assert_walked_to_past_its_best(fitted.path)
     assert "subsample of 60 of the 150 training images" in fitted.record()["chosen_by"]
     held_out = (fitted.linear()(x[1::2]).argmax(1) == y[1::2]).float().mean()
     assert held_out >= 0.85
@@ -96,3 +108,87 @@ def test_above_cv_images_the_strength_is_chosen_on_a_subsample_then_scaled():
     assert "60 of the 150 training images" in record["fitted_on"]
     # at or below the limit nothing changes
     assert fit_logistic_cv(xs, ys, 3, groups=groups, cv_images=150).subsample is None
+
+
+def test_the_path_stops_two_strengths_past_its_best():
+    """Overlapping classes: the out-of-fold loss has its minimum inside the grid, and the
+    weaker strengths past it are not fitted."""
+    x, y = _blobs(30, 3, 40, spread=9.0, seed=7)
+    fitted = fit_logistic_cv(x, y, 3)
+    _assert_walked_to_past_its_best(fitted.path)
+    assert len(fitted.path) < len(L2_GRID)
+    assert fitted.l2 == fitted.path[-1 - PAST_BEST]["l2"]
+    best = min(r["cv_loss"] for r in fitted.path)
+    assert all(r["cv_loss"] > best for r in fitted.path[-PAST_BEST:])
+
+
+@pytest.mark.parametrize(
+    "weighted, smoothing", [(False, 0.0), (True, 0.0), (False, 0.1), (True, 0.2)]
+)
+def test_the_written_out_gradient_minimises_cross_entropy_as_torch_defines_it(weighted, smoothing):
+    """fit_logistic's own loss and gradient against F.cross_entropy's, differentiated by autograd
+    in float64: the same minimum, class weights and label smoothing included."""
+    x, y = _blobs(25, 3, 6, spread=3.0, seed=8)
+    x = x / x.norm(dim=1).mean()
+    weight = torch.tensor([0.5, 1.0, 2.5]) if weighted else None
+    l2 = 1e-2
+
+    def objective(w, b, dtype=torch.float64):
+        z = x.to(dtype) @ w.to(dtype).t() + b.to(dtype)
+        cw = None if weight is None else weight.to(dtype)
+        return (
+            F.cross_entropy(z, y, weight=cw, label_smoothing=smoothing)
+            + l2 * w.to(dtype).square().sum()
+        )
+
+    mine = fit_logistic(x, y, 3, l2, class_weight=weight, label_smoothing=smoothing, max_iter=500)
+    w = torch.zeros(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        max_iter=1000,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = objective(w, b)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        reference = float(objective(w, b))
+        reached = float(objective(mine.weight.detach(), mine.bias.detach()))
+    assert reached - reference < 1e-6
+    torch.testing.assert_close(mine.weight.detach().double(), w.detach(), atol=5e-3, rtol=0)
+
+
+def test_heads_solved_together_reach_each_ones_own_minimum():
+    """The k fold heads of the cross-validation are one L-BFGS problem (one pass over the
+    features a step); each reaches the head fitted on its own training samples alone."""
+    from graft.core.linear import _lbfgs, _targets, fold_of
+
+    x, y = _blobs(20, 3, 8, spread=3.0, seed=9)
+    x = x / x.norm(dim=1).mean()
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    k, l2 = 4, 1e-2
+    fold = fold_of(y, k, seed=0)
+    q = torch.zeros(len(y), k, 3)
+    for f in range(k):
+        q[fold != f, f] = _targets(y[fold != f], 3, weight, 0.1)
+    w, b = _lbfgs(x, q, torch.zeros(k, 3, 8), torch.zeros(k, 3), l2, iters=1000)
+    for f in range(k):
+        alone = fit_logistic(
+            x[fold != f],
+            y[fold != f],
+            3,
+            l2,
+            class_weight=weight,
+            label_smoothing=0.1,
+            max_iter=1000,
+        )
+        torch.testing.assert_close(w[f], alone.weight.detach(), atol=5e-3, rtol=0)
+        torch.testing.assert_close(b[f], alone.bias.detach(), atol=5e-3, rtol=0)
