@@ -1,5 +1,6 @@
 """How long the fitted head takes (core/linear.py): the cross-validated fit on N feature vectors of
-D dimensions, C classes, as `graft train` runs it (5 folds, 15 L2 strengths, then the final fit).
+D dimensions, C classes, as `graft train` runs it (5 folds solved together, up to 15 L2 strengths,
+stopping two past the best, then the final fit).
 
     python bench/head_fit.py [--sizes 500,1000,5000] [--dim 1280] [--classes 10] [--sklearn]
     python bench/head_fit.py --sizes 5000 --fashion /tmp/fashion5000.pt
