@@ -19,8 +19,9 @@ Above `CV_IMAGES` images the strength is chosen on a stratified subsample of tha
 its views), scaled by subsample / all (the penalty is on the mean loss: the same prior weighs
 1/N as much against N images), and the head is then fitted once on all of them: the path costs
 the same at 5,000 images as at 1,000 (on 5,000 Fashion-MNIST images' lite0 features, 27-36 s
-became 8-10 s for the same unseen accuracy; with the fold heads solved as one problem, 2.4 s:
-docs/QUALITY.md, `bench/head_fit.py --fashion`).
+became 8-10 s for the same unseen accuracy; with the fold heads solved as one problem, 2.4 s,
+and 1.6 s on the centred features of `_lbfgs` on an idle machine: docs/QUALITY.md,
+`bench/head_fit.py --fashion`).
 
 >>> import torch
 >>> x = torch.cat([torch.randn(40, 8) + 3, torch.randn(40, 8) - 3])
@@ -142,11 +143,15 @@ def _lbfgs(
     step serves all k (the folds of a cross-validation), instead of k passes and k times the
     optimiser's own work. The loss and gradient are written out rather than differentiated by
     autograd: with r_if = sum_c q_ifc, the loss is sum r logsumexp(z) - sum q z, and its
-    gradient in z is r softmax(z) - q."""
+    gradient in z is r softmax(z) - q. It is solved on the features centred (x - m, the bias
+    b + W m: the same logits and penalty, so the same minimum): pooled features are all positive,
+    and their mean direction, shared with the bias, is what slows L-BFGS down."""
     n, k, c = q.shape
     r = q.sum(-1, keepdim=True)
+    m = x.mean(0)
+    x = x - m
     w = torch.nn.Parameter(weight.reshape(k * c, -1).clone())
-    b = torch.nn.Parameter(bias.reshape(k * c).clone())
+    b = torch.nn.Parameter(bias.reshape(k * c) + w.detach() @ m)
     opt = torch.optim.LBFGS(
         [w, b],
         max_iter=iters,
@@ -167,7 +172,8 @@ def _lbfgs(
         return loss
 
     opt.step(closure)
-    return w.detach().view(k, c, -1), b.detach().view(k, c)
+    w = w.detach()
+    return w.view(k, c, -1), (b.detach() - w @ m).view(k, c)
 
 
 def _targets(
