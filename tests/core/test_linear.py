@@ -202,3 +202,20 @@ def test_heads_solved_together_reach_each_ones_own_minimum():
         )
         torch.testing.assert_close(w[f], alone.weight.detach(), atol=5e-3, rtol=0)
         torch.testing.assert_close(b[f], alone.bias.detach(), atol=5e-3, rtol=0)
+
+
+def test_fold_logits_score_each_sample_by_the_head_fitted_without_it():
+    """The audit's judges: sample i's logits come from the head fitted on the other folds only,
+    at the strength given, on the features divided by their mean norm as the cross-validated
+    fit divides them (so a strength it chose means the same)."""
+    from graft.core.linear import fold_logits, fold_of
+
+    x, y = _blobs(15, 3, 8, spread=3.0, seed=10)
+    x = x + 4.0  # a mean norm far from 1
+    k, l2, scale = 3, 1e-2, x.norm(dim=1).mean()
+    z = fold_logits(x, y, 3, k, seed=4, l2=l2)
+    fold = fold_of(y, k, seed=4)
+    for f in range(k):
+        alone = fit_logistic(x[fold != f] / scale, y[fold != f], 3, l2, max_iter=1000)
+        with torch.no_grad():
+            torch.testing.assert_close(z[fold == f], alone(x[fold == f] / scale), atol=2e-3, rtol=0)

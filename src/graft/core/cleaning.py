@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .linear import fit_logistic, fit_logistic_cv, fold_of
+from .linear import fit_logistic_cv, fold_logits
 
 NEAR_DUPLICATE = 0.97  # cosine similarity of features: a resize, recompression or light crop
 THUMB_SIDE = 24  # 16 merged distinct fm10 items (0.99), 32 split cropped shapes (0.968)
@@ -55,32 +55,17 @@ JUDGED_UP_TO = 2_000  # images; above, one assignment at L2 (the cross-validated
 L2 = 1e-4  # the heads' L2 when none is given (the audit's own choose theirs: judged_probabilities)
 
 
-def fit_linear(
-    features: torch.Tensor, labels: torch.Tensor, classes: int, l2: float = L2
-) -> torch.nn.Linear:
-    """A softmax regression on features at the L2 strength `l2`, fitted to convergence."""
-    return fit_logistic(features, labels, classes, l2)
-
-
 def out_of_fold(
     features: torch.Tensor, labels: torch.Tensor, classes: int, seed: int = 0, l2: float = L2
 ) -> torch.Tensor:
     """(N, C) probabilities of each image from a head that never saw it (k-fold, stratified;
-    k = FOLDS, or fewer when a class has fewer images)."""
+    k = FOLDS, or fewer when a class has fewer images; the k heads solved together, at `l2` on
+    the features scaled as `graft train` scales its head's: core/linear.fold_logits)."""
     counts = torch.bincount(labels, minlength=classes)
     k = min(FOLDS, int(counts[counts > 0].min()))
-    probs = torch.full((len(labels), classes), 1.0 / classes)
     if k < 2:
-        return probs
-    fold = fold_of(labels, k, seed)
-    for f in range(k):
-        te = (fold == f).nonzero().flatten()
-        keep = torch.ones(len(labels), dtype=torch.bool)
-        keep[te] = False
-        head = fit_linear(features[keep], labels[keep], classes, l2)
-        with torch.no_grad():
-            probs[te] = head(features[te].float()).softmax(1)
-    return probs
+        return torch.full((len(labels), classes), 1.0 / classes)
+    return fold_logits(features, labels, classes, k, seed, l2).softmax(1)
 
 
 def judged_probabilities(

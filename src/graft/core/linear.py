@@ -49,6 +49,7 @@ NO_CV_L2 = 1e-4  # when a class has a single image there is nothing to cross-val
 CV_IMAGES = 1000  # above this many images, the strength is chosen on a subsample of this many
 FINAL_ITERATIONS = 200  # the one fit on all images at the strength chosen: from the fold heads
 PAST_BEST = 2  # the path stops this many strengths past its best out-of-fold loss
+FOLD_ITERATIONS = 1000  # fold_logits: k heads from zeros at one strength, to convergence
 
 
 @dataclass(frozen=True)
@@ -258,9 +259,7 @@ def _cross_validate(
     image_index = torch.empty(int(groups.max()) + 1, dtype=torch.long)
     image_index[groups[first]] = torch.arange(len(first))
     fold = fold_of_image[image_index[groups]]
-    q = torch.zeros(len(y), k, classes)  # fold f's targets: zeros where a sample is held out
-    for f in range(k):
-        q[fold != f, f] = _targets(y[fold != f], classes, kw["class_weight"], kw["label_smoothing"])
+    q = _fold_targets(y, fold, k, classes, **kw)
     weight, bias = torch.zeros(k, classes, x.shape[1]), torch.zeros(k, classes)
     rows, scored = torch.arange(len(first)), xs[first]
     path: list[dict[str, float]] = []
@@ -282,6 +281,39 @@ def _cross_validate(
         elif i - grid.index(chosen) >= PAST_BEST:
             break
     return chosen, path, oof, warm
+
+
+def fold_logits(
+    x: torch.Tensor, y: torch.Tensor, classes: int, k: int, seed: int, l2: float
+) -> torch.Tensor:
+    """(N, C) logits of each sample from the head, of k fitted at `l2` on stratified seeded folds
+    (`fold_of`), that did not train on it: the k solved as one problem (`_lbfgs`) from zeros, to
+    convergence, on the features divided by their mean norm as `fit_logistic_cv` divides them,
+    so that a strength it chose means the same here (the audit's judges)."""
+    xs = x.float() / _scale(x.float())
+    fold = fold_of(y, k, seed)
+    q = _fold_targets(y.long(), fold, k, classes)
+    weight, bias = torch.zeros(k, classes, x.shape[1]), torch.zeros(k, classes)
+    weight, bias = _lbfgs(xs, q, weight, bias, l2, FOLD_ITERATIONS)
+    with torch.no_grad():
+        z = torch.addmm(bias.flatten(), xs, weight.flatten(0, 1).t())
+        return z.view(len(y), k, classes)[torch.arange(len(y)), fold]
+
+
+def _fold_targets(
+    y: torch.Tensor,
+    fold: torch.Tensor,
+    k: int,
+    classes: int,
+    class_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """(N, k, C): fold f's head's targets (`_targets`), a row of zeros where sample i is in fold
+    f (held out of that head)."""
+    q = torch.zeros(len(y), k, classes)
+    for f in range(k):
+        q[fold != f, f] = _targets(y[fold != f], classes, class_weight, label_smoothing)
+    return q
 
 
 def _scale(x: torch.Tensor) -> float:
