@@ -164,3 +164,19 @@ def test_batchnorm_folded_extractor_computes_the_same_features(name):
     with torch.inference_mode():
         want, got = bb.model.features.eval()(x), folded(x)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_features_that_are_not_finite_numbers_are_refused_naming_an_image(tmp_path):
+    """Damaged weights (or ones whose pooled features overflow the cache's float16) would make
+    every head NaN: extraction refuses their features, naming the backbone and an image."""
+    from graft.core.errors import BackboneError
+
+    data, split, bb, rt = _setup(tmp_path)
+    with torch.no_grad():
+        bb.model.features.conv_head.weight[0, 0] = float("nan")  # a damaged tensor
+    with pytest.raises(BackboneError) as err:
+        extract_features(bb, split.train, rt, cache_dir=tmp_path / "c")
+    assert str(err.value).startswith(
+        "efficientnet_lite0's features of 9 of 9 images are not finite numbers (NaN or infinity; "
+        f"the first: {split.train[0][0]}): its weights overflow float16 or are damaged"
+    )

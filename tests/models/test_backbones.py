@@ -192,3 +192,18 @@ def test_flip_tta_averages_each_image_with_its_mirror_in_one_pass():
         assert a is b and torch.allclose(a, plain)
     with pytest.raises(BackboneError, match="unknown test-time augmentation 'rotate'"):
         view_features(features, x, "rotate")
+
+
+def test_a_weights_file_with_values_that_are_not_numbers_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from graft.models.weights import load_state_dict_file
+
+    state = {"a.weight": torch.ones(3), "b.weight": torch.tensor([1.0, float("nan")])}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    with pytest.raises(
+        BackboneError,
+        match=r"w.safetensors holds values that are not finite numbers \(NaN or infinity\) in 1 "
+        r"tensor\(s\), e.g. b.weight: saved from a training that diverged",
+    ):
+        load_state_dict_file(tmp_path / "w.safetensors")

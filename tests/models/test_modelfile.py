@@ -91,6 +91,19 @@ def test_reference_features_are_checked(run_copy):
         graft.load(run_copy)
 
 
+def test_weights_that_are_not_finite_numbers_are_refused(run_copy):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(run_copy / "model.safetensors"))
+    state["head.weight"][0, 0] = float("inf")
+    save_file(state, str(run_copy / "model.safetensors"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor head.weight holds values that are not finite numbers",
+    ):
+        graft.load(run_copy)
+
+
 def test_truncated_weights_refused(run_copy):
     data = (run_copy / "model.safetensors").read_bytes()
     (run_copy / "model.safetensors").write_bytes(data[: len(data) // 3])

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..core.constants import MAX_PIXELS
+from ..core.errors import BackboneError
 from ..core.runtime import Progress, Runtime, default_cache_dir, no_progress
 from ..data.images import BadFile, file_digest
 from ..data.splits import Sample
@@ -167,12 +168,29 @@ def extract_features(
             return torch.zeros(empty)
         return torch.stack([found.entries[i][part].to(STORE_DTYPE) for i in keep]).float()
 
+    features, aug = stacked(0, (0, dim)), stacked(1, (0, views, dim))
+    _check_finite(backbone.name, features, aug, kept)
     return FeatureSet(
-        features=stacked(0, (0, dim)),
-        aug=stacked(1, (0, views, dim)),
+        features=features,
+        aug=aug,
         labels=labels,
         samples=kept,
         bad=found.bad_files(samples),
         hits=found.hits,
         computed=len(keep) - found.hits,
     )
+
+
+def _check_finite(
+    name: str, features: torch.Tensor, aug: torch.Tensor, samples: Sequence[Sample]
+) -> None:
+    """Features that are not finite numbers (weights that overflow the cache's float16, or are
+    damaged) would make every head fitted or trained on them NaN: refuse them, naming an image."""
+    bad = ~torch.isfinite(features).all(1) | ~torch.isfinite(aug).flatten(1).all(1)
+    if bad.any():
+        first = samples[int(bad.nonzero()[0])][0]
+        raise BackboneError(
+            f"{name}'s features of {int(bad.sum())} of {len(samples)} images are not finite "
+            f"numbers (NaN or infinity; the first: {first}): its weights overflow float16 or "
+            "are damaged; pass other weights (--weights) or another --backbone"
+        )

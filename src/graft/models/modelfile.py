@@ -370,3 +370,8 @@ def _check_state(
                 f"{path}: tensor {key} has shape {tuple(got[key].shape)}, expected "
                 f"{tuple(value.shape)}{hint}"
             )
+        if got[key].is_floating_point() and not torch.isfinite(got[key]).all():
+            raise CheckpointError(
+                f"{path}: tensor {key} holds values that are not finite numbers (NaN or "
+                "infinity): the model would give no usable probabilities; train it again"
+            )

@@ -78,6 +78,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneError(f"{path} is not a state dict (a mapping of names to tensors)")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BackboneError(
+            f"{path} holds values that are not finite numbers (NaN or infinity) in {len(bad)} "
+            f"tensor(s), e.g. {bad[0]}: saved from a training that diverged, or damaged; pass "
+            "other weights"
+        )
     return state
 
 
