@@ -259,8 +259,8 @@ def run_mode(
     elif mode == "epochs":  # the head trained for epochs, the best on val: the old default
         cmd += ["--head", "epochs"]
     elif mode == "partial":  # the last 4 blocks and a random head, trained together
-        cmd += ["--strategy", "partial", "--unfreeze-last", "4"]
-    elif mode == "partial-lpft":  # the same, from the head fitted on frozen features
+        cmd += ["--strategy", "partial", "--unfreeze-last", "4", "--head", "epochs"]
+    elif mode == "partial-lpft":  # the same from the head fitted on frozen features: the default
         cmd += ["--strategy", "partial", "--unfreeze-last", "4", "--head", "fit"]
     start = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)

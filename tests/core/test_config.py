@@ -176,10 +176,6 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path):
         ({"head": "fit", "lr": 0.1, "patience": 3}, "--lr, --patience are ignored with --head"),
         ({"head": "fit", "balance": "sampler"}, "use --balance weights"),
         (
-            {"head": "epochs", "strategy": "finetune"},
-            "--head epochs is what --strategy finetune does anyway",
-        ),
-        (
             {"backbone": "efficientnet_lite0+efficientnet_lite2", "strategy": "finetune"},
             "concatenates the features of frozen networks: it trains with --strategy extract",
         ),
@@ -200,3 +196,15 @@ def test_inert_settings_resolve_to_none_and_their_defaults_pass():
     assert make_config("d", strategy="finetune", optimizer="adam").resolve().momentum is None
     with pytest.raises(ConfigError, match=r"rotation must be a finite number in \[0, 180\]"):
         make_config("d", rotation=float("nan"), cache_views=2)
+
+
+def test_partial_starts_from_the_fitted_head_by_default_finetune_from_a_random_one():
+    """LP-FT is partial's default (docs/QUALITY.md, stop 43); --head epochs asks for the random
+    head trained with the blocks; finetune keeps a random head unless --head fit is given."""
+    partial = dict(strategy="partial", unfreeze_last=2)
+    assert make_config("d", **partial).resolve().head == "fit"
+    assert make_config("d", **partial, head="epochs").resolve().head == "epochs"
+    assert make_config("d", strategy="finetune").resolve().head == "epochs"
+    assert make_config("d", strategy="finetune", head="fit").resolve().head == "fit"
+    cfg = make_config("d", **partial, epochs=3, lr=0.01).resolve()
+    assert (cfg.head, cfg.epochs, cfg.lr) == ("fit", 3, 0.01)  # its epochs still run

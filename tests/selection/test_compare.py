@@ -260,7 +260,21 @@ def test_auto_trains_every_candidate_with_the_epochs_given(small, tmp_path):
     assert len(run.history) == 3 and run.config.lr == 0.01 and run.config.keep == "last"
 
 
-def test_partial_on_cached_activations_is_scored_on_every_fold_finetune_on_the_first(small):
+def test_partial_on_cached_activations_is_scored_on_every_fold_finetune_on_the_first(
+    small, monkeypatch
+):
+    """...partial's head starting fitted (LP-FT, its default) on each fold's training images
+    alone: never on the images that fold scores."""
+    import graft.selection.crossval as crossval
+
+    starts = []
+    real = crossval.start_fitted
+
+    def recorded(cfg, head, fs, classes, samples=None):
+        starts.append(set(samples))
+        return real(cfg, head, fs, classes, samples)
+
+    monkeypatch.setattr(crossval, "start_fitted", recorded)
     rows = graft.compare(
         small,
         budget="10m",
@@ -276,6 +290,16 @@ def test_partial_on_cached_activations_is_scored_on_every_fold_finetune_on_the_f
     assert (by["partial"]["folds"], by["partial"]["scored_images"]) == (5, 30)
     assert by["partial"]["unfreeze_last"] == 4  # the last third of lite0's 11 blocks
     assert by["partial"]["trainable_params"] < by["finetune"]["trainable_params"]
+    assert (by["partial"]["settings"]["head"], by["finetune"]["settings"]["head"]) == (
+        "fit",
+        "epochs",
+    )
+    pool = graft.discover(small).train
+    folds = stratified_folds(pool, 5, 0)
+    assert len(starts) == 5  # partial's five folds; finetune starts from a random head
+    for fold, start in zip(folds, starts):
+        held = {pool[i] for i in fold}
+        assert start == set(pool) - held
 
 
 def test_an_interrupted_comparison_keeps_the_rows_scored(small, tmp_path):

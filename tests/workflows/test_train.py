@@ -102,9 +102,10 @@ def test_one_model_one_accuracy(shapes_dir, tmp_path, strategy):
         assert meta["calibration"]["temperature"] == evaluated["calibration"]["temperature"]
 
 
-def test_partial_can_start_from_the_fitted_head(shapes_dir, tmp_path):
-    """LP-FT: at a learning rate too small to move anything, what the model knows is the head
-    fitted on the frozen features; a random head at the same rate knows nothing."""
+def test_partial_starts_from_the_fitted_head(shapes_dir, tmp_path):
+    """LP-FT, partial's default: at a learning rate too small to move anything, what the model
+    knows is the head fitted on the frozen features; a random head (--head epochs) at the same
+    rate knows nothing."""
     kw = dict(
         strategy="partial",
         unfreeze_last=1,
@@ -115,10 +116,11 @@ def test_partial_can_start_from_the_fitted_head(shapes_dir, tmp_path):
         image_size=96,
         batch_size=8,
     )
-    fitted = graft.train(shapes_dir, head="fit", out=str(tmp_path / "lpft"), **kw)
-    random_head = graft.train(shapes_dir, out=str(tmp_path / "random"), **kw)
+    fitted = graft.train(shapes_dir, out=str(tmp_path / "lpft"), **kw)
+    random_head = graft.train(shapes_dir, head="epochs", out=str(tmp_path / "random"), **kw)
     assert fitted.val_accuracy >= 0.8 > random_head.val_accuracy + 0.2
     assert yaml.safe_load((tmp_path / "lpft" / CONFIG).read_text())["head"] == "fit"
+    assert yaml.safe_load((tmp_path / "random" / CONFIG).read_text())["head"] == "epochs"
 
 
 def test_a_folder_labelled_by_a_table_trains_as_its_class_folders(tmp_path):

@@ -98,7 +98,7 @@ class TrainConfig:
         "extract: the head fitted by L-BFGS with its L2 chosen by cross-validation (fit), or "
         "trained for --epochs (epochs) [default: fit; epochs when an epoch setting such as "
         "--epochs or --lr is given]. finetune/partial: fit starts them from that fitted head "
-        "(LP-FT) [default: a random head].",
+        "(LP-FT), epochs from a random one [default: fit for partial, epochs for finetune].",
         HEADS,
     )
     # power (square root): +1.3 points on unseen images over the features as they are, better on
@@ -361,12 +361,6 @@ class TrainConfig:
             )
 
     def _refuse_ignored_by_head(self) -> None:
-        if self.head == "epochs" and self.strategy != "extract":
-            raise ConfigError(
-                f"--head epochs is what --strategy {self.strategy} does anyway (the head "
-                "trains with the blocks): drop it, or use --head fit to start from a head "
-                "fitted on the frozen features"
-            )
         if not self.no_loop:
             return
         given = [name for name in EPOCH_SETTINGS if getattr(self, name) is not None]
@@ -391,12 +385,14 @@ class TrainConfig:
         """extract with a fitted head: solved in one go, no epoch runs (resolved configs)."""
         return self.head == "fit" and self.strategy == "extract"
 
-    def resolved_head(self) -> str | None:
+    def resolved_head(self) -> str:
         """extract's head as it runs: the one given, else epochs when an epoch setting (or
         --patience, or --balance sampler) is given, else fit. finetune and partial: "fit" when
-        their head starts fitted on the frozen features (LP-FT), else None (a random head)."""
+        their head starts fitted on the frozen features (LP-FT), "epochs" when it starts at random
+        and trains with the blocks: by default fit for partial (better on unseen images on ten of
+        eleven folders, docs/QUALITY.md stop 43), epochs for finetune (not measured)."""
         if self.strategy != "extract":
-            return self.head
+            return self.head or ("fit" if self.strategy == "partial" else "epochs")
         if self.head is not None:
             return self.head
         loop = any(getattr(self, name) is not None for name in EPOCH_SETTINGS)

@@ -24,11 +24,11 @@ from ..core.errors import ConfigError, DatasetError, GraftError
 from ..core.metrics import wilson_interval
 from ..core.runtime import Progress, resolve_runtime, seed_everything
 from ..data.splits import DatasetSplit, Sample
-from ..frozen.features import choose_engine, extract_features
+from ..frozen.features import FeatureSet, choose_engine, extract_features
 from ..models.backbones import Backbone, create_backbone
 from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
 from ..models.heads import set_feature_norm
-from ..training.head import fit_on_features
+from ..training.head import fit_on_features, start_fitted
 from ..training.jobs import check_bad, feature_job, make_criterion, prepare_job, why_trunk_live
 from ..training.loop import fit
 
@@ -268,37 +268,7 @@ class Trials:
         """A fresh head per fold on the shared features of every training image: images right,
         summed loss, images scored, folds done, trainable parameters."""
         backbone, cfg = self._backbone(c)
-        key = (c.backbone, cfg.cache_views)
-        if key not in self._features:
-            rt = resolve_runtime(cfg.device, cfg.precision)
-            digests: dict[str, str] = {}  # hashed once: to choose the engine, then to look up
-            engine, _ = choose_engine(
-                cfg.engine,
-                backbone,
-                self.pool,
-                rt,
-                cfg.precision,
-                cfg.cache_dir,
-                cfg.cache_views,
-                cfg.rotation,
-                digests=digests,
-            )
-            fs = extract_features(
-                backbone,
-                self.pool,
-                rt,
-                cfg.cache_dir,
-                views=cfg.cache_views,
-                workers=cfg.workers,
-                progress=self.progress,
-                rotation=cfg.rotation,
-                max_pixels=cfg.max_pixels,
-                engine=engine,
-                digests=digests,
-            )
-            check_bad(cfg, fs.bad)
-            self._features[key] = fs
-        fs = self._features[key]
+        fs = self._pool_features(c.backbone, backbone, cfg, cfg.cache_views)
         kept = {s: i for i, s in enumerate(fs.samples)}  # bad files (--skip-bad) left out
         init = copy.deepcopy(backbone.model.head.state_dict())
         correct = n = 0
@@ -336,10 +306,50 @@ class Trials:
             n += len(te)
         return correct, loss, n, len(self.folds), count_parameters(backbone.model.head)[0]
 
+    def _pool_features(
+        self, name: str, backbone: Backbone, cfg: TrainConfig, views: int
+    ) -> FeatureSet:
+        """The frozen features of every training image (and `views` augmented views each), made
+        once per backbone and views and shared by the candidates that need them."""
+        key = (name, views)
+        if key not in self._features:
+            rt = resolve_runtime(cfg.device, cfg.precision)
+            digests: dict[str, str] = {}  # hashed once: to choose the engine, then to look up
+            engine, _ = choose_engine(
+                cfg.engine,
+                backbone,
+                self.pool,
+                rt,
+                cfg.precision,
+                cfg.cache_dir,
+                views,
+                cfg.rotation,
+                digests=digests,
+            )
+            fs = extract_features(
+                backbone,
+                self.pool,
+                rt,
+                cfg.cache_dir,
+                views=views,
+                workers=cfg.workers,
+                progress=self.progress,
+                rotation=cfg.rotation,
+                max_pixels=cfg.max_pixels,
+                engine=engine,
+                digests=digests,
+            )
+            check_bad(cfg, fs.bad)
+            self._features[key] = fs
+        return self._features[key]
+
     def _run_images(self, c: Candidate, deadline: float) -> tuple[int, float, int, int, int]:
         """partial / finetune: train on the other folds, score the fold at the end; every fold
-        when the top trains on cached activations (cheap after the first), else the first."""
+        when the top trains on cached activations (cheap after the first), else the first. With
+        --head fit (partial's default) each fold's head starts fitted on the frozen features of
+        that fold's training images alone, as `graft train` starts it on all of them (LP-FT)."""
         backbone, cfg = self._backbone(c)
+        fs = self._pool_features(c.backbone, backbone, cfg, 0) if cfg.head == "fit" else None
         blocks = trainable_blocks(backbone, cfg.strategy, cfg.unfreeze, cfg.unfreeze_last)
         init = copy.deepcopy(backbone.model.state_dict())
         rt = resolve_runtime(cfg.device, cfg.precision, training=True)
@@ -360,6 +370,8 @@ class Trials:
                 [self.pool[i] for i in sorted(held)],
                 layout=self.split.layout,
             )
+            if fs is not None:
+                start_fitted(cfg, backbone.model.head, fs, len(self.split.classes), set(fold.train))
             job = prepare_job(cfg, backbone, fold, rt, self.progress)
 
             def in_time(row: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -16,6 +17,8 @@ from torch import nn
 from ..core.config import TrainConfig
 from ..core.errors import GraftError
 from ..core.linear import FittedHead, fit_logistic_cv
+from ..data.splits import Sample
+from ..frozen.features import FeatureSet
 from ..models.heads import head_input
 from .jobs import Job, make_criterion
 from .loop import FitState, evaluate, per_class_recall
@@ -48,6 +51,27 @@ def fit_on_features(
         label_smoothing=cfg.label_smoothing,
         seed=cfg.seed,
     )
+
+
+def start_fitted(
+    cfg: TrainConfig,
+    head: nn.Linear,
+    fs: FeatureSet,
+    classes: int,
+    samples: Collection[Sample] | None = None,
+) -> FittedHead:
+    """finetune/partial with --head fit (LP-FT, Kumar et al. 2022; fastai's fine_tune): `head`
+    set to the head fitted on the frozen features `fs` of the training images (of `samples`
+    among them: a comparison's fold), so the blocks that then train are not pulled about by a
+    random head's gradients."""
+    keep = torch.tensor(
+        [i for i, s in enumerate(fs.samples) if samples is None or s in samples], dtype=torch.long
+    )
+    fitted = fit_on_features(cfg, fs.features[keep], fs.aug[keep], fs.labels[keep], classes)
+    with torch.no_grad():
+        head.weight.copy_(fitted.weight.to(head.weight))
+        head.bias.copy_(fitted.bias.to(head.bias))
+    return fitted
 
 
 def fit_head(job: Job, cfg: TrainConfig) -> tuple[FitState, FittedHead]:

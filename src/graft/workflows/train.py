@@ -45,7 +45,7 @@ from ..outputs.tracking import Tracking, check_trackers
 from ..selection.compare import DEFAULT_FOLDS, Candidate, Comparison, compare
 from ..training import checkpoint
 from ..training.calibrate import Calibrated, calibrate, calibrate_fitted, fit_on
-from ..training.head import fit_head, fit_on_features
+from ..training.head import fit_head, start_fitted
 from ..training.jobs import prepare_job
 from ..training.loop import fit
 from .decisions import fit_decisions, save_scores
@@ -432,9 +432,8 @@ def _tta(cfg: TrainConfig) -> str | None:
 
 
 def _start_from_fitted_head(cfg: TrainConfig, backbone: Backbone, split, progress) -> None:
-    """finetune/partial with --head fit (LP-FT, Kumar et al. 2022; fastai's fine_tune): the head
-    fitted on the frozen network's features of the training images first, so the blocks that
-    then train are not pulled about by a random head's gradients."""
+    """finetune/partial with --head fit (partial's default): the head fitted on the frozen
+    network's features of the training images first (training/head.start_fitted)."""
     fs = extract_features(
         backbone,
         split.train,
@@ -444,11 +443,7 @@ def _start_from_fitted_head(cfg: TrainConfig, backbone: Backbone, split, progres
         progress=progress,
         max_pixels=cfg.max_pixels,
     )
-    fitted = fit_on_features(cfg, fs.features, fs.aug, fs.labels, len(split.classes))
-    head = backbone.model.head
-    with torch.no_grad():
-        head.weight.copy_(fitted.weight.to(head.weight))
-        head.bias.copy_(fitted.bias.to(head.bias))
+    fitted = start_fitted(cfg, backbone.model.head, fs, len(split.classes))
     log.info(
         "the head starts fitted on the frozen features (L2 %g, %s), then trains with the blocks",
         fitted.l2,
@@ -475,7 +470,6 @@ def _mention_label_issues(calibrated: Calibrated, root: str) -> None:
 def _calibrate_on_val(cfg: TrainConfig, clf, split) -> Calibrated:
     """finetune and partial: the temperature fitted on the val split's scores, which it then
     applies to (training.calibrate explains why); `clf` takes it."""
-    import torch
 
     preds = clf.predict_files([p for p, _ in split.val])
     probs, _ = clf.stacked(preds)
