@@ -261,14 +261,12 @@ def _cross_validate(
     fold = fold_of_image[image_index[groups]]
     q = _fold_targets(y, fold, k, classes, **kw)
     weight, bias = torch.zeros(k, classes, x.shape[1]), torch.zeros(k, classes)
-    rows, scored = torch.arange(len(first)), xs[first]
+    scored = xs[first]
     path: list[dict[str, float]] = []
     best, chosen, oof, warm = math.inf, grid[0], None, None
     for i, strength in enumerate(grid):  # strong to weak, the k heads warm-started
         weight, bias = _lbfgs(xs, q, weight, bias, strength, ITERATIONS)
-        with torch.no_grad():  # each image by the head of its fold, which did not train on it
-            z = torch.addmm(bias.flatten(), scored, weight.flatten(0, 1).t())
-            logits = z.view(len(first), k, classes)[rows, fold_of_image]
+        logits = _held_out_logits(scored, weight, bias, fold_of_image)
         loss = float(F.cross_entropy(logits, image_labels))
         acc = float((logits.argmax(1) == image_labels).float().mean())
         path.append({"l2": strength, "cv_loss": round(loss, 6), "cv_acc": round(acc, 6)})
@@ -295,9 +293,18 @@ def fold_logits(
     q = _fold_targets(y.long(), fold, k, classes)
     weight, bias = torch.zeros(k, classes, x.shape[1]), torch.zeros(k, classes)
     weight, bias = _lbfgs(xs, q, weight, bias, l2, FOLD_ITERATIONS)
+    return _held_out_logits(xs, weight, bias, fold)
+
+
+def _held_out_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fold: torch.Tensor
+) -> torch.Tensor:
+    """(N, C) logits of sample i by head fold[i] of the k (`weight` (k, C, D), `bias` (k, C)):
+    the head of its fold, which did not train on it. One matmul serves all k."""
+    k, c = bias.shape
     with torch.no_grad():
-        z = torch.addmm(bias.flatten(), xs, weight.flatten(0, 1).t())
-        return z.view(len(y), k, classes)[torch.arange(len(y)), fold]
+        z = torch.addmm(bias.flatten(), x, weight.flatten(0, 1).t())
+    return z.view(len(x), k, c)[torch.arange(len(x)), fold]
 
 
 def _fold_targets(

@@ -470,7 +470,6 @@ def _mention_label_issues(calibrated: Calibrated, root: str) -> None:
 def _calibrate_on_val(cfg: TrainConfig, clf, split) -> Calibrated:
     """finetune and partial: the temperature fitted on the val split's scores, which it then
     applies to (training.calibrate explains why); `clf` takes it."""
-
     preds = clf.predict_files([p for p, _ in split.val])
     probs, _ = clf.stacked(preds)
     labels = torch.tensor([y for (_, y), p in zip(split.val, preds) if p.probs is not None])
