@@ -32,6 +32,7 @@ from ..data.discovery import class_names_problem
 from ..data.transforms import PreprocessSpec
 from .backbones import Backbone, create_backbone
 from .heads import EXPONENTS, FLIP, set_feature_norm
+from .weights import non_finite
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +371,9 @@ def _check_state(
                 f"{path}: tensor {key} has shape {tuple(got[key].shape)}, expected "
                 f"{tuple(value.shape)}{hint}"
             )
-        if got[key].is_floating_point() and not torch.isfinite(got[key]).all():
-            raise CheckpointError(
-                f"{path}: tensor {key} holds values that are not finite numbers (NaN or "
-                "infinity): the model would give no usable probabilities; train it again"
-            )
+    bad = non_finite({key: got[key] for key in expected})
+    if bad:
+        raise CheckpointError(
+            f"{path}: tensor {bad[0]} holds values that are not finite numbers (NaN or "
+            "infinity): the model would give no usable probabilities; train it again"
+        )

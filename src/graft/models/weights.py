@@ -78,7 +78,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneError(f"{path} is not a state dict (a mapping of names to tensors)")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite(state)
     if bad:
         raise BackboneError(
             f"{path} holds values that are not finite numbers (NaN or infinity) in {len(bad)} "
@@ -86,6 +86,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "other weights"
         )
     return state
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity, in order."""
+    return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def load_into(model: nn.Module, state: dict, name: str, source) -> None:
