@@ -14,7 +14,8 @@ ends with each set's mean over the seeds: one split of 100-300 images moves a se
 accuracy by a point or two (docs/QUALITY.md).
 
     python bench/quality.py [--work /tmp/graft-quality] [--sets fm10,fm6,digits,shapes,...]
-                            [--modes default,power,notta,epochs,last,partial,partial-lpft,auto]
+                            [--modes default,power,notta,epochs,last,partial,partial-lpft,
+                                     finetune,finetune-lpft,auto]
                             [--budget 5m] [--label after] [--seeds 0,1,2]
                             [--src PATH]  # another checkout's src/, e.g. a git worktree of main
 
@@ -262,6 +263,10 @@ def run_mode(
         cmd += ["--strategy", "partial", "--unfreeze-last", "4", "--head", "epochs"]
     elif mode == "partial-lpft":  # the same from the head fitted on frozen features: the default
         cmd += ["--strategy", "partial", "--unfreeze-last", "4", "--head", "fit"]
+    elif mode == "finetune":  # every block and a random head, trained together: the default
+        cmd += ["--strategy", "finetune", "--head", "epochs"]
+    elif mode == "finetune-lpft":  # the same from the head fitted on frozen features
+        cmd += ["--strategy", "finetune", "--head", "fit"]
     start = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
