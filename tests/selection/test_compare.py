@@ -57,7 +57,7 @@ def test_stratified_folds_partition_every_class_evenly():
     assert folds == stratified_folds(samples, 5, seed=0) != stratified_folds(samples, 5, seed=1)
 
 
-def test_the_ranking_is_by_held_out_loss_then_accuracy_then_cost():
+def test_the_ranking_is_by_accuracy_then_held_out_loss_then_cost():
     def row(name, acc, loss, status="scored"):
         return {"candidate": name, "accuracy": acc, "loss": loss, "status": status}
 
@@ -65,14 +65,14 @@ def test_the_ranking_is_by_held_out_loss_then_accuracy_then_cost():
     rows = [
         row("a", 0.95, 0.30),
         row("b", 0.95, 0.20),
-        row("c", 0.97, 0.50),  # one more image right, a worse loss: below the lower losses
+        row("c", 0.97, 0.50),  # one more image right, a worse loss: first
         row("d", 0.95, 0.20),
         row("e", None, None, "stopped"),
         row("f", 0.96, 0.20),  # b's and d's loss, a better accuracy
-        row("g", 0.99, float("nan")),  # a loss that is no number ranks last of the scored
+        row("g", 0.95, float("nan")),  # a loss that is no number loses the accuracy tie
     ]
     ranked = _ranked(rows)
-    assert [r["candidate"] for r in ranked] == ["f", "b", "d", "a", "c", "g", "e"]
+    assert [r["candidate"] for r in ranked] == ["c", "f", "b", "d", "a", "g", "e"]
     assert [r.get("rank") for r in ranked] == [1, 2, 3, 4, 5, 6, None]
 
 
@@ -90,9 +90,9 @@ def test_compare_scores_every_candidate_on_the_training_images_alone(small, swap
         assert r["accuracy"] >= 0.8, r  # the shapes are easy
         lo, hi = r["accuracy_ci95"]
         assert lo <= r["accuracy"] <= hi
-        assert 0 < r["loss"] < 1.0, r  # the held-out cross-entropy: the ranking score
+        assert 0 < r["loss"] < 1.0, r  # the held-out cross-entropy: the tie-break
     assert rows[0]["rank"] == 1 and rows.chosen is rows[0]
-    assert (rows[0]["loss"], -rows[0]["accuracy"]) <= (rows[1]["loss"], -rows[1]["accuracy"])
+    assert (-rows[0]["accuracy"], rows[0]["loss"]) <= (-rows[1]["accuracy"], rows[1]["loss"])
     # val/ with its labels swapped changes nothing: it took no part
     again = graft.compare(swapped, budget="10m", backbones=LITE0, strategies=["extract"], workers=0)
     assert _scores(again) == _scores(rows)
