@@ -1,10 +1,10 @@
 """How would `--auto` have done with another ranking rule? For each `bench/quality.py --modes auto`
 run (its compare.json), the candidate each rule picks, and the unseen accuracy of each pick: the
 candidate's settings passed to `graft train` with the run's seed (what `--auto`'s final training
-does; the pick the run made is read from its results instead), then `graft evaluate` on the
-set's unseen folder. Rules: acc (fold accuracy, ties to the loss: the rule before stop 44), loss
-(held-out loss, ties to the accuracy: the rule since), se-loss (the lowest loss among candidates
-within one standard error of the best fold accuracy).
+does; the pick the run made, under whichever rule, is read from its results instead), then
+`graft evaluate` on the set's unseen folder. Rules: acc (fold accuracy, ties to the loss: the
+rule before stop 44), loss (held-out loss, ties to the accuracy: the rule since), se-loss (the
+lowest loss among candidates within one standard error of the best fold accuracy).
 
     python bench/auto_rules.py --work /tmp/exp auto44s1 auto44s2 [--src PATH]
 
@@ -88,8 +88,9 @@ def main() -> None:
             rows = json.loads(compare.read_text())["rows"]
             by_name, picked = {r["candidate"]: r for r in rows}, picks(rows)
             line = {}
+            made = results[run.name]["chosen"]  # the pick the run made, under its own rule
             for rule, cand in picked.items():
-                if cand == picked["acc"]:
+                if cand == made:
                     line[rule] = results[run.name]["unseen"]
                 else:
                     line[rule] = unseen(
