@@ -263,9 +263,9 @@ def run_mode(
         cmd += ["--strategy", "partial", "--unfreeze-last", "4", "--head", "epochs"]
     elif mode == "partial-lpft":  # the same from the head fitted on frozen features: the default
         cmd += ["--strategy", "partial", "--unfreeze-last", "4", "--head", "fit"]
-    elif mode == "finetune":  # every block and a random head, trained together: the default
+    elif mode == "finetune":  # every block and a random head, trained together
         cmd += ["--strategy", "finetune", "--head", "epochs"]
-    elif mode == "finetune-lpft":  # the same from the head fitted on frozen features
+    elif mode == "finetune-lpft":  # the same from the head fitted on frozen features: the default
         cmd += ["--strategy", "finetune", "--head", "fit"]
     start = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -198,13 +198,13 @@ def test_inert_settings_resolve_to_none_and_their_defaults_pass():
         make_config("d", rotation=float("nan"), cache_views=2)
 
 
-def test_partial_starts_from_the_fitted_head_by_default_finetune_from_a_random_one():
-    """LP-FT is partial's default (docs/QUALITY.md, stop 43); --head epochs asks for the random
-    head trained with the blocks; finetune keeps a random head unless --head fit is given."""
+def test_partial_and_finetune_start_from_the_fitted_head_by_default():
+    """LP-FT is partial's and finetune's default (docs/QUALITY.md, stops 43 and 45); --head epochs
+    asks for the random head trained with the blocks."""
     partial = dict(strategy="partial", unfreeze_last=2)
     assert make_config("d", **partial).resolve().head == "fit"
     assert make_config("d", **partial, head="epochs").resolve().head == "epochs"
-    assert make_config("d", strategy="finetune").resolve().head == "epochs"
-    assert make_config("d", strategy="finetune", head="fit").resolve().head == "fit"
+    assert make_config("d", strategy="finetune").resolve().head == "fit"
+    assert make_config("d", strategy="finetune", head="epochs").resolve().head == "epochs"
     cfg = make_config("d", **partial, epochs=3, lr=0.01).resolve()
     assert (cfg.head, cfg.epochs, cfg.lr) == ("fit", 3, 0.01)  # its epochs still run
