@@ -390,8 +390,8 @@ class TrainConfig:
         --patience, or --balance sampler) is given, else fit. finetune and partial: "fit" when
         their head starts fitted on the frozen features (LP-FT), "epochs" when it starts at random
         and trains with the blocks: fit by default (on unseen images, partial +5.8 points on
-        eleven folders, better on ten: docs/QUALITY.md, stop 43; finetune +11.8 on seven, better
-        on six: stop 45)."""
+        eleven folders, better on ten: docs/QUALITY.md, stop 43; finetune +12.3 on nine, better
+        on eight: stop 45)."""
         if self.strategy != "extract":
             return self.head or "fit"
         if self.head is not None:
