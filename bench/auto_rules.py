@@ -3,8 +3,9 @@ run (its compare.json), the candidate each rule picks, and the unseen accuracy o
 candidate's settings passed to `graft train` with the run's seed (what `--auto`'s final training
 does; the pick the run made, under whichever rule, is read from its results instead), then
 `graft evaluate` on the set's unseen folder. Rules: acc (fold accuracy, ties to the loss: the
-rule before stop 44), loss (held-out loss, ties to the accuracy: the rule since), se-loss (the
-lowest loss among candidates within one standard error of the best fold accuracy).
+rule before stop 44 and again since stop 45), loss (held-out loss, ties to the accuracy: stop
+44's rule), se-loss (the lowest loss among candidates within one standard error of the best fold
+accuracy).
 
     python bench/auto_rules.py --work /tmp/exp auto44s1 auto44s2 [--src PATH]
 
