@@ -26,7 +26,7 @@ from ..core.decisions import (
     valid_unknown_threshold,
 )
 from ..core.errors import CheckpointError, GraftError
-from ..core.runfolder import MODEL_META, MODEL_WEIGHTS, REFERENCE
+from ..core.runfolder import MODEL_META, MODEL_WEIGHTS, REFERENCE, SCORES
 from ..core.runtime import atomic_path, atomic_write_text
 from ..data.discovery import class_names_problem
 from ..data.transforms import PreprocessSpec
@@ -377,3 +377,46 @@ def _check_state(
             f"{path}: tensor {bad[0]} holds values that are not finite numbers (NaN or "
             "infinity): the model would give no usable probabilities; train it again"
         )
+
+
+def save_scores(run_dir: str | Path, scores: dict[str, torch.Tensor]) -> None:
+    """The held-out and val scores a run keeps (run_dir/scores.safetensors), atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(Path(run_dir) / SCORES) as tmp:
+        save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp))
+
+
+def read_scores(run_dir: Path, num_classes: int) -> dict[str, torch.Tensor]:
+    """scores.safetensors (`save_scores`), checked against the model: a run folder from
+    elsewhere is untrusted."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = run_dir / SCORES
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found: this run kept no held-out scores (trained by an older graft); "
+            "train it again with --target"
+        )
+    try:
+        s = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is damaged or not a safetensors file: {exc}") from exc
+    for probs, labels in (("held_out_probs", "held_out_labels"), ("val_probs", "val_labels")):
+        p, y = s.get(probs), s.get(labels)
+        ok = (
+            p is not None
+            and y is not None
+            and p.dim() == 2
+            and p.shape[1] == num_classes
+            and y.shape == (len(p),)
+            and torch.isfinite(p).all()
+            and (len(y) == 0 or 0 <= int(y.min()) <= int(y.max()) < num_classes)
+        )
+        if not ok:
+            raise CheckpointError(f"{path}: '{probs}' and '{labels}' do not fit the model")
+    u = s.get("val_unknown")
+    if u is not None and u.shape != s["val_labels"].shape:
+        raise CheckpointError(f"{path}: 'val_unknown' does not fit 'val_labels'")
+    return s

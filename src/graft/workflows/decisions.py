@@ -31,12 +31,10 @@ from ..core.decisions import (
     parse_targets,
     pick_references,
 )
-from ..core.errors import CheckpointError, ConfigError
-from ..core.runfolder import SCORES
-from ..core.runtime import atomic_path
+from ..core.errors import ConfigError
 from ..data.splits import DatasetSplit as Split
 from ..inference.classifier import Classifier, Prediction
-from ..models.modelfile import ModelMeta, read_meta, write_meta
+from ..models.modelfile import ModelMeta, read_meta, read_scores, write_meta
 from ..outputs.card import write_card
 from ..training.calibrate import Calibrated
 from ..training.jobs import Job
@@ -146,13 +144,6 @@ def _val_scores(
     return out
 
 
-def save_scores(run_dir: str | Path, scores: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(Path(run_dir) / SCORES) as tmp:
-        save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp))
-
-
 def set_targets(run_dir: str | Path, targets: Sequence[str]) -> ModelMeta:
     """New per-class thresholds for a saved run, chosen on the held-out scores it kept, without
     training again (no targets: back to the arg-max). Rewrites model.json (and the card) with
@@ -162,7 +153,7 @@ def set_targets(run_dir: str | Path, targets: Sequence[str]) -> ModelMeta:
     """
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
-    scores = _read_scores(run_dir, len(meta.classes))
+    scores = read_scores(run_dir, len(meta.classes))
     parsed = parse_targets(targets, meta.classes)
     probs, labels = scores["held_out_probs"], scores["held_out_labels"]
     thresholds = choose_thresholds(probs, labels, meta.classes, parsed) if parsed else {}
@@ -193,36 +184,3 @@ def _on_val(strategy: str | None, n: int) -> str:
         f"the val split's {n} images (strategy {strategy} has no out-of-fold scores): "
         "the val numbers at this point are optimistic"
     )
-
-
-def _read_scores(run_dir: Path, num_classes: int) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = run_dir / SCORES
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path} not found: this run kept no held-out scores (trained by an older graft); "
-            "train it again with --target"
-        )
-    try:
-        s = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is damaged or not a safetensors file: {exc}") from exc
-    for probs, labels in (("held_out_probs", "held_out_labels"), ("val_probs", "val_labels")):
-        p, y = s.get(probs), s.get(labels)
-        ok = (
-            p is not None
-            and y is not None
-            and p.dim() == 2
-            and p.shape[1] == num_classes
-            and y.shape == (len(p),)
-            and torch.isfinite(p).all()
-            and (len(y) == 0 or 0 <= int(y.min()) <= int(y.max()) < num_classes)
-        )
-        if not ok:
-            raise CheckpointError(f"{path}: '{probs}' and '{labels}' do not fit the model")
-    u = s.get("val_unknown")
-    if u is not None and u.shape != s["val_labels"].shape:
-        raise CheckpointError(f"{path}: 'val_unknown' does not fit 'val_labels'")
-    return s

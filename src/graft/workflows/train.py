@@ -38,7 +38,7 @@ from ..frozen.features import extract_features
 from ..models.backbones import Backbone, create_backbone
 from ..models.freezing import apply_freezing, count_parameters, epoch_plan, trainable_blocks
 from ..models.heads import set_feature_norm
-from ..models.modelfile import ModelMeta, save_model
+from ..models.modelfile import ModelMeta, save_model, save_scores
 from ..outputs.card import write_card
 from ..outputs.pages import write_comparison
 from ..outputs.tracking import Tracking, check_trackers
@@ -48,7 +48,7 @@ from ..training.calibrate import Calibrated, calibrate, calibrate_fitted, fit_on
 from ..training.head import fit_head, start_fitted
 from ..training.jobs import prepare_job
 from ..training.loop import fit
-from .decisions import fit_decisions, save_scores
+from .decisions import fit_decisions
 
 log = logging.getLogger(__name__)
 
