@@ -176,6 +176,13 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path):
         ({"head": "fit", "lr": 0.1, "patience": 3}, "--lr, --patience are ignored with --head"),
         ({"head": "fit", "balance": "sampler"}, "use --balance weights"),
         (
+            {"refit": True, "strategy": "partial", "unfreeze_last": 2},
+            "--refit is ignored with --strategy partial (it fits extract's head again, val "
+            "images included, in a second; a head trained for epochs, or blocks that train, "
+            "would need their whole training again): drop it or use --strategy extract --head fit",
+        ),
+        ({"refit": True, "epochs": 5}, "--refit is ignored with --head epochs"),
+        (
             {"backbone": "efficientnet_lite0+efficientnet_lite2", "strategy": "finetune"},
             "concatenates the features of frozen networks: it trains with --strategy extract",
         ),
@@ -208,3 +215,12 @@ def test_partial_and_finetune_start_from_the_fitted_head_by_default():
     assert make_config("d", strategy="finetune", head="epochs").resolve().head == "epochs"
     cfg = make_config("d", **partial, epochs=3, lr=0.01).resolve()
     assert (cfg.head, cfg.epochs, cfg.lr) == ("fit", 3, 0.01)  # its epochs still run
+
+
+def test_refit_is_the_fitted_heads_setting():
+    """Off unless asked for, with extract's fitted head; None (nothing it could do) elsewhere."""
+    assert make_config("d").resolve().refit is False
+    assert make_config("d", refit=True).resolve().refit is True
+    assert make_config("d", head="epochs").resolve().refit is None
+    assert make_config("d", strategy="finetune").resolve().refit is None
+    assert make_config("d", strategy="finetune", refit=False).resolve().refit is False

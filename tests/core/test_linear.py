@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graft.core.linear import L2_GRID, PAST_BEST, fit_logistic, fit_logistic_cv
+from graft.core.linear import L2_GRID, PAST_BEST, fit_logistic, fit_logistic_cv, refit_logistic
 
 
 def _blobs(n_per: int, classes: int, dim: int, spread: float, seed: int = 0):
@@ -219,3 +219,26 @@ def test_fold_logits_score_each_sample_by_the_head_fitted_without_it():
         alone = fit_logistic(x[fold != f] / scale, y[fold != f], 3, l2, max_iter=1000)
         with torch.no_grad():
             torch.testing.assert_close(z[fold == f], alone(x[fold == f] / scale), atol=2e-3, rtol=0)
+
+
+def test_refit_solves_the_larger_problem_at_the_scaled_strength():
+    """The head fitted again on more images: its strength the first one's x chosen_on / images,
+    and at it the penalised mean loss is at its minimum (no gradient left); the first fit's
+    record (path, out-of-fold scores) is kept, the refit recorded beside it."""
+    x, y = _blobs(40, 3, 12, spread=3.0, seed=2)
+    first = fit_logistic_cv(x[:90], y[:90], 3)
+    refit = refit_logistic(first, x, y, 3, chosen_on=90, images=120)
+    assert refit.l2 == pytest.approx(first.l2 * 90 / 120)
+    assert refit.refit == {"images": 120, "chosen_on": 90, "l2_chosen": first.l2}
+    assert refit.path == first.path and refit.oof_logits is first.oof_logits
+    assert not torch.equal(refit.weight, first.weight)
+    scale = float(x.norm(dim=1).mean())  # the penalty is on the weights of x / scale
+
+    def gradient(head) -> float:  # of the larger problem, in the weights of x / scale
+        w = head.weight.clone().requires_grad_(True)
+        b = head.bias.clone().requires_grad_(True)
+        loss = F.cross_entropy(x @ w.t() + b, y) + refit.l2 * ((w * scale) ** 2).sum()
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        return max(float(gw.abs().max()) / scale, float(gb.abs().max()))
+
+    assert gradient(refit) < 1e-4 and gradient(first) > 10 * gradient(refit)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 import graft
@@ -100,6 +101,46 @@ def test_one_model_one_accuracy(shapes_dir, tmp_path, strategy):
         held = meta["calibration"]["held_out"]  # the fit minimises this NLL, from T = 1
         assert held["calibrated"]["nll"] <= held["raw"]["nll"] + 1e-6
         assert meta["calibration"]["temperature"] == evaluated["calibration"]["temperature"]
+
+
+def test_refit_saves_the_head_fitted_again_with_val(shapes_dir, tmp_path):
+    """--refit: val scores the head fitted on train alone, exactly as a run without it scores
+    it, then the head saved is fitted again with the val images; the summary, model.json, the
+    card and a rebuilt report say which is which."""
+    kw = dict(workers=0, report=False)
+    plain = graft.train(shapes_dir, out=str(tmp_path / "plain"), **kw)
+    refit = graft.train(shapes_dir, out=str(tmp_path / "refit"), refit=True, **kw)
+    assert refit.config.refit is True and "refit" not in plain.best
+    assert refit.val == {**plain.val, "protocol": refit.val["protocol"]}
+    assert refit.val["protocol"] == (
+        plain.val["protocol"] + "; the saved head was then fitted again on 72 images (training "
+        "and val): this scores the head fitted without val"
+    )
+    assert refit.best["refit"] == {
+        "images": 72,  # 48 training images and 24 val
+        "chosen_on": 48,
+        "l2_chosen": plain.best["l2"],
+        "l2": pytest.approx(plain.best["l2"] * 48 / 72),
+    }
+    weights = [
+        graft.load(tmp_path / name).backbone.model.head.weight for name in ("plain", "refit")
+    ]
+    assert not torch.equal(*weights)
+    card = (tmp_path / "refit" / "README.md").read_text()
+    assert "then fitted again on 72 images (training and validation)" in card
+    assert "`graft evaluate` on them now reads images it trained on" in card
+    # a rebuilt report gives model.json's val numbers: the predictions kept from before the refit
+    rebuilt = graft.report(tmp_path / "refit", explain_images=0)
+    assert rebuilt["evaluation"]["accuracy"] == refit.val["accuracy"]
+    for key in ("per_class", "calibration", "decisions"):
+        assert rebuilt["evaluation"][key] == refit.val[key], key
+    assert rebuilt["how_good"]["how"].endswith(
+        "these are that head's predictions, kept from before the saved head was fitted again "
+        "with the val images (--refit)"
+    )
+    (tmp_path / "refit" / "scores.safetensors").unlink()  # without them: predicted, and said so
+    afresh = graft.report(tmp_path / "refit", explain_images=0)
+    assert afresh["how_good"]["how"].startswith("in-sample: the saved head was fitted again")
 
 
 def test_partial_starts_from_the_fitted_head(shapes_dir, tmp_path):

@@ -49,6 +49,8 @@ def run_summary(run: Any) -> None:
     if run.best.get("head") == "fit":
         how = f"{run.best['folds']}-fold CV" if run.best["folds"] else "default"
         kept = f"head fitted (L2 {run.best['l2']:g}, {how})"
+        if run.best.get("refit"):
+            kept += f", saved refitted with val ({run.best['refit']['images']} images); before"
     else:
         kept = f"{kept} epoch {run.best['epoch']}"
     out(

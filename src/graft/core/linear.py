@@ -33,6 +33,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class FittedHead:
     # of how many chose the strength, and the strength they chose before scaling
     oof_images: torch.Tensor | None = None
     subsample: dict[str, float] | None = None
+    # refit_logistic: fitted again on more images (val's too) after its strength was chosen
+    refit: dict[str, float] | None = None
 
     def linear(self) -> torch.nn.Linear:
         head = torch.nn.Linear(self.weight.shape[1], self.weight.shape[0])
@@ -234,6 +237,43 @@ def fit_logistic_cv(
         warm.weight.mul_(scale)
     head = fit_logistic(x / scale, y, classes, l2, head=warm, max_iter=FINAL_ITERATIONS, **kw)
     return _unscaled(head, scale, l2, k, path, oof, start, **extra)
+
+
+def refit_logistic(
+    fitted: FittedHead,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: int,
+    *,
+    chosen_on: int,
+    images: int,
+    class_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> FittedHead:
+    """`fitted`, whose strength was chosen on `chosen_on` images, fitted again on samples `x` of
+    `images` images (those and more), warm-started from it: its strength scaled by chosen_on /
+    images, as a subsample's choice is (the penalty is on the mean loss). Nothing is
+    cross-validated again: the record (strength's path, out-of-fold scores) stays the first
+    fit's, and `seconds` is the two fits' sum."""
+    start = time.perf_counter()
+    x = x.float()
+    scale = _scale(x)
+    l2 = fitted.l2 * chosen_on / images
+    warm = fitted.linear()
+    with torch.no_grad():  # the head reads x / scale: the scale goes into its weights
+        warm.weight.mul_(scale)
+    kw = dict(class_weight=class_weight, label_smoothing=label_smoothing)
+    head = fit_logistic(x / scale, y, classes, l2, head=warm, max_iter=FINAL_ITERATIONS, **kw)
+    with torch.no_grad():
+        weight, bias = head.weight / scale, head.bias.clone()
+    return dataclasses.replace(
+        fitted,
+        weight=weight.detach(),
+        bias=bias.detach(),
+        l2=l2,
+        seconds=fitted.seconds + time.perf_counter() - start,
+        refit={"images": images, "chosen_on": chosen_on, "l2_chosen": fitted.l2},
+    )
 
 
 def _cross_validate(

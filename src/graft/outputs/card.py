@@ -48,7 +48,7 @@ def model_card(meta: ModelMeta, name: str) -> str:
         _intended_use(classes),
         _classes(meta, classes),
         _training(meta, cfg),
-        _evaluation(val, test, cfg.get("keep", "best")),
+        _evaluation(val, test, cfg.get("keep", "best"), isinstance(_best(meta).get("refit"), dict)),
         _decisions(meta, val),
         _limitations(meta, classes, val),
         _usage(name),
@@ -94,8 +94,13 @@ def _classes(meta: ModelMeta, classes: list[str]) -> str:
     )
 
 
+def _best(meta: ModelMeta) -> dict[str, Any]:
+    """model.json's row of the kept weights: a dict, whatever a file from elsewhere holds."""
+    return meta.best if isinstance(meta.best, dict) else {}
+
+
 def _training(meta: ModelMeta, cfg: dict[str, Any]) -> str:
-    best = meta.best or {}
+    best = _best(meta)
     blocks, spec = meta.trainable_blocks or [], meta.preprocess
     what = {
         "extract": "the new head only (frozen backbone, cached features)",
@@ -135,7 +140,9 @@ def _training(meta: ModelMeta, cfg: dict[str, Any]) -> str:
     return "## Training\n\n" + "\n".join(lines) + "\n"
 
 
-def _evaluation(val: dict[str, Any], test: dict[str, Any] | None, keep: str = "best") -> str:
+def _evaluation(
+    val: dict[str, Any], test: dict[str, Any] | None, keep: str = "best", refit: bool = False
+) -> str:
     if not val:
         return "## Evaluation\n\nThis model was saved before graft scored it; run `graft report`.\n"
     out = ["## Evaluation\n"]
@@ -163,6 +170,15 @@ def _evaluation(val: dict[str, Any], test: dict[str, Any] | None, keep: str = "b
         how = (
             "The best epoch was chosen on the validation images, so their accuracy leans optimistic"
         )
+    if refit:
+        out.append(
+            "The validation scores are those of the head fitted on the training images alone, "
+            "scored as `graft evaluate` scores a model; the saved head was then fitted again "
+            "with the validation images, so `graft evaluate` on them now reads images it "
+            "trained on; the scores above are those of a head fitted on fewer images"
+            + ("; the test images took no part in anything." if test else ".")
+        )
+        return "\n".join(out) + "\n"
     out.append(
         "The saved model is scored exactly as `graft evaluate` scores it. "
         + how
@@ -294,9 +310,16 @@ def _training_lines(meta: ModelMeta, cfg: dict[str, Any], best: dict[str, Any]) 
             if best.get("folds")
             else "the default (too few images per class to cross-validate)"
         )
+        refit = best.get("refit")
+        again = (
+            f"; then fitted again on {number(refit.get('images'))} images (training and "
+            f"validation) at L2 {number(refit.get('l2'))}, and that head saved"
+            if isinstance(refit, dict)
+            else ""
+        )
         return [
             f"- head: softmax regression fitted by L-BFGS, L2 {number(best.get('l2'))} {how}; "
-            f"the val split chose nothing; seed {cfg.get('seed')}"
+            f"the val split chose nothing{again}; seed {cfg.get('seed')}"
         ]
     return [
         f"- {cfg.get('epochs')} epochs planned, {cfg.get('keep', 'best')} epoch kept: "

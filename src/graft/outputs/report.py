@@ -31,14 +31,15 @@ from ..core.runfolder import (
     REPORT_HTML,
     REPORT_JSON,
     SAMPLES,
+    SCORES,
     SPLIT,
     TOP_LOSSES,
     read_metrics,
 )
 from ..core.runtime import atomic_path, atomic_write_text
 from ..data.splits import load_split
-from ..inference.classifier import Classifier
-from ..models.modelfile import ModelMeta, read_meta
+from ..inference.classifier import Classifier, Prediction
+from ..models.modelfile import ModelMeta, read_meta, read_scores
 from . import figures as draw
 from .card import OPERATING_HEADER, number, operating_rows, share_text, unknown_text, write_card
 from .pages import DPI, comparison_section, page, png_tag, table
@@ -73,8 +74,10 @@ def build_report(
         raise DatasetError(f"{run_dir}/split lists other classes than the model; re-train")
     root, val, train = Path(split.root), split.val, split.train
     history = read_metrics(run_dir)
-    # training passes the predictions it made for model.json: the same numbers, computed once
-    preds = val_predictions or clf.predict_files([p for p, _ in val])
+    # training passes the predictions it made for model.json: the same numbers, computed once;
+    # a head refitted with val kept those of the head before (the saved one has seen val)
+    kept = None if val_predictions else _kept_val_predictions(run_dir, clf, meta, val)
+    preds = val_predictions or kept or clf.predict_files([p for p, _ in val])
     ok = [(s, p) for s, p in zip(val, preds) if p.probs is not None]
     probs = clf.stacked(preds)[0]
     targets = torch.tensor([y for (_, y), _ in ok])
@@ -128,7 +131,7 @@ def build_report(
         "audit": audited and {k: v for k, v in audited.items() if k != "flagged"},
         "figures": figures,
         "explanations_note": explanations_note,
-        "how_good": _how_good(meta, evaluation, run_dir),
+        "how_good": _how_good(meta, evaluation, run_dir, afresh=not (val_predictions or kept)),
         "decision": meta.decision,
         "unknown_text": unknown_text(meta),
         "build_seconds": round(time.perf_counter() - start, 2),
@@ -194,16 +197,71 @@ def _key(path: str | Path) -> str:
         return str(path)
 
 
-def _how_good(meta: ModelMeta, ev: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """How the val number was obtained, and so how far to trust it; the comparison if one ran."""
+def _kept_val_predictions(
+    run_dir: Path, clf: Classifier, meta: ModelMeta, val: list
+) -> list[Prediction] | None:
+    """A run whose saved head was fitted again with the val images (--refit): val's predictions
+    as training made them, before that refit, from the scores it kept (scores.safetensors), so
+    the report gives model.json's numbers; decided by the model's policy as it is now. None for
+    another run, or when the scores do not match the val split (then val is predicted afresh,
+    and the report says those numbers are in-sample)."""
+    if not isinstance(meta.best, dict) or not meta.best.get("refit"):
+        return None
+    try:
+        scores = read_scores(run_dir, len(clf.classes))
+    except GraftError as exc:
+        log.warning("val predicted afresh by the refitted head: %s", exc)
+        return None
+    probs, unknown = scores["val_probs"], scores.get("val_unknown")
+    unread = {str(p) for p in meta.skipped_files or []}
+    read = [str(path) for path, _ in val if str(path) not in unread]
+    if len(read) != len(probs):
+        log.warning(
+            "val predicted afresh: %s holds %d val scores for %d images",
+            SCORES,
+            len(probs),
+            len(read),
+        )
+        return None
+    it = iter(range(len(probs)))
+    preds = []
+    for path, _ in val:
+        if str(path) in unread:
+            preds.append(Prediction(str(path), None, error="unreadable when the model trained"))
+            continue
+        i = next(it)
+        ranked = sorted(zip(clf.classes, probs[i].tolist()), key=lambda kv: -kv[1])
+        u = None if unknown is None else float(unknown[i])
+        preds.append(Prediction(str(path), dict(ranked), unknown=u))
+    return clf.redecide(preds)
+
+
+def _how_good(
+    meta: ModelMeta, ev: dict[str, Any], run_dir: Path, afresh: bool = True
+) -> dict[str, Any]:
+    """How the val number was obtained, and so how far to trust it; the comparison if one ran.
+    `afresh`: the val images predicted by the saved model now (not training's predictions)."""
     cfg = meta.config or {}
     keep = cfg.get("keep", "best")
-    if (meta.best or {}).get("head") == "fit":
+    best = meta.best if isinstance(meta.best, dict) else {}
+    if best.get("refit") and afresh:
+        how = (
+            "in-sample: the saved head was fitted again with these val images (--refit), so "
+            "they score images it trained on; model.json's val numbers, of the head fitted "
+            "without them, are the estimate"
+        )
+    elif best.get("head") == "fit":
         how = (
             "unbiased: the val images took no part in any choice (the head fitted, its L2 "
             "chosen by cross-validation on the training images"
             + (", the model too" if meta.selection else "")
             + ")"
+            + (
+                "; these are that head's predictions, kept from before the saved head was "
+                "fitted again with the val images (--refit)"
+                if best.get("refit")
+                else ""
+            )
         )
     elif keep == "last":
         how = (

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.config import TrainConfig
 from ..core.errors import GraftError
-from ..core.linear import FittedHead, fit_logistic_cv
+from ..core.linear import FittedHead, fit_logistic_cv, refit_logistic
 from ..data.splits import Sample
 from ..frozen.features import FeatureSet
 from ..models.heads import head_input
@@ -110,3 +110,33 @@ def fit_head(job: Job, cfg: TrainConfig) -> tuple[FitState, FittedHead]:
     )
     state = FitState(best=row, best_state=copy.deepcopy(job.model.state_dict()), keep="last")
     return state, fitted
+
+
+def refit_with_val(job: Job, cfg: TrainConfig, fitted: FittedHead) -> FittedHead:
+    """The job's head fitted again on the training images (their views too) and the val
+    images, at the strength cross-validation chose on the training ones (scaled to the images:
+    `refit_logistic`), and loaded into the job's model: the head `--refit` saves. Call it once
+    val has scored the first fit: from here on val is training data."""
+    feats, aug, labels, _ = job.train_features
+    val_feats, val_labels = job.val_loader.dataset.tensors
+    views = aug.shape[1]
+    reads = head_input(job.model)
+    refit = refit_logistic(
+        fitted,
+        reads(torch.cat([feats, aug.flatten(0, 1), val_feats])),
+        torch.cat([labels, labels.repeat_interleave(views), val_labels]),
+        len(job.classes),
+        chosen_on=len(labels),
+        images=len(labels) + len(val_labels),
+        class_weight=make_criterion(cfg, torch.cat([labels, val_labels]), len(job.classes)).weight,
+        label_smoothing=cfg.label_smoothing,
+    )
+    job.model.load_state_dict(refit.linear().state_dict())
+    log.info(
+        "head fitted again with the %d val images: %d images, L2 %g (%.2fs)",
+        len(val_labels),
+        refit.refit["images"],
+        refit.l2,
+        refit.seconds - fitted.seconds,
+    )
+    return refit

@@ -45,7 +45,7 @@ from ..outputs.tracking import Tracking, check_trackers
 from ..selection.compare import DEFAULT_FOLDS, Candidate, Comparison, compare
 from ..training import checkpoint
 from ..training.calibrate import Calibrated, calibrate, calibrate_fitted, fit_on
-from ..training.head import fit_head, start_fitted
+from ..training.head import fit_head, refit_with_val, start_fitted
 from ..training.jobs import prepare_job
 from ..training.loop import fit
 from .decisions import fit_decisions
@@ -242,10 +242,20 @@ def _train(
             val_preds = decisions.val_preds
             val = _scores(clf.evaluate_samples(split.val, val_preds))
             val["protocol"] = _val_protocol(cfg, comparison)
-            test = _scores(clf.evaluate_samples(split.test)) if split.test else None
             log.info(
-                "val accuracy of the saved model: %.4f on %d images", val["accuracy"], val["n"]
+                "val accuracy of the %s: %.4f on %d images",
+                "head fitted without them" if _refits(cfg, fitted, val) else "saved model",
+                val["accuracy"],
+                val["n"],
             )
+            if _refits(cfg, fitted, val):  # val has scored it: now it is training data too
+                fitted = refit_with_val(job, cfg, fitted)
+                state.best["refit"] = {**fitted.refit, "l2": fitted.l2}
+                val["protocol"] += (
+                    f"; the saved head was then fitted again on {fitted.refit['images']} images "
+                    "(training and val): this scores the head fitted without val"
+                )
+            test = _scores(clf.evaluate_samples(split.test)) if split.test else None
             wall = time.perf_counter() - start
             meta = ModelMeta(
                 backbone=backbone.name,
@@ -360,6 +370,11 @@ def _val_protocol(cfg: TrainConfig, comparison: Comparison | None) -> str:
     return "unbiased: fixed epochs, last kept"
 
 
+def _refits(cfg: TrainConfig, fitted, val: dict[str, Any]) -> bool:
+    """--refit applies: a fitted head, and val images to add to its training ones."""
+    return bool(cfg.refit) and fitted is not None and val["n"] > 0
+
+
 def _selection(comparison: Comparison, cfg: TrainConfig) -> dict[str, Any]:
     """What model.json records of an --auto run: the choice, why, and how the winner trained."""
     best = comparison.chosen
@@ -378,6 +393,7 @@ def _selection(comparison: Comparison, cfg: TrainConfig) -> dict[str, Any]:
                 else f"{cfg.epochs} epochs, the last kept"
             )
             + "; scored once on the val split, which no choice used"
+            + ("; then the head fitted again with the val images" if cfg.refit else "")
         ),
         "candidates": [
             {k: r[k] for k in ("candidate", "accuracy", "status", "seconds")} for r in comparison
