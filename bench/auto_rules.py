@@ -7,7 +7,11 @@ rule before stop 44 and again since stop 45), loss (held-out loss, ties to the a
 44's rule), se-loss (the lowest loss among candidates within one standard error of the best fold
 accuracy).
 
-    python bench/auto_rules.py --work /tmp/exp auto44s1 auto44s2 [--src PATH]
+    python bench/auto_rules.py --work /tmp/exp auto44s1 auto44s2 [--src PATH] [--refit]
+
+`--refit` retrains every pick, the run's own too, an extract pick with `--refit` (what `--auto`'s
+final training does since stop 46): the picks of a run made before, scored as today's `--auto`
+would train them.
 
 Each label is a `bench/quality.py --label` of an auto run whose name ends in its seed (sN).
 """
@@ -37,8 +41,12 @@ def picks(rows: list[dict]) -> dict[str, str]:
     }
 
 
-def flags(row: dict) -> list[str]:
+def flags(row: dict, refit: bool = False) -> list[str]:
+    """`graft train`'s options for a compare.json row; `refit`: an extract pick's head fitted
+    again with the val images, as `--auto`'s final training does since stop 46."""
     f = ["--backbone", row["backbone"], "--strategy", row["strategy"]]
+    if refit and row["strategy"] == "extract":
+        f += ["--refit"]
     if row["unfreeze_last"]:
         f += ["--unfreeze-last", str(row["unfreeze_last"])]
     if row["cache_views"]:
@@ -46,15 +54,17 @@ def flags(row: dict) -> list[str]:
     return f + (["--keep", "last"] if row["strategy"] != "extract" else [])
 
 
-def unseen(work: Path, env: dict, set_: str, seed: int, row: dict, cache: Path) -> float:
+def unseen(
+    work: Path, env: dict, set_: str, seed: int, row: dict, cache: Path, refit: bool = False
+) -> float:
     key = "".join(c if c.isalnum() else "_" for c in row["candidate"])
-    out = work / "rules" / f"{set_}-s{seed}-{key}"
+    out = work / ("rules-refit" if refit else "rules") / f"{set_}-s{seed}-{key}"
     done = out / "unseen.json"
     if done.exists():
         return json.loads(done.read_text())["accuracy"]
     data, graft = work / "data" / set_, [sys.executable, "-m", "graft"]
     train = ["train", str(data / "train"), "--out", str(out), "--overwrite"]
-    train += ["--cache-dir", str(cache), "--seed", str(seed), *flags(row)]
+    train += ["--cache-dir", str(cache), "--seed", str(seed), *flags(row, refit)]
     subprocess.run([*graft, *train], env=env, check=True, capture_output=True)
     ev = subprocess.run(
         [*graft, "evaluate", str(out), str(data / "test"), "--json"],
@@ -73,6 +83,11 @@ def main() -> None:
     ap.add_argument("labels", nargs="+")
     ap.add_argument("--work", type=Path, default=Path("/tmp/graft-quality"))
     ap.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1] / "src")
+    ap.add_argument(
+        "--refit",
+        action="store_true",
+        help="retrain every pick (the run's own too) with an extract pick's head refitted with val",
+    )
     args = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=str(args.src))
     lines = []
@@ -91,11 +106,17 @@ def main() -> None:
             line = {}
             made = results[run.name]["chosen"]  # the pick the run made, under its own rule
             for rule, cand in picked.items():
-                if cand == made:
+                if cand == made and not args.refit:
                     line[rule] = results[run.name]["unseen"]
                 else:
                     line[rule] = unseen(
-                        args.work, env, run.name, seed, by_name[cand], run / "cache-auto"
+                        args.work,
+                        env,
+                        run.name,
+                        seed,
+                        by_name[cand],
+                        run / "cache-auto",
+                        args.refit,
                     )
             lines.append(line)
             other = {r: c for r, c in picked.items() if c != picked["acc"]}

@@ -14,7 +14,7 @@ ends with each set's mean over the seeds: one split of 100-300 images moves a se
 accuracy by a point or two (docs/QUALITY.md).
 
     python bench/quality.py [--work /tmp/graft-quality] [--sets fm10,fm6,digits,shapes,...]
-                            [--modes default,power,notta,epochs,last,partial,partial-lpft,
+                            [--modes default,refit,power,notta,epochs,last,partial,partial-lpft,
                                      finetune,finetune-lpft,auto]
                             [--budget 5m] [--label after] [--seeds 0,1,2]
                             [--src PATH]  # another checkout's src/, e.g. a git worktree of main
@@ -255,6 +255,8 @@ def run_mode(
         cmd += ["--head", "epochs", "--keep", "last"]
     elif mode == "power":  # the default of stops 32-36: square roots instead of fourth roots
         cmd += ["--feature-norm", "power"]
+    elif mode == "refit":  # the fitted head fitted again with the val images (stop 46)
+        cmd += ["--refit"]
     elif mode == "notta":  # the default without flip test-time augmentation
         cmd += ["--tta", "none"]
     elif mode == "epochs":  # the head trained for epochs, the best on val: the old default

@@ -146,13 +146,18 @@ def test_auto_trains_the_winner_on_train_and_scores_val_once(small, swapped, tmp
     html = (run.run_dir / "report.html").read_text()
     assert "How good is it really" in html and table["chosen"] in html and "unbiased" in html
     assert (run.run_dir / COMPARE_HTML).is_file()
-    # by construction: val swapped, the same choice and the very same weights; only the
-    # reported number moves, and it falls to what a swapped val deserves
-    other = graft.train(swapped, out=str(tmp_path / "b"), **kw)
-    assert other.selection["chosen"] == run.selection["chosen"]
-    a, b = load_file(run.run_dir / MODEL_WEIGHTS), load_file(other.run_dir / MODEL_WEIGHTS)
+    # the winner, a fitted head, is saved fitted again with the val images (AUTO_REFIT)
+    assert run.config.refit is True and meta["best"]["refit"]["images"] == 30 + 15
+    assert meta["selection"]["retrained"].endswith("then the head fitted again with the val images")
+    # by construction: val swapped, the same choice and the very same weights (without the
+    # refit, which trains on val); only the reported number moves, to what a swapped val deserves
+    kw.update(refit=False, report=False)
+    one = graft.train(small, out=str(tmp_path / "b"), **kw)
+    other = graft.train(swapped, out=str(tmp_path / "c"), **kw)
+    assert other.selection["chosen"] == one.selection["chosen"] == run.selection["chosen"]
+    a, b = load_file(one.run_dir / MODEL_WEIGHTS), load_file(other.run_dir / MODEL_WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert other.val_accuracy <= 0.2
+    assert one.val_accuracy == run.val_accuracy and other.val_accuracy <= 0.2
 
 
 def test_bad_grids_and_budgets_are_one_line_errors(small, tmp_path):
@@ -261,6 +266,7 @@ def test_auto_trains_every_candidate_with_the_epochs_given(small, tmp_path):
     assert [r["settings"]["epochs"] for r in rows] == [3, 3]
     assert {r["settings"]["lr"] for r in rows} == {0.01}
     assert len(run.history) == 3 and run.config.lr == 0.01 and run.config.keep == "last"
+    assert run.config.refit is None  # an epoch-trained head is not refitted
 
 
 def test_partial_on_cached_activations_is_scored_on_every_fold_finetune_on_the_first(

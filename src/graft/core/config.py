@@ -124,15 +124,15 @@ class TrainConfig:
     )
     # off: +0.39 points on unseen images over 33 runs (eleven folders, three seeds), better on
     # seven folders but 1.45 worse on fm6, and the printed interval held 28 times, not 30
-    # (docs/QUALITY.md, stop 46); the fitted head's alone: a network that trains would need its
-    # whole training again
+    # (docs/QUALITY.md, stop 46); --auto's winner refits (workflows/train.py, AUTO_REFIT); the
+    # fitted head's alone: a network that trains would need its whole training again
     refit: bool | None = _setting(
         None,
         "extract's fitted head: once the val split has scored it, fit it again on the training "
         "and val images together (the L2 strength cross-validation chose, scaled to the images) "
         "and save that head; the accuracy printed stays the one of the head fitted without val, "
         "and `graft evaluate` on the val images then reads images the head trained on "
-        "[default: off].",
+        "[default: off; on for the fitted head --auto chooses].",
     )
     unfreeze: tuple[str, ...] = _setting(
         (), "partial: blocks to train, comma-separated (graft backbones NAME --blocks)."

@@ -175,8 +175,12 @@ def _evaluation(
             "The validation scores are those of the head fitted on the training images alone, "
             "scored as `graft evaluate` scores a model; the saved head was then fitted again "
             "with the validation images, so `graft evaluate` on them now reads images it "
-            "trained on; the scores above are those of a head fitted on fewer images"
-            + ("; the test images took no part in anything." if test else ".")
+            "trained on"
+            + (
+                "; the test scores are the saved head's, on images that took no part in anything."
+                if test
+                else "."
+            )
         )
         return "\n".join(out) + "\n"
     out.append(
