@@ -48,7 +48,9 @@ def model_card(meta: ModelMeta, name: str) -> str:
         _intended_use(classes),
         _classes(meta, classes),
         _training(meta, cfg),
-        _evaluation(val, test, cfg.get("keep", "best"), isinstance(_best(meta).get("refit"), dict)),
+        _evaluation(
+            val, test, cfg.get("keep", "best"), isinstance(best_row(meta).get("refit"), dict)
+        ),
         _decisions(meta, val),
         _limitations(meta, classes, val),
         _usage(name),
@@ -94,13 +96,13 @@ def _classes(meta: ModelMeta, classes: list[str]) -> str:
     )
 
 
-def _best(meta: ModelMeta) -> dict[str, Any]:
+def best_row(meta: ModelMeta) -> dict[str, Any]:
     """model.json's row of the kept weights: a dict, whatever a file from elsewhere holds."""
     return meta.best if isinstance(meta.best, dict) else {}
 
 
 def _training(meta: ModelMeta, cfg: dict[str, Any]) -> str:
-    best = _best(meta)
+    best = best_row(meta)
     blocks, spec = meta.trainable_blocks or [], meta.preprocess
     what = {
         "extract": "the new head only (frozen backbone, cached features)",

@@ -41,7 +41,15 @@ from ..data.splits import load_split
 from ..inference.classifier import Classifier, Prediction
 from ..models.modelfile import ModelMeta, read_meta, read_scores
 from . import figures as draw
-from .card import OPERATING_HEADER, number, operating_rows, share_text, unknown_text, write_card
+from .card import (
+    OPERATING_HEADER,
+    best_row,
+    number,
+    operating_rows,
+    share_text,
+    unknown_text,
+    write_card,
+)
 from .pages import DPI, comparison_section, page, png_tag, table
 
 log = logging.getLogger(__name__)
@@ -205,35 +213,28 @@ def _kept_val_predictions(
     the report gives model.json's numbers; decided by the model's policy as it is now. None for
     another run, or when the scores do not match the val split (then val is predicted afresh,
     and the report says those numbers are in-sample)."""
-    if not isinstance(meta.best, dict) or not meta.best.get("refit"):
+    if not best_row(meta).get("refit"):
         return None
     try:
         scores = read_scores(run_dir, len(clf.classes))
     except GraftError as exc:
         log.warning("val predicted afresh by the refitted head: %s", exc)
         return None
-    probs, unknown = scores["val_probs"], scores.get("val_unknown")
+    probs = scores["val_probs"]
     unread = {str(p) for p in meta.skipped_files or []}
-    read = [str(path) for path, _ in val if str(path) not in unread]
-    if len(read) != len(probs):
+    paths = [str(path) for path, _ in val]
+    readable = sum(p not in unread for p in paths)
+    if readable != len(probs):
         log.warning(
             "val predicted afresh: %s holds %d val scores for %d images",
             SCORES,
             len(probs),
-            len(read),
+            readable,
         )
         return None
-    it = iter(range(len(probs)))
-    preds = []
-    for path, _ in val:
-        if str(path) in unread:
-            preds.append(Prediction(str(path), None, error="unreadable when the model trained"))
-            continue
-        i = next(it)
-        ranked = sorted(zip(clf.classes, probs[i].tolist()), key=lambda kv: -kv[1])
-        u = None if unknown is None else float(unknown[i])
-        preds.append(Prediction(str(path), dict(ranked), unknown=u))
-    return clf.redecide(preds)
+    rows = iter(probs)  # `results` reads a tensor as a readable image, a string as its reason
+    decoded = ["unreadable when the model trained" if p in unread else next(rows) for p in paths]
+    return clf.results(paths, decoded, probs, scores.get("val_unknown"))
 
 
 def _how_good(
@@ -243,7 +244,7 @@ def _how_good(
     `afresh`: the val images predicted by the saved model now (not training's predictions)."""
     cfg = meta.config or {}
     keep = cfg.get("keep", "best")
-    best = meta.best if isinstance(meta.best, dict) else {}
+    best = best_row(meta)
     if best.get("refit") and afresh:
         how = (
             "in-sample: the saved head was fitted again with these val images (--refit), so "

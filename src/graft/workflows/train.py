@@ -247,13 +247,14 @@ def _train(
             val_preds = decisions.val_preds
             val = _scores(clf.evaluate_samples(split.val, val_preds))
             val["protocol"] = _val_protocol(cfg, comparison)
+            refits = _refits(cfg, fitted, val)
             log.info(
                 "val accuracy of the %s: %.4f on %d images",
-                "head fitted without them" if _refits(cfg, fitted, val) else "saved model",
+                "head fitted without them" if refits else "saved model",
                 val["accuracy"],
                 val["n"],
             )
-            if _refits(cfg, fitted, val):  # val has scored it: now it is training data too
+            if refits:  # val has scored it: now it is training data too
                 fitted = refit_with_val(job, cfg, fitted)
                 state.best["refit"] = {**fitted.refit, "l2": fitted.l2}
                 val["protocol"] += (
