@@ -3,11 +3,14 @@ run (its compare.json), the candidate each rule picks, and the unseen accuracy o
 candidate's settings passed to `graft train` with the run's seed (what `--auto`'s final training
 does; the pick the run made, under whichever rule, is read from its results instead), then
 `graft evaluate` on the set's unseen folder. Rules: acc (fold accuracy, ties to the loss: the
-rule before stop 44 and again since stop 45), loss (held-out loss, ties to the accuracy: stop
-44's rule), se-loss (the lowest loss among candidates within one standard error of the best fold
-accuracy).
+rule before stop 44 and in stops 45-46), low (the low end of the fold accuracy's Wilson
+interval, ties to the loss: acc's order among candidates scored on the same images, a candidate
+scored on fewer ranked lower; the rule since stop 47), loss (held-out loss, ties to the accuracy:
+stop 44's rule), se-loss (the lowest loss among candidates within one standard error of the best
+fold accuracy).
 
     python bench/auto_rules.py --work /tmp/exp auto44s1 auto44s2 [--src PATH] [--refit]
+                               [--rules acc,low,loss,se-loss]
 
 `--refit` retrains every pick, the run's own too, an extract pick with `--refit` (what `--auto`'s
 final training does since stop 46): the picks of a run made before, scored as today's `--auto`
@@ -26,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-RULES = ("acc", "loss", "se-loss")
+RULES = ("acc", "low", "loss", "se-loss")
 
 
 def picks(rows: list[dict]) -> dict[str, str]:
@@ -36,6 +39,7 @@ def picks(rows: list[dict]) -> dict[str, str]:
     near = [r for r in scored if r["accuracy"] >= best - se]
     return {
         "acc": min(scored, key=lambda r: (-r["accuracy"], r["loss"]))["candidate"],
+        "low": min(scored, key=lambda r: (-r["accuracy_ci95"][0], r["loss"]))["candidate"],
         "loss": min(scored, key=lambda r: (r["loss"], -r["accuracy"]))["candidate"],
         "se-loss": min(near, key=lambda r: r["loss"])["candidate"],
     }
@@ -88,10 +92,15 @@ def main() -> None:
         action="store_true",
         help="retrain every pick (the run's own too) with an extract pick's head refitted with val",
     )
+    ap.add_argument("--rules", default=",".join(RULES), help="the rules to score, e.g. acc,low")
     args = ap.parse_args()
+    rules = args.rules.split(",")
+    unknown = set(rules) - set(RULES)
+    if unknown:
+        raise SystemExit(f"unknown rule(s) {', '.join(sorted(unknown))}: choose from {RULES}")
     env = dict(os.environ, PYTHONPATH=str(args.src))
     lines = []
-    print("set      seed " + " ".join(f"{r:>8}" for r in RULES) + "  picks (when not acc's)")
+    print("set      seed " + " ".join(f"{r:>8}" for r in rules) + "  picks (when not the run's)")
     for label in args.labels:
         seed = int(label.rsplit("s", 1)[1])
         results = {
@@ -102,7 +111,8 @@ def main() -> None:
             if not compare.exists() or run.name not in results:
                 continue
             rows = json.loads(compare.read_text())["rows"]
-            by_name, picked = {r["candidate"]: r for r in rows}, picks(rows)
+            by_name = {r["candidate"]: r for r in rows}
+            picked = {r: c for r, c in picks(rows).items() if r in rules}
             line = {}
             made = results[run.name]["chosen"]  # the pick the run made, under its own rule
             for rule, cand in picked.items():
@@ -119,17 +129,17 @@ def main() -> None:
                         args.refit,
                     )
             lines.append(line)
-            other = {r: c for r, c in picked.items() if c != picked["acc"]}
+            other = {r: c for r, c in picked.items() if c != made}
             print(
                 f"{run.name:8} {seed:4} "
-                + " ".join(f"{line[r]:8.4f}" for r in RULES)
+                + " ".join(f"{line[r]:8.4f}" for r in rules)
                 + "  "
                 + "; ".join(f"{r}: {c}" for r, c in other.items()),
                 flush=True,
             )
     print(
         "mean          "
-        + " ".join(f"{sum(x[r] for x in lines) / len(lines):8.4f}" for r in RULES)
+        + " ".join(f"{sum(x[r] for x in lines) / len(lines):8.4f}" for r in rules)
         + f"  ({len(lines)} runs)"
     )
 

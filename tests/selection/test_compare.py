@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import graft
 from graft.core.errors import BackboneError, ConfigError
+from graft.core.metrics import wilson_interval
 from graft.core.runfolder import COMPARE_HTML, COMPARE_JSON, MODEL_META, MODEL_WEIGHTS
 from graft.data.splits import stratified_folds
 from graft.selection.compare import Candidate, _ranked, default_grid, parse_budget
@@ -58,23 +59,33 @@ def test_stratified_folds_partition_every_class_evenly():
     assert folds == stratified_folds(samples, 5, seed=0) != stratified_folds(samples, 5, seed=1)
 
 
-def test_the_ranking_is_by_accuracy_then_held_out_loss_then_cost():
-    def row(name, acc, loss, status="scored"):
-        return {"candidate": name, "accuracy": acc, "loss": loss, "status": status}
+def test_the_ranking_is_by_the_accuracy_intervals_low_end_then_held_out_loss_then_cost():
+    def row(name, right, loss, status="scored", of=100):
+        if status != "scored":
+            return {"candidate": name, "accuracy": None, "loss": None, "status": status}
+        ci = list(wilson_interval(right, of))
+        return {"candidate": name, "accuracy": right / of, "accuracy_ci95": ci, "loss": loss,
+                "status": status, "scored_images": of}  # fmt: skip
 
     # cheapest first, as compare runs them
     rows = [
-        row("a", 0.95, 0.30),
-        row("b", 0.95, 0.20),
-        row("c", 0.97, 0.50),  # one more image right, a worse loss: first
-        row("d", 0.95, 0.20),
+        row("a", 95, 0.30),
+        row("b", 95, 0.20),
+        row("c", 97, 0.50),  # one more image right, a worse loss: first
+        row("d", 95, 0.20),
         row("e", None, None, "stopped"),
-        row("f", 0.96, 0.20),  # b's and d's loss, a better accuracy
-        row("g", 0.95, float("nan")),  # a loss that is no number loses the accuracy tie
+        row("f", 96, 0.20),  # b's and d's loss, a better accuracy
+        row("g", 95, float("nan")),  # a loss that is no number loses the accuracy tie
+        row("h", 20, 0.01, of=20),  # all right, but on one fold of five: not above 96 of 100
+        row("i", 19, 0.01, of=20),  # 0.95 on 20 is weaker evidence than 0.95 on 100
     ]
     ranked = _ranked(rows)
-    assert [r["candidate"] for r in ranked] == ["c", "f", "b", "d", "a", "g", "e"]
-    assert [r.get("rank") for r in ranked] == [1, 2, 3, 4, 5, 6, None]
+    assert [r["candidate"] for r in ranked] == ["c", "f", "b", "d", "a", "g", "h", "i", "e"]
+    assert [r.get("rank") for r in ranked] == [1, 2, 3, 4, 5, 6, 7, 8, None]
+    # the run that showed it (photos2, seed 2): finetune's 26 of 26 on one fold ranked first, and
+    # scored 3.75 points below the extract candidate's 127 of 128 on the unseen images
+    one_fold, all_folds = row("finetune", 26, 0.24, of=26), row("extract", 127, 0.03, of=128)
+    assert [r["candidate"] for r in _ranked([one_fold, all_folds])] == ["extract", "finetune"]
 
 
 def test_compare_scores_every_candidate_on_the_training_images_alone(small, swapped):

@@ -105,7 +105,8 @@ def comparison_section(comparison: dict[str, Any]) -> str:
     return (
         f"<p>Chosen: <b>{html.escape(chosen)}</b>. {html.escape(comparison['protocol'])}. "
         f"Budget {comparison['budget_s']:.0f} s, used {comparison['wall_s']:.0f} s. Ranked by "
-        "the fold accuracy, then the fold loss; the winner's fold scores are the best over "
+        "the low end of the fold accuracy's 95% interval (a candidate scored on fewer images "
+        "must be right more often), then the fold loss; the winner's fold scores are the best over "
         "candidates, so they flatter it: they rank, they are not the model's accuracy.</p>"
         + table(COMPARE_HEADER, comparison_rows(comparison))
     )

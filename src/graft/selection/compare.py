@@ -9,9 +9,12 @@ The protocol never lets a scored image take part in a choice:
   on the other folds for a fixed number of epochs and kept as it ends (`keep="last"`: not even
   the epoch is chosen on the scored fold). A head on cached features (extract) is cheap and runs
   every fold; partial and finetune run the first fold (an inner validation split of 1/k);
-- the winner is the best fold accuracy; a tie goes to the lower loss on the same folds (the
-  training loss on the held-out images: a finer score than 1 image in 100), then to the
-  candidate estimated cheaper. Ranking by the loss first was tried (stops 44-45): over eleven
+- the winner is the best fold accuracy, read as the low end of its Wilson 95% interval: the
+  same order among candidates scored on the same images, while one scored on fewer (finetune's
+  one fold, a candidate the budget cut short) must be right more often to rank above them (stop
+  47: finetune's 26 of 26 beat 127 of 128 and scored 3.75 points lower on unseen images); a tie
+  goes to the lower loss on the same folds (the training loss on the held-out images: a finer
+  score than 1 image in 100), then to the candidate estimated cheaper. Ranking by the loss first was tried (stops 44-45): over eleven
   folders and three seeds its choices scored the same on unseen images (-0.02 points), better on
   four folders and worse on three (docs/QUALITY.md). The winner's fold accuracy is the maximum
   over candidates, so it flatters: it is reported as a cross-validated ranking score, never as
@@ -278,12 +281,16 @@ def _check_folds(split: DatasetSplit, folds: int) -> None:
 
 
 def _ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # accuracy, then the held-out loss (an equal count of images right is common at 100 images;
-    # a loss that is no number loses the tie); rows come cheapest first (by estimate) and the sort
-    # is stable: a tie on both goes to the cheaper, whatever the wall clock said on a busy machine
+    # the low end of the fold accuracy's Wilson interval: among candidates scored on the same
+    # images the order of their accuracy, while one scored on fewer (a live finetune's one fold
+    # of five, a partial the budget cut short) must be right more often to rank above them: 26 of
+    # 26 is not better evidence than 127 of 128. Then the held-out loss (an equal count of images
+    # right is common at 100 images; a loss that is no number loses the tie); rows come cheapest
+    # first (by estimate) and the sort is stable: a tie on both goes to the cheaper, whatever the
+    # wall clock said on a busy machine
     scored = sorted(
         (r for r in rows if r["status"] == "scored"),
-        key=lambda r: (-r["accuracy"], r["loss"] if math.isfinite(r["loss"]) else math.inf),
+        key=lambda r: (-r["accuracy_ci95"][0], r["loss"] if math.isfinite(r["loss"]) else math.inf),
     )
     rest = [r for r in rows if r["status"] != "scored"]
     for rank, r in enumerate(scored, 1):
