@@ -14,11 +14,11 @@ The protocol never lets a scored image take part in a choice:
   one fold, a candidate the budget cut short) must be right more often to rank above them (stop
   47: finetune's 26 of 26 beat 127 of 128 and scored 3.75 points lower on unseen images); a tie
   goes to the lower loss on the same folds (the training loss on the held-out images: a finer
-  score than 1 image in 100), then to the candidate estimated cheaper. Ranking by the loss first was tried (stops 44-45): over eleven
-  folders and three seeds its choices scored the same on unseen images (-0.02 points), better on
-  four folders and worse on three (docs/QUALITY.md). The winner's fold accuracy is the maximum
-  over candidates, so it flatters: it is reported as a cross-validated ranking score, never as
-  the model's accuracy.
+  score than 1 image in 100), then to the candidate estimated cheaper. Ranking by the loss
+  first was tried (stops 44-45): over eleven folders and three seeds its choices scored the
+  same on unseen images (-0.02 points), better on four folders and worse on three
+  (docs/QUALITY.md). The winner's fold accuracy is the maximum over candidates, so it
+  flatters: it is reported as a cross-validated ranking score, never as the model's accuracy.
 """
 
 from __future__ import annotations
