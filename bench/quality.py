@@ -342,9 +342,11 @@ def _pooled(meta: dict, est: dict) -> dict | None:
     best = meta["best"]
     if best.get("head") != "fit" or not best.get("folds"):
         return None
-    l2 = (best.get("refit") or {}).get("l2_chosen", best["l2"])
-    cv = next(r["cv_acc"] for r in best["path"] if r["l2"] == l2)
     sub = best.get("subsample")
+    # the path's strengths are the grid's: a subsample's choice is kept before its scaling, and
+    # a refit keeps the first fit's strength
+    l2 = sub["l2"] if sub else (best.get("refit") or {}).get("l2_chosen", best["l2"])
+    cv = next(r["cv_acc"] for r in best["path"] if r["l2"] == l2)
     n_cv = int(sub["images"]) if sub else sum(meta["class_counts"]["train"].values())
     n = n_cv + est["n"]
     correct = round(cv * n_cv) + round(est["accuracy"] * est["n"])
